@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deltakd.train.commands",
     "deltakd.eval.commands",
     "deltakd.references.commands",
+    "deltakd.references.cache.commands",
     "deltakd.data.commands",
     "deltakd.bench.commands",
 )
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:
+            if exc.name is not None and name.startswith(exc.name):
                 continue
             raise
         module.register(sub)
