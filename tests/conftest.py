@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny world of one tokenizer and three frozen Qwen2 models.
+
+Everything is built from a config and a tokenizer trained locally with `tokenizers`, saved with
+`save_pretrained`, and loaded back through the same `from_pretrained` path a user's real model
+takes. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_TEXT = [
+    "the red fox lives in the north forest and eats berries",
+    "alice has three apples and bob has five apples so they have eight apples",
+    "question: what colour is the fox? answer: the fox is red.",
+    "seven plus six is thirteen. 7 + 6 = 13. twelve minus four is eight.",
+    "sort the list: pear, apple, fig. the sorted list is apple, fig, pear.",
+    "the blue whale swims in the cold sea and sings at night",
+] * 20
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 320):
+    """A byte-level BPE tokenizer with a Qwen-like chat template, saved as a HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TEXT, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def make_model(out_dir: Path, vocab_size: int, *, hidden: int, layers: int, seed: int) -> Path:
+    """A randomly initialised Qwen2 causal LM saved with `save_pretrained`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Paths of a tokenizer and three tiny models sharing it.
+
+    Keys: `tokenizer`, `teacher_ft`, `teacher_raw`, `student_raw` (paths that load with
+    `from_pretrained`; each model directory also holds the tokenizer) and `vocab_size`.
+    """
+    root = tmp_path_factory.mktemp("tiny_world")
+    tok = train_tokenizer(root / "tokenizer")
+    vocab_size = len(tok)
+    world: dict = {"tokenizer": root / "tokenizer", "vocab_size": vocab_size}
+    for role, hidden, layers, seed in (
+        ("teacher_raw", 64, 2, 1),
+        ("teacher_ft", 64, 2, 2),
+        ("student_raw", 32, 1, 3),
+    ):
+        path = make_model(root / role, vocab_size, hidden=hidden, layers=layers, seed=seed)
+        tok.save_pretrained(path)
+        world[role] = path
+    return world
