@@ -1,0 +1,272 @@
+"""Token-level distillation losses: `kd_loss`, `delta_kd_loss`, `parallelogram_loss`.
+
+Conventions (DESIGN.md §4): logits are `[..., V]` with any leading shape and any float dtype;
+math runs in float32 (float64 stays float64). `mask` is a bool tensor of the leading shape where
+True counts. The loss is the mean over counted positions (`reduction="mean"`) or their sum
+(`reduction="sum"`, for callers that normalise over a whole accumulated batch). Nothing counted
+gives 0.0 with a zero gradient.
+
+`chunk_size` bounds memory. With it set, the loss runs through `_ChunkedLoss`, an autograd
+Function that walks the counted positions `chunk_size` at a time and computes each chunk's
+gradient during the forward pass (the approach of Liger-Kernel's chunked losses), so the peak
+extra memory is the gradient of the inputs that need one plus O(chunk_size × V) — no autograd
+graph over [N, V] is kept, and a target combined from several roles (Delta-KD's z*) is only
+ever built one chunk at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+
+from deltakd.losses.divergences import (
+    check_divergence_args,
+    compute_dtype,
+    per_position_divergence,
+)
+from deltakd.losses.sparse import SparseTarget, sparse_fkl_per_position
+from deltakd.losses.targets import _check_same_shape, get_variant, variant_terms
+
+Reduction = Literal["mean", "sum"]
+# Per-chunk loss: (student chunk (n, V), [term chunks]) -> per-position loss (n,).
+ChunkFn = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+
+
+def _combined_fn(weights: Sequence[float], divergence: str, tau: float, beta: float) -> ChunkFn:
+    """Loss of the student against the target Σ w_i · term_i."""
+
+    def fn(student: torch.Tensor, terms: Sequence[torch.Tensor]) -> torch.Tensor:
+        dtype = compute_dtype(student, *terms)
+        target = sum(w * t.to(dtype) for w, t in zip(weights, terms))
+        return per_position_divergence(student, target, divergence, tau, beta)
+
+    return fn
+
+
+def _sparse_fn(tau: float) -> ChunkFn:
+    def fn(student: torch.Tensor, terms: Sequence[torch.Tensor]) -> torch.Tensor:
+        indices, logprobs, tail = terms
+        return sparse_fkl_per_position(student, indices, logprobs, tail, tau)
+
+    return fn
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Σ over `rows` of `fn(student[rows], [t[rows] for t in terms])`, chunk by chunk.
+
+    Inputs are flattened to `(N, ...)`; `rows` are the counted positions. Gradients of every
+    input that needs one are accumulated into one buffer per input during forward; backward
+    scales them by the incoming gradient (in place, so memory stays bounded; a second backward
+    through the same graph is therefore refused).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, fn, chunk_size, student, *terms):  # type: ignore[override]
+        inputs = (student, *terms)
+        needs = ctx.needs_input_grad[3:]
+        grads = [torch.zeros_like(x) if need else None for x, need in zip(inputs, needs)]
+        total = torch.zeros((), dtype=compute_dtype(student), device=student.device)
+        for start in range(0, rows.numel(), chunk_size):
+            idx = rows[start : start + chunk_size]
+            with torch.enable_grad():
+                leaves = [
+                    x.index_select(0, idx).detach().requires_grad_(need)
+                    for x, need in zip(inputs, needs)
+                ]
+                loss = fn(leaves[0], leaves[1:]).sum()
+            wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+            if wanted:
+                chunk_grads = iter(torch.autograd.grad(loss, wanted))
+                for buffer, need in zip(grads, needs):
+                    if need:
+                        buffer.index_copy_(0, idx, next(chunk_grads))
+            total += loss.detach()
+        ctx.grads = grads
+        ctx.scaled = False
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        if ctx.scaled:
+            raise RuntimeError(
+                "backward through a chunked KD loss ran twice: its gradients were computed in "
+                "the forward pass and scaled in place. Recompute the loss for a second backward, "
+                "or use chunk_size=None."
+            )
+        grads = ctx.grads
+        if not torch.equal(grad_output, torch.ones_like(grad_output)):
+            ctx.scaled = True
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_output.to(g.dtype))
+        return (None, None, None, *grads)
+
+
+def _flatten_mask(mask: torch.Tensor | None, lead: torch.Size, device) -> torch.Tensor:
+    """Indices of counted positions in the flattened leading shape."""
+    n = lead.numel()
+    if mask is None:
+        return torch.arange(n, device=device)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True counts), got dtype {mask.dtype}")
+    if mask.shape != lead:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match the logits' leading shape "
+            f"{tuple(lead)}; pass one bool per position"
+        )
+    return mask.reshape(-1).nonzero().squeeze(1).to(device)
+
+
+def _reduce(total: torch.Tensor, count: int, reduction: Reduction) -> torch.Tensor:
+    if reduction == "sum":
+        return total
+    return total / max(count, 1)
+
+
+def _run(
+    student: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    fn: ChunkFn,
+    mask: torch.Tensor | None,
+    chunk_size: int | None,
+    reduction: Reduction,
+) -> torch.Tensor:
+    """Flatten, select counted rows, then evaluate all at once or chunk by chunk."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not student.dtype.is_floating_point:
+        raise ValueError(f"student logits must be floating point, got {student.dtype}")
+    lead = student.shape[:-1]
+    rows = _flatten_mask(mask, lead, student.device)
+    flat_student = student.reshape(lead.numel(), student.shape[-1])  # (N, V)
+    flat_terms = [t.reshape(lead.numel(), *t.shape[len(lead) :]) for t in terms]  # (N, ...)
+    count = rows.numel()
+    if chunk_size is None:
+        s = flat_student.index_select(0, rows)
+        per = fn(s, [t.index_select(0, rows) for t in flat_terms])  # (n,)
+        return _reduce(per.sum(), count, reduction)
+    total = _ChunkedLoss.apply(rows, fn, chunk_size, flat_student, *flat_terms)
+    return _reduce(total, count, reduction)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    target_logits: torch.Tensor | SparseTarget,
+    *,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Mean (over counted positions) divergence between target and student distributions.
+
+    Args:
+        student_logits: `[..., V]` student logits.
+        target_logits: `[..., V]` target logits (gradient flows into them if they need it), or
+            a `SparseTarget` of leading shape `[...]` (forward KL only; its temperature must
+            equal `temperature`).
+        divergence: one of `fkl, rkl, jsd, skl, srkl, tvd` (DESIGN.md §1).
+        temperature: τ; both distributions are softmaxes of logits / τ. No τ² factor.
+        beta: β of `jsd` (TRL's generalized JSD), and the skew of `skl` / `srkl`.
+        mask: bool `[...]`, True counts; None counts every position.
+        chunk_size: positions materialised at once (forward and backward); same value.
+        reduction: "mean" over counted positions, or "sum".
+
+    Returns: a float32 scalar (float64 for float64 inputs).
+    """
+    check_divergence_args(divergence, temperature, beta)
+    if isinstance(target_logits, SparseTarget):
+        if divergence != "fkl":
+            raise ValueError(
+                f"sparse (top-k) targets support divergence='fkl' only, got {divergence!r}; "
+                "use dense references for other divergences"
+            )
+        if abs(target_logits.temperature - temperature) > 1e-9:
+            raise ValueError(
+                f"the sparse target was computed at temperature {target_logits.temperature}, "
+                f"but the loss uses temperature {temperature}; rebuild it at this temperature"
+            )
+        if target_logits.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"sparse target positions {tuple(target_logits.shape)} do not match the "
+                f"student's {tuple(student_logits.shape[:-1])}"
+            )
+        terms = [t.detach() for t in target_logits.reshape_flat()]
+        return _run(student_logits, terms, _sparse_fn(temperature), mask, chunk_size, reduction)
+    _check_same_shape({"student": student_logits, "target": target_logits})
+    fn = _combined_fn([1.0], divergence, temperature, beta)
+    return _run(student_logits, [target_logits], fn, mask, chunk_size, reduction)
+
+
+def delta_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_ft_logits: torch.Tensor,
+    teacher_raw_logits: torch.Tensor,
+    student_raw_logits: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """`kd_loss(student, delta_target(teacher_ft, teacher_raw, student_raw, alpha), ...)`.
+
+    With `chunk_size` set the target z* is built one chunk at a time and never materialised
+    in full. The frozen roles get no gradient.
+    """
+    refs = {
+        "teacher_ft": teacher_ft_logits,
+        "teacher_raw": teacher_raw_logits,
+        "student_raw": student_raw_logits,
+    }
+    return parallelogram_loss(
+        student_logits,
+        refs,
+        variant="delta",
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        mask=mask,
+        chunk_size=chunk_size,
+        reduction=reduction,
+    )
+
+
+def parallelogram_loss(
+    student_logits: torch.Tensor,
+    refs: Mapping[str, torch.Tensor],
+    *,
+    variant: str = "delta",
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    divergence: str | None = None,
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Divergence between a catalogue target (`PARALLELOGRAM_VARIANTS`) and the student.
+
+    `refs` maps frozen role names (`teacher_ft`, `teacher_raw`, `student_raw`, `teacher_ft2`)
+    to `[..., V]` logits; the live student enters the target as the variant says, with or
+    without stop-gradient. `divergence=None` uses the variant's default.
+    """
+    v = get_variant(variant)
+    divergence = v.default_divergence if divergence is None else divergence
+    check_divergence_args(divergence, temperature, beta)
+    terms = variant_terms(v, student_logits, refs, alpha)
+    _check_same_shape({"student": student_logits, **{r: refs[r] for r in v.roles}})
+    fn = _combined_fn([w for _, w in terms], divergence, temperature, beta)
+    tensors = [t for t, _ in terms]
+    return _run(student_logits, tensors, fn, mask, chunk_size, reduction)
