@@ -1,0 +1,192 @@
+"""`deltakd eval`, `deltakd sweep` and `deltakd report`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_eval(sub)
+    _register_sweep(sub)
+    _register_report(sub)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (8)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="reply length cap (128)")
+    g.add_argument(
+        "--sample", action="store_true", help="sample instead of greedy decoding (default greedy)"
+    )
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed and mini-world seed (0)")
+
+
+def _settings(args: argparse.Namespace):
+    from deltakd.eval.generate import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+# ---------------------------------------------------------------- eval
+
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="generate replies and score them (ROUGE-1/2/L F1, exact match for math)",
+        description=(
+            "Generate a reply for every prompt of a dataset with the HF generate API and score "
+            "it: ROUGE-1/2/L F1 (rouge-score, stemming on) against the reference reply, and "
+            "exact match of the final answer when the rows carry an `answer`."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model directory (save_pretrained)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument(
+        "--data", required=True, help="data spec: mini:instruct, mini:math, or a .jsonl file"
+    )
+    p.add_argument("--split", default="test", help="data split (test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--out", default=None, help="write predictions.jsonl + summary.md here")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights dtype (float32)",
+    )
+    p.add_argument("--json", action="store_true", help="end with one line of JSON metrics")
+    _add_generation_args(p)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from deltakd.eval.evaluate import evaluate_spec
+
+    result = evaluate_spec(
+        args.model,
+        args.tokenizer,
+        args.data,
+        split=args.split,
+        limit=args.limit,
+        seed=args.seed,
+        settings=_settings(args),
+        out_dir=args.out,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    m = result.metrics()
+    print(f"model {args.model}  data {args.data}:{args.split}  n={m['n']}")
+    print(
+        f"ROUGE-1 {100 * m['rouge1']:.2f}  ROUGE-2 {100 * m['rouge2']:.2f}  "
+        f"ROUGE-L {100 * m['rougeL']:.2f}"
+        + (f"  exact match {100 * m['exact_match']:.2f}" if m["exact_match"] is not None else "")
+    )
+    if args.out:
+        print(f"wrote {args.out}/predictions.jsonl and {args.out}/summary.md")
+    if args.json:
+        print(json.dumps(m))
+    return 0
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def _register_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="train + evaluate every point of a grid of config overrides (resumable)",
+        description=(
+            "Expand --grid into the cartesian product of overrides, run `deltakd train CONFIG "
+            "key=value ...` for each into OUT/<run-name>, evaluate each run and write "
+            "OUT/<run-name>/eval.json. Finished runs are skipped, so re-running resumes."
+        ),
+    )
+    p.add_argument("config", help="training config (YAML)")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="axes of the grid, e.g. alpha=0,0.5,1 seed=0,1,2",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides applied to every run (not part of the run name)",
+    )
+    p.add_argument("--out", default="runs/sweep", help="sweep directory (runs/sweep)")
+    p.add_argument("--eval-data", default=None, help="data spec to evaluate on (default: config's)")
+    p.add_argument("--eval-split", default="test", help="split to evaluate on (test)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate N examples per run")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
+    p.add_argument("--json", action="store_true", help="end with one line of JSON")
+    _add_generation_args(p)
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from deltakd.eval.sweep import parse_grid, parse_overrides, run_sweep
+
+    grid = parse_grid(args.grid)
+    fixed = parse_overrides(args.set)
+    results = run_sweep(
+        args.config,
+        grid,
+        out_dir=args.out,
+        fixed=fixed,
+        eval_data=args.eval_data,
+        eval_split=args.eval_split,
+        eval_limit=args.eval_limit,
+        settings=_settings(args),
+        dry_run=args.dry_run,
+    )
+    for r in results:
+        m = r.get("metrics") or {}
+        score = f"ROUGE-1 {100 * m['rouge1']:.2f}" if "rouge1" in m else ""
+        print(f"{r['status']:>8}  {r['name']}  {score}")
+    if args.json:
+        print(json.dumps({"out": args.out, "runs": results}))
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+
+def _register_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="tables (mean ± std over seeds) and PNG plots from run directories",
+        description=(
+            "Group run directories by their config minus the seed and write Markdown + JSON "
+            "tables of mean ± std across seeds, plus PNG plots: ROUGE-1 against alpha, training "
+            "curves and gradient-norm curves."
+        ),
+    )
+    p.add_argument("runs", nargs="+", help="run directories (or sweep directories holding runs)")
+    p.add_argument("--out", default="report", help="where to write report.md/json and PNGs")
+    p.add_argument("--json", action="store_true", help="end with one line of JSON")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from deltakd.eval.report import build_report
+
+    rep = build_report(args.runs, out_dir=args.out)
+    print(rep.markdown)
+    print(f"wrote {args.out}/report.md, report.json and {len(rep.plots)} plot(s)")
+    if args.json:
+        print(json.dumps({"out": args.out, "groups": rep.groups, "plots": rep.plots}))
+    return 0
