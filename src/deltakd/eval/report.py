@@ -1,0 +1,390 @@
+"""`deltakd report`: tables with mean ± std across seeds and PNG plots from run directories.
+
+A run directory is what `deltakd train` / `deltakd sweep` leave behind:
+
+- `eval.json`: the run's scores (`rouge1`, `rouge2`, `rougeL`, `exact_match`, `n`);
+- its config: `config.yaml` (the trainer's saved config) and/or `sweep.json` (the sweep's
+  overrides for this run);
+- its training log: `history.jsonl` (one JSON object per logged step) or a HF Trainer
+  `trainer_state.json` (`log_history`), in the run directory or its newest checkpoint.
+
+Runs are grouped by every config field that differs between the runs given, except the
+seed and bookkeeping fields (output_dir, logging, ...); each group's seeds give mean ± std
+(sample standard deviation, ddof=1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deltakd.errors import DataError
+from deltakd.eval.metrics import mean_std
+
+METRIC_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "exact_match")
+METRIC_TITLES = {
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "exact_match": "Exact match",
+}
+CONFIG_FILES: tuple[str, ...] = ("config.yaml", "config.yml", "train_config.yaml")
+HISTORY_FILES: tuple[str, ...] = ("history.jsonl",)
+# Fields that never define a group: the seed (averaged over) and run bookkeeping.
+NON_GROUPING: frozenset[str] = frozenset(
+    {
+        "seed", "output_dir", "resume", "progress", "report_to", "logging_steps", "save_steps",
+        "save_total_limit", "device", "eval_limit",
+    }
+)  # fmt: skip
+STEP_KEYS: tuple[str, ...] = ("step", "global_step", "optimizer_step")
+LOSS_KEYS: tuple[str, ...] = ("loss", "train_loss", "total_loss")
+GRAD_KEYS: tuple[str, ...] = ("grad_norm", "gradient_norm")
+
+
+@dataclass
+class Run:
+    """One run directory: its parameters, scores and logged history."""
+
+    path: Path
+    params: dict[str, Any]
+    metrics: dict[str, Any] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def series(self, keys: Sequence[str]) -> tuple[list[float], list[float]]:
+        """(steps, values) of the first of `keys` present in the logged history."""
+        steps: list[float] = []
+        values: list[float] = []
+        for i, rec in enumerate(self.history):
+            key = next((k for k in keys if k in rec), None)
+            if key is None or not isinstance(rec[key], (int, float)):
+                continue
+            step = next((rec[k] for k in STEP_KEYS if k in rec), i)
+            steps.append(float(step))
+            values.append(float(rec[key]))
+        return steps, values
+
+
+@dataclass
+class Report:
+    markdown: str
+    groups: list[dict[str, Any]]
+    plots: list[str]
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc.msg}); delete or fix it.") from exc
+
+
+def _read_history(run_dir: Path) -> list[dict[str, Any]]:
+    for name in HISTORY_FILES:
+        path = run_dir / name
+        if path.is_file():
+            rows = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue  # a run killed mid-write leaves a partial last line
+            return rows
+    candidates = [run_dir / "trainer_state.json"]
+    checkpoints = sorted(
+        run_dir.glob("checkpoint-*"),
+        key=lambda p: int(m.group(1)) if (m := re.search(r"(\d+)$", p.name)) else -1,
+        reverse=True,
+    )
+    candidates += [c / "trainer_state.json" for c in checkpoints]
+    candidates.append(run_dir / "final" / "trainer_state.json")
+    for path in candidates:
+        if path.is_file():
+            return list(_read_json(path).get("log_history", []))
+    return []
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory's parameters, eval scores and history."""
+    path = Path(run_dir)
+    params: dict[str, Any] = {}
+    for name in CONFIG_FILES:
+        if (path / name).is_file():
+            loaded = yaml.safe_load((path / name).read_text(encoding="utf-8")) or {}
+            params.update(_flatten(loaded))
+            break
+    if (path / "sweep.json").is_file():
+        meta = _read_json(path / "sweep.json")
+        params.update(_flatten(meta.get("overrides", {})))
+    metrics = _read_json(path / "eval.json") if (path / "eval.json").is_file() else None
+    return Run(path=path, params=params, metrics=metrics, history=_read_history(path))
+
+
+def _looks_like_run(path: Path) -> bool:
+    return any(
+        (path / n).exists()
+        for n in ("eval.json", "final", "history.jsonl", "trainer_state.json", *CONFIG_FILES)
+    )
+
+
+def discover_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Runs at the given paths; a directory that is not a run contributes its run subdirs."""
+    runs: list[Run] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise DataError(f"{p} is not a directory; pass run directories or a sweep directory.")
+        if _looks_like_run(p):
+            runs.append(load_run(p))
+            continue
+        subs = sorted(d for d in p.iterdir() if d.is_dir() and _looks_like_run(d))
+        if not subs:
+            raise DataError(
+                f"{p} holds no runs (no eval.json, final/, history.jsonl or config); pass the "
+                "directories that `deltakd train` or `deltakd sweep` wrote."
+            )
+        runs.extend(load_run(d) for d in subs)
+    return runs
+
+
+def _sort_key(value: Any) -> tuple[int, float, str]:
+    if isinstance(value, bool) or value is None:
+        return (1, 0.0, str(value))
+    if isinstance(value, (int, float)):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def grouping_keys(runs: Sequence[Run]) -> list[str]:
+    """Config fields that take more than one value across the runs (seed excluded)."""
+    keys = sorted({k for r in runs for k in r.params} - NON_GROUPING)
+    return [k for k in keys if len({repr(r.params.get(k)) for r in runs}) > 1]
+
+
+def _label(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items()) or "all runs"
+
+
+def group_runs(runs: Sequence[Run]) -> list[tuple[dict[str, Any], list[Run]]]:
+    """[(group params, runs)] sorted by the params' values."""
+    keys = grouping_keys(runs)
+    groups: dict[tuple[str, ...], tuple[dict[str, Any], list[Run]]] = {}
+    for r in runs:
+        params = {k: r.params.get(k) for k in keys}
+        ident = tuple(repr(params[k]) for k in keys)
+        groups.setdefault(ident, (params, []))[1].append(r)
+    return sorted(groups.values(), key=lambda g: [_sort_key(g[0][k]) for k in keys])
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "n": len(values), "values": values}
+
+
+def summarise(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One JSON-able dict per group: params, run names, seeds and mean/std/values per metric."""
+    out = []
+    for params, members in group_runs(runs):
+        scored = [r for r in members if r.metrics is not None]
+        entry: dict[str, Any] = {
+            "label": _label(params),
+            "params": params,
+            "runs": [str(r.path) for r in members],
+            "seeds": [r.params.get("seed") for r in scored],
+            "metrics": {},
+        }
+        for key in METRIC_KEYS:
+            vals = [float(r.metrics[key]) for r in scored if r.metrics.get(key) is not None]
+            if vals:
+                entry["metrics"][key] = _stats(vals)
+        finals = [v[-1] for r in members if (v := r.series(LOSS_KEYS)[1])]
+        if finals:
+            entry["metrics"]["final_loss"] = _stats(finals)
+        peaks = [max(v) for r in members if (v := r.series(GRAD_KEYS)[1])]
+        if peaks:
+            entry["metrics"]["max_grad_norm"] = _stats(peaks)
+        out.append(entry)
+    return out
+
+
+def _pm(stat: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 2) -> str:
+    if stat is None:
+        return "–"
+    mean, std = stat["mean"] * scale, stat["std"] * scale
+    if not math.isfinite(mean):
+        return str(mean)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(groups: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table: one row per group; ROUGE and exact match ×100, mean ± std over seeds."""
+    present = [k for k in METRIC_KEYS if any(k in g["metrics"] for g in groups)]
+    extra = [k for k in ("final_loss", "max_grad_norm") if any(k in g["metrics"] for g in groups)]
+    head = ["run group", "seeds", *(METRIC_TITLES[k] for k in present)]
+    head += [{"final_loss": "final loss", "max_grad_norm": "max grad norm"}[k] for k in extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        n = max((g["metrics"][k]["n"] for k in present if k in g["metrics"]), default=0)
+        cells = [g["label"], str(n)]
+        cells += [_pm(g["metrics"].get(k), 100.0) for k in present]
+        cells += [_pm(g["metrics"].get(k), 1.0, 3) for k in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_curve(runs: Sequence[Run], keys: Sequence[str]) -> tuple[Any, Any, Any, Any] | None:
+    """(steps, mean, lo, hi) over the runs at the steps they all logged; None if none."""
+    import numpy as np
+
+    series = [r.series(keys) for r in runs]
+    series = [s for s in series if s[0]]
+    if not series:
+        return None
+    common = set(series[0][0])
+    for steps, _ in series[1:]:
+        common &= set(steps)
+    steps_sorted = sorted(common)
+    if not steps_sorted:
+        steps_sorted = series[0][0]
+        series = series[:1]
+    table = np.array([[dict(zip(s, v))[t] for t in steps_sorted] for s, v in series])
+    return np.array(steps_sorted), table.mean(0), table.min(0), table.max(0)
+
+
+def _plot_curves(
+    groups: Sequence[tuple[dict[str, Any], list[Run]]],
+    keys: Sequence[str],
+    ylabel: str,
+    title: str,
+    path: Path,
+    *,
+    log_y: bool = False,
+) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
+    for params, members in groups:
+        curve = _mean_curve(members, keys)
+        if curve is None:
+            continue
+        steps, mean, lo, hi = curve
+        (line,) = ax.plot(steps, mean, label=_label(params))
+        if len(members) > 1:
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return False
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _plot_alpha(runs: Sequence[Run], path: Path) -> bool:
+    """ROUGE-1 (×100, mean ± std over seeds) against α, one line per other setting."""
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in runs if r.metrics and "alpha" in r.params]
+    if len({repr(r.params["alpha"]) for r in scored}) < 2:
+        return False
+    others = [k for k in grouping_keys(scored) if k != "alpha"]
+    lines: dict[str, dict[float, list[float]]] = {}
+    for r in scored:
+        label = _label({k: r.params.get(k) for k in others})
+        lines.setdefault(label, {}).setdefault(float(r.params["alpha"]), []).append(
+            100.0 * float(r.metrics["rouge1"])
+        )
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, by_alpha in sorted(lines.items()):
+        alphas = sorted(by_alpha)
+        stats = [mean_std(by_alpha[a]) for a in alphas]
+        ax.errorbar(
+            alphas, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
+            label=label,
+        )  # fmt: skip
+    ax.set_xlabel("α (Delta-KD shift weight)")
+    ax.set_ylabel("ROUGE-1 F1 ×100 (mean ± std over seeds)")
+    ax.set_title("ROUGE-1 against α")
+    ax.grid(alpha=0.3)
+    if len(lines) > 1 or next(iter(lines)) != "all runs":
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path = "report") -> Report:
+    """Write `report.md`, `report.json` and PNG plots under out_dir; return what was written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+
+    runs = discover_runs(run_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = summarise(runs)
+    grouped = group_runs(runs)
+
+    plots: list[str] = []
+    if _plot_alpha(runs, out / "rouge1_vs_alpha.png"):
+        plots.append(str(out / "rouge1_vs_alpha.png"))
+    if _plot_curves(grouped, LOSS_KEYS, "training loss", "Training loss (mean, min–max over seeds)",
+                    out / "training_loss.png"):  # fmt: skip
+        plots.append(str(out / "training_loss.png"))
+    # The parallelogram variants are the point of this plot (some blow up); when the runs
+    # include any, the plain methods are drawn beside them for scale.
+    if _plot_curves(grouped, GRAD_KEYS, "gradient norm (log scale)",
+                    "Gradient norm (mean, min–max over seeds)", out / "grad_norm.png",
+                    log_y=True):  # fmt: skip
+        plots.append(str(out / "grad_norm.png"))
+
+    scored = sum(r.metrics is not None for r in runs)
+    md = [
+        "# deltakd report",
+        "",
+        f"{len(runs)} run(s), {scored} with eval results, in {len(groups)} group(s). "
+        "ROUGE-1/2/L F1 and exact match ×100; mean ± sample std (ddof=1) over seeds.",
+        "",
+        markdown_table(groups),
+        "",
+    ]
+    md += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    markdown = "\n".join(md).rstrip() + "\n"
+    (out / "report.md").write_text(markdown, encoding="utf-8")
+    (out / "report.json").write_text(
+        json.dumps({"groups": groups, "plots": plots}, indent=2, default=str) + "\n",
+        encoding="utf-8",
+    )
+    return Report(markdown=markdown, groups=groups, plots=plots)

@@ -1,0 +1,104 @@
+"""`deltakd report` on synthetic run directories: grouping, mean ± std, plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from deltakd.cli import main
+from deltakd.errors import DataError
+from deltakd.eval.report import build_report, discover_runs, grouping_keys
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROUGE1 = {0.0: [0.30, 0.34, 0.35], 1.0: [0.40, 0.42, 0.47]}
+
+
+def _make_run(root: Path, alpha: float, seed: int, rouge1: float, *, blowup: bool = False) -> Path:
+    run = root / f"alpha-{alpha}_seed-{seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        f"method: delta_kd\nalpha: {alpha}\nseed: {seed}\nlr: 0.001\noutput_dir: {run}\n"
+    )
+    (run / "eval.json").write_text(
+        json.dumps(
+            {"rouge1": rouge1, "rouge2": rouge1 / 2, "rougeL": rouge1, "exact_match": None, "n": 10}
+        )
+    )
+    with open(run / "history.jsonl", "w") as f:
+        for step in range(1, 6):
+            grad = 10.0**step if blowup else 1.0 + seed
+            f.write(json.dumps({"step": step, "loss": 2.0 / step + seed, "grad_norm": grad}) + "\n")
+    return run
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    for alpha, values in ROUGE1.items():
+        for seed, v in enumerate(values):
+            _make_run(root, alpha, seed, v, blowup=alpha == 1.0)
+    return root
+
+
+def test_groups_by_config_without_seed_and_computes_mean_std(sweep_dir, tmp_path) -> None:
+    rep = build_report([sweep_dir], out_dir=tmp_path / "rep")
+    assert [g["params"] for g in rep.groups] == [{"alpha": 0.0}, {"alpha": 1.0}]
+    for g, values in zip(rep.groups, ROUGE1.values()):
+        stat = g["metrics"]["rouge1"]
+        assert stat["n"] == 3
+        assert stat["mean"] == pytest.approx(statistics.mean(values))
+        assert stat["std"] == pytest.approx(statistics.stdev(values))  # sample std, ddof=1
+        assert sorted(g["seeds"]) == [0, 1, 2]
+        assert "exact_match" not in g["metrics"]  # all null
+    # final loss per seed is 2/5 + seed -> mean 1.4, std 1
+    assert rep.groups[0]["metrics"]["final_loss"]["mean"] == pytest.approx(1.4)
+    assert rep.groups[0]["metrics"]["final_loss"]["std"] == pytest.approx(1.0)
+    assert rep.groups[1]["metrics"]["max_grad_norm"]["mean"] == pytest.approx(1e5)
+
+    md = (tmp_path / "rep" / "report.md").read_text()
+    # alpha=0 row: ROUGE-1 mean 33.00, std 2.65 (×100)
+    assert "| alpha=0.0 | 3 | 33.00 ± 2.65 |" in md
+    saved = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert saved["groups"][1]["metrics"]["rouge1"]["mean"] == pytest.approx(0.43)
+
+    names = sorted(Path(p).name for p in rep.plots)
+    assert names == ["grad_norm.png", "rouge1_vs_alpha.png", "training_loss.png"]
+    for p in rep.plots:
+        data = Path(p).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_report_cli_json(sweep_dir, tmp_path, capsys) -> None:
+    run_dirs = [str(d) for d in sorted(sweep_dir.iterdir())]
+    assert main(["report", *run_dirs, "--out", str(tmp_path / "r2"), "--json"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(last["groups"]) == 2 and len(last["plots"]) == 3
+
+
+def test_single_group_and_no_alpha_plot(tmp_path) -> None:
+    for seed, v in enumerate([0.2, 0.4]):
+        _make_run(tmp_path / "s", 0.5, seed, v)
+    rep = build_report([tmp_path / "s"], out_dir=tmp_path / "rep")
+    assert len(rep.groups) == 1 and rep.groups[0]["label"] == "all runs"
+    assert rep.groups[0]["metrics"]["rouge1"]["mean"] == pytest.approx(0.3)
+    assert not any("alpha" in Path(p).name for p in rep.plots)
+
+
+def test_trainer_state_log_history_is_read(tmp_path) -> None:
+    run = tmp_path / "hf"
+    (run / "checkpoint-4").mkdir(parents=True)
+    (run / "eval.json").write_text(json.dumps({"rouge1": 0.5, "rouge2": 0.1, "rougeL": 0.4}))
+    state = {"log_history": [{"step": 2, "loss": 3.0, "grad_norm": 1.0}, {"step": 4, "loss": 1.0}]}
+    (run / "checkpoint-4" / "trainer_state.json").write_text(json.dumps(state))
+    (run_,) = discover_runs([run])
+    assert run_.series(("loss",)) == ([2.0, 4.0], [3.0, 1.0])
+    assert grouping_keys([run_]) == []
+
+
+def test_not_a_run_is_a_clear_error(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no runs"):
+        discover_runs([tmp_path / "empty"])
