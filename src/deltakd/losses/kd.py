@@ -58,8 +58,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
     Inputs are flattened to `(N, ...)`; `rows` are the counted positions. Gradients of every
     input that needs one are accumulated into one buffer per input during forward; backward
-    scales them by the incoming gradient (in place, so memory stays bounded; a second backward
-    through the same graph is therefore refused).
+    scales them by the incoming gradient in place, so memory stays bounded.
     """
 
     @staticmethod
@@ -84,25 +83,24 @@ class _ChunkedLoss(torch.autograd.Function):
                         buffer.index_copy_(0, idx, next(chunk_grads))
             total += loss.detach()
         ctx.grads = grads
-        ctx.scaled = False
+        ctx.scale = torch.ones((), dtype=total.dtype, device=total.device)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
-        if ctx.scaled:
-            raise RuntimeError(
-                "backward through a chunked KD loss ran twice: its gradients were computed in "
-                "the forward pass and scaled in place. Recompute the loss for a second backward, "
-                "or use chunk_size=None."
-            )
-        grads = ctx.grads
-        if not torch.equal(grad_output, torch.ones_like(grad_output)):
-            ctx.scaled = True
-            for g in grads:
+        # Buffers are rescaled in place (no second [N, V] copy); ctx.scale remembers the factor
+        # they currently carry, so a repeated backward (retain_graph) stays correct.
+        if not bool(grad_output):  # zero incoming gradient: buffers untouched, stride-0 zeros
+            zeros = [None if g is None else g.new_zeros(()).expand_as(g) for g in ctx.grads]
+            return (None, None, None, *zeros)
+        if not torch.equal(grad_output, ctx.scale):
+            factor = grad_output / ctx.scale
+            for g in ctx.grads:
                 if g is not None:
-                    g.mul_(grad_output.to(g.dtype))
-        return (None, None, None, *grads)
+                    g.mul_(factor.to(g.dtype))
+            ctx.scale = grad_output.clone()
+        return (None, None, None, *ctx.grads)
 
 
 def _flatten_mask(mask: torch.Tensor | None, lead: torch.Size, device) -> torch.Tensor:
@@ -198,7 +196,10 @@ def kd_loss(
                 f"sparse target positions {tuple(target_logits.shape)} do not match the "
                 f"student's {tuple(student_logits.shape[:-1])}"
             )
-        terms = [t.detach() for t in target_logits.reshape_flat()]
+        terms = [
+            t.detach()
+            for t in (target_logits.indices, target_logits.logprobs, target_logits.tail_mass)
+        ]
         return _run(student_logits, terms, _sparse_fn(temperature), mask, chunk_size, reduction)
     _check_same_shape({"student": student_logits, "target": target_logits})
     fn = _combined_fn([1.0], divergence, temperature, beta)
