@@ -1,0 +1,527 @@
+"""Fused linear + distillation loss: logits are made from hidden states one chunk at a time.
+
+At Qwen2.5 scale one batch of 8k response tokens has 8k × 152k logits per model — 5 GB in
+float32, four times over for Delta-KD, plus the softmax intermediates of the loss. Here the
+student's forward stops at its last hidden states; `fused_distill_loss` walks the counted
+positions `chunk_size` at a time and, for each chunk,
+
+1. computes the student's logits `h_chunk @ W_s.T` and the target `z* = Σ_i w_i z_i` of the
+   chosen Delta-KD / parallelogram variant (a reference given as hidden states and lm_head is
+   multiplied out straight into one shared target buffer: no per-model logits are kept),
+2. evaluates the divergence (the same `per_position_divergence` / `sparse_fkl_per_position` as
+   the unfused `deltakd.losses.kd` losses) plus, optionally, the λ·SFT cross-entropy,
+3. takes the gradient `g` w.r.t. that chunk of student logits with autograd (for the live
+   student variants the logits appear both as the student and inside the target; autograd sums
+   both paths), and turns it into `grad_h[chunk] = g @ W_s` and `grad_W_s += g.T @ h_chunk`.
+
+So at most one chunk of logits per model exists at a time, and the gradients of the student's
+hidden states and lm_head are ready when the forward pass returns; the backward pass only scales
+them by the incoming gradient. This is the approach of Liger-Kernel's fused linear
+cross-entropy and fused linear JSD (`liger_kernel/ops/fused_linear_cross_entropy.py`,
+`liger_kernel/ops/fused_linear_jsd.py`, Hsu et al. 2024, arXiv 2410.10989), extended to the three
+frozen models of Delta-KD and to every divergence and target in `deltakd.losses`.
+
+The value and gradients equal `parallelogram_loss` / `kd_loss` on explicitly computed logits
+(tests compare them in float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+
+from deltakd.losses.divergences import check_divergence_args, per_position_divergence
+from deltakd.losses.sparse import SparseTarget, sparse_fkl_per_position
+from deltakd.losses.targets import get_variant
+
+Reduction = Literal["mean", "sum"]
+
+#: A reference given as `(hidden [..., H_r], head [V_r, H_r])` or with a bias `[V_r]` third.
+LinearRef = Union[
+    tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+]
+#: What a role may map to: dense logits `[..., V_r]`, a `SparseTarget`, or a `LinearRef`.
+RefInput = Union[torch.Tensor, SparseTarget, LinearRef]
+
+#: Rows per chunk when `chunk_size` is not given. On CPU, 256 rows keep one float32 chunk of a
+#: 152k vocabulary at 155 MB while the matmuls still run at full speed.
+DEFAULT_CHUNK_SIZE = 256
+
+
+@dataclass
+class _Linear:
+    """A model's last hidden states and its lm_head, already sliced to the shared vocab."""
+
+    hidden: torch.Tensor  # (N, H) flattened, original dtype
+    weight: torch.Tensor  # (V, H) in the compute dtype
+    bias: torch.Tensor | None  # (V,) in the compute dtype
+
+    def logits_into(
+        self, out: torch.Tensor, rows, dtype: torch.dtype, weight: float, first: bool
+    ) -> None:
+        """out (+)= weight · (h[rows] @ W.T + b), written in place.   # (c, V)"""
+        h = _take(self.hidden, rows).to(dtype)  # (c, H)
+        torch.addmm(out, h, self.weight.t(), beta=0.0 if first else 1.0, alpha=weight, out=out)
+        if self.bias is not None:
+            out.add_(self.bias, alpha=weight)
+
+
+@dataclass
+class _Plan:
+    """Everything the chunk loop needs; built and validated by `fused_distill_loss`."""
+
+    rows: torch.Tensor | None  # counted positions (n,), or None for all N in order
+    count: int  # counted positions
+    n_total: int  # N
+    vocab: int  # V
+    dtype: torch.dtype  # compute dtype
+    chunk_size: int
+    student: _Linear
+    frozen: list[tuple[float, torch.Tensor | _Linear]]  # (weight, dense (N, V) or linear)
+    live_weight: float  # weight of the live student (with gradient) inside the target
+    sg_weight: float  # weight of the stop-gradient student inside the target
+    sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    divergence: str
+    temperature: float
+    beta: float
+    kd_scale: float  # multiplies Σ divergence: (1 − λ) / count for "mean"
+    labels: torch.Tensor | None  # (N,) long, or None when λ = 0
+    ignore_index: int
+    sft_scale: float  # multiplies Σ cross-entropy: λ / count_sft for "mean"
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _take(x: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of a flattened (N, ...) tensor: a view for a slice, a copy for an index tensor."""
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _chunks(plan: _Plan):
+    """(rows of the chunk, chunk length): slices when every position counts (no copies)."""
+    n = plan.count
+    for start in range(0, n, plan.chunk_size):
+        stop = min(start + plan.chunk_size, n)
+        if plan.rows is None:
+            yield slice(start, stop), stop - start
+        else:
+            yield plan.rows[start:stop], stop - start
+
+
+def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.Tensor:
+    """The chunk loop: returns the loss and fills plan.parts with grads and components."""
+    s = plan.student
+    dtype, device, vocab = plan.dtype, s.weight.device, plan.vocab
+    any_grad = need_h or need_w or need_b
+    grad_h = (
+        torch.zeros(plan.n_total, s.hidden.shape[1], dtype=dtype, device=device) if need_h else None
+    )
+    grad_w = torch.zeros_like(s.weight) if need_w else None  # (V, H), compute dtype
+    grad_b = torch.zeros(vocab, dtype=dtype, device=device) if need_b else None
+    kd_total = torch.zeros((), dtype=dtype, device=device)
+    sft_total = torch.zeros((), dtype=dtype, device=device)
+    # Two (C, V) buffers reused by every chunk: the student's logits and the target's.
+    cap = min(plan.chunk_size, max(plan.count, 1))
+    zs_buf = torch.empty(cap, vocab, dtype=dtype, device=device)
+    target_buf = (
+        torch.empty(cap, vocab, dtype=dtype, device=device) if plan.sparse is None else None
+    )
+    for rows, c in _chunks(plan):
+        h = _take(s.hidden, rows).to(dtype)  # (c, H)
+        zs = zs_buf[:c]
+        if s.bias is not None:
+            torch.addmm(s.bias, h, s.weight.t(), out=zs)
+        else:
+            torch.mm(h, s.weight.t(), out=zs)
+        target = None
+        if plan.sparse is None:
+            target = target_buf[:c]
+            first = True
+            for w, ref in plan.frozen:
+                if isinstance(ref, _Linear):
+                    ref.logits_into(target, rows, dtype, w, first)
+                elif first:
+                    torch.mul(_take(ref, rows).to(dtype), w, out=target)
+                else:
+                    target.add_(_take(ref, rows).to(dtype), alpha=w)
+                first = False
+            if first:
+                target.zero_()
+            if plan.sg_weight:
+                target.add_(zs, alpha=plan.sg_weight)
+        with torch.set_grad_enabled(any_grad):
+            leaf = zs.detach().requires_grad_(any_grad)
+            if plan.sparse is not None:
+                idx, logp, tail = (_take(t, rows) for t in plan.sparse)
+                per = sparse_fkl_per_position(leaf, idx, logp, tail, plan.temperature)
+            else:
+                if plan.live_weight:
+                    # The student's logits sit inside the target too; autograd sums both paths.
+                    target = target + plan.live_weight * leaf
+                per = per_position_divergence(
+                    leaf, target, plan.divergence, plan.temperature, plan.beta
+                )
+                del target
+            kd_sum = per.sum()
+            loss = plan.kd_scale * kd_sum
+            del per
+            if plan.labels is not None:
+                ce_sum = F.cross_entropy(
+                    leaf, _take(plan.labels, rows), ignore_index=plan.ignore_index, reduction="sum"
+                )
+                loss = loss + plan.sft_scale * ce_sum
+                sft_total += ce_sum.detach()
+            kd_total += kd_sum.detach()
+            if any_grad:
+                (g,) = torch.autograd.grad(loss, leaf)  # (c, V): dL/dz_student for this chunk
+            del loss, kd_sum, leaf
+        if not any_grad:
+            continue
+        if need_h:
+            gh = g @ s.weight  # (c, H)
+            if isinstance(rows, slice):
+                grad_h[rows] = gh
+            else:
+                grad_h.index_copy_(0, rows, gh)
+        if need_w:
+            grad_w.addmm_(g.t(), h)  # (V, H) += (V, c) @ (c, H)
+        if need_b:
+            grad_b += g.sum(0)
+        del g
+    plan.parts["kd_sum"] = kd_total
+    plan.parts["sft_sum"] = sft_total
+    plan.parts["grads"] = (grad_h, grad_w, grad_b)
+    return plan.kd_scale * kd_total + plan.sft_scale * sft_total
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """Loss of `fused_distill_loss`; gradients of the student's hidden, head, bias are computed
+    in forward and scaled in backward (in place, like `kd._ChunkedLoss`)."""
+
+    @staticmethod
+    def forward(ctx, plan, hidden, head, bias):  # type: ignore[override]
+        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        loss = _run_chunks(plan, need_h, need_w, bias is not None and need_b)
+        grad_h, grad_w, grad_b = plan.parts.pop("grads")
+        # Back to the inputs' shapes and dtypes; padded vocabulary rows of the head get zeros.
+        if grad_h is not None:
+            grad_h = grad_h.to(hidden.dtype).reshape(hidden.shape)
+        if grad_w is not None:
+            if grad_w.shape[0] != head.shape[0] or grad_w.dtype != head.dtype:
+                full = torch.zeros_like(head)
+                full[: grad_w.shape[0]] = grad_w
+                grad_w = full
+        if grad_b is not None:
+            full_b = torch.zeros_like(bias)
+            full_b[: grad_b.shape[0]] = grad_b
+            grad_b = full_b
+        ctx.grads = [grad_h, grad_w, grad_b]
+        ctx.scale = torch.ones((), dtype=loss.dtype, device=loss.device)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        # Rescaled in place (no second [V, H] copy); ctx.scale is the factor the buffers carry
+        # now, so a repeated backward (retain_graph, gradcheck) stays correct.
+        if not bool(grad_output):
+            return None, None, None, None
+        if not torch.equal(grad_output, ctx.scale):
+            factor = grad_output / ctx.scale
+            for g in ctx.grads:
+                if g is not None:
+                    g.mul_(factor.to(g.dtype))
+            ctx.scale = grad_output.clone()
+        return (None, *ctx.grads)
+
+
+def _check_lead(name: str, shape: torch.Size, lead: torch.Size, what: str) -> None:
+    if shape != lead:
+        raise ValueError(
+            f"{name} has leading shape {tuple(shape)} but the student's hidden states have "
+            f"{tuple(lead)}; {what} must be aligned position by position with the student"
+        )
+
+
+def _head(
+    name: str, head: torch.Tensor, bias, hidden_size: int, vocab: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Slice an lm_head (and bias) to the shared vocabulary, in the compute dtype."""
+    if head.dim() != 2 or head.shape[1] != hidden_size:
+        raise ValueError(
+            f"{name} lm_head weight must be [V, {hidden_size}] to match its hidden states, got "
+            f"{tuple(head.shape)}"
+        )
+    if head.shape[0] < vocab:
+        raise ValueError(
+            f"{name} lm_head has {head.shape[0]} rows but the shared vocabulary has {vocab} "
+            "tokens; all roles must share one tokenizer (pass vocab_size=len(tokenizer))"
+        )
+    w = head.detach()[:vocab].to(dtype)
+    b = None
+    if bias is not None:
+        if bias.shape != (head.shape[0],):
+            raise ValueError(f"{name} lm_head bias must be [{head.shape[0]}], got {bias.shape}")
+        b = bias.detach()[:vocab].to(dtype)
+    return w, b
+
+
+def fused_distill_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    refs: Mapping[str, RefInput],
+    *,
+    student_bias: torch.Tensor | None = None,
+    variant: str | None = "delta",
+    target_role: str = "teacher_ft",
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    divergence: str | None = None,
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: Reduction = "mean",
+    sft_weight: float = 0.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    return_components: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Delta-KD / parallelogram / plain KD loss computed straight from hidden states.
+
+    `L = λ · L_SFT + (1 − λ) · D(π_target, π_student)` reduced over counted positions, where
+    the student's logits are `student_hidden @ student_head[:V].T (+ bias)`, never materialised
+    for more than `chunk_size` positions at a time (see the module docstring; after
+    Liger-Kernel's fused linear cross-entropy / JSD).
+
+    Args:
+        student_hidden: `[..., H]` the student's last hidden states (`model.model(...)`
+            `.last_hidden_state`), already aligned (the state at t scores token t+1).
+        student_head: `[V_s, H]` the student's lm_head weight, `V_s ≥ V` (padded rows allowed).
+        refs: role → one of
+            - dense logits `[..., V_r]` (`V_r ≥ V`; sliced to `V`),
+            - a `SparseTarget` of leading shape `[...]` (plain KD, forward KL only),
+            - `(hidden [..., H_r], head [V_r, H_r])` or `(hidden, head, bias [V_r])`: the
+              reference's logits are computed one chunk at a time, like the student's.
+            Frozen roles: `teacher_ft`, `teacher_raw`, `student_raw`, `teacher_ft2` (whatever
+            the variant names). They receive no gradient.
+        student_bias: `[V_s]` lm_head bias, if the student has one (gets a gradient).
+        variant: a `PARALLELOGRAM_VARIANTS` name (`delta` is Delta-KD's
+            `z* = z_teacher_ft + α·(z_student_raw − z_teacher_raw)`), or None for plain KD
+            against `refs[target_role]`. Live-student variants put the student's logits inside
+            the target (with or without gradient), as in `parallelogram_loss`.
+        target_role: the role plain KD (`variant=None`) distils from.
+        alpha: α of the variant's weights.
+        temperature: τ of both softmaxes (no τ² factor). The SFT term is at τ = 1.
+        divergence: `fkl, rkl, jsd, skl, srkl, tvd`; None uses the variant's default (`fkl`
+            for plain KD).
+        beta: β of `jsd` and the skew of `skl` / `srkl`.
+        mask: bool `[...]`, True counts; None counts every position. Nothing counted gives 0.0
+            with zero gradients.
+        chunk_size: positions per chunk (default `DEFAULT_CHUNK_SIZE`); same value for any.
+        reduction: "mean" over counted positions or "sum".
+        sft_weight: λ; with λ > 0, `labels` is required and the cross-entropy of the student's
+            logits against `labels` is computed in the same pass, over counted positions whose
+            label is not `ignore_index` ("mean": averaged over those).
+        labels: `[...]` integer next-token ids for the SFT term.
+        ignore_index: label value that the SFT term skips.
+        vocab_size: the shared vocabulary V (rows of every head and columns of every dense ref
+            beyond it are padding and are ignored); default `student_head.shape[0]`.
+        return_components: also return `{"kd": D reduced, "sft": CE reduced}` (detached, before
+            the λ weights; "sft" only when λ > 0) for logging.
+
+    Returns:
+        The scalar loss in float32 (float64 if any input is float64; bf16/fp16 inputs are
+        computed in float32). Backward gives `student_hidden` a `[..., H]` gradient,
+        `student_head` a `[V_s, H]` one (zero on padded rows) and `student_bias` a `[V_s]` one.
+
+    Memory: two `(chunk_size, V)` logit buffers plus the divergence's per-chunk intermediates,
+    one `[V, H]` head gradient, one `[N, H]` hidden gradient; heads that are not in the compute
+    dtype (bf16) are converted once, `[V, H]` each. Backward scales the stored gradients in
+    place; it may be repeated (retain_graph) but not differentiated again.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not 0.0 <= sft_weight <= 1.0:
+        raise ValueError(f"sft_weight (λ) must be in [0, 1], got {sft_weight!r}")
+    if not student_hidden.dtype.is_floating_point or student_hidden.dim() < 1:
+        raise ValueError(
+            f"student_hidden must be a floating-point [..., H] tensor, got {student_hidden.dtype} "
+            f"{tuple(student_hidden.shape)}"
+        )
+    lead = student_hidden.shape[:-1]
+    n_total = lead.numel()
+    hidden_size = student_hidden.shape[-1]
+    vocab = student_head.shape[0] if vocab_size is None else int(vocab_size)
+    if vocab < 1:
+        raise ValueError(f"vocab_size must be ≥ 1, got {vocab_size!r}")
+
+    # Which roles and weights make the target.
+    if variant is None:
+        if target_role not in refs:
+            raise ValueError(
+                f"plain KD (variant=None) distils from refs[{target_role!r}], but refs has only "
+                f"{sorted(refs)}; pass that role or set target_role"
+            )
+        divergence = "fkl" if divergence is None else divergence
+        weights: list[tuple[str, float]] = [(target_role, 1.0)]
+    else:
+        v = get_variant(variant)
+        divergence = v.default_divergence if divergence is None else divergence
+        weights = v.weights(alpha)
+    check_divergence_args(divergence, temperature, beta)
+
+    tensors = [student_hidden, student_head]
+    for ref in refs.values():
+        if isinstance(ref, torch.Tensor):
+            tensors.append(ref)
+        elif isinstance(ref, (tuple, list)):
+            tensors.extend(t for t in ref if t is not None)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+    s_w, s_b = _head("the student's", student_head, student_bias, hidden_size, vocab, dtype)
+    student = _Linear(student_hidden.reshape(n_total, hidden_size), s_w, s_b)
+
+    frozen: list[tuple[float, torch.Tensor | _Linear]] = []
+    live_weight = sg_weight = 0.0
+    sparse = None
+    for role, w in weights:
+        if role == "student":
+            live_weight += w
+            continue
+        if role == "student_sg":
+            sg_weight += w
+            continue
+        if role not in refs:
+            raise ValueError(
+                f"parallelogram variant {variant!r} needs the {role!r} reference but refs has "
+                f"only {sorted(refs)}; configure a reference model for {role!r}"
+            )
+        ref = refs[role]
+        if isinstance(ref, SparseTarget):
+            if variant is not None:
+                raise ValueError(
+                    f"refs[{role!r}] is a SparseTarget, which is a whole target distribution, "
+                    f"not one role's logits; pass variant=None, target_role={role!r} to distil "
+                    "from it, or give that role as dense logits or (hidden, head)"
+                )
+            if divergence != "fkl":
+                raise ValueError(
+                    f"sparse (top-k) targets support divergence='fkl' only, got {divergence!r}; "
+                    "use dense references for other divergences"
+                )
+            if abs(ref.temperature - temperature) > 1e-9:
+                raise ValueError(
+                    f"the sparse target was computed at temperature {ref.temperature}, but the "
+                    f"loss uses temperature {temperature}; rebuild it at this temperature"
+                )
+            _check_lead(f"refs[{role!r}]", ref.shape, lead, "sparse targets")
+            k = ref.k
+            indices = ref.indices.reshape(n_total, k)
+            if indices.numel() and int(indices.max()) >= vocab:
+                raise ValueError(
+                    f"refs[{role!r}] holds token ids up to {int(indices.max())}, outside the "
+                    f"shared vocabulary of {vocab}; rebuild the target with this tokenizer"
+                )
+            sparse = (
+                indices,
+                ref.logprobs.detach().reshape(n_total, k),
+                ref.tail_mass.detach().reshape(n_total),
+            )
+        elif isinstance(ref, torch.Tensor):
+            _check_lead(f"refs[{role!r}] logits", ref.shape[:-1], lead, "reference logits")
+            if ref.shape[-1] < vocab:
+                raise ValueError(
+                    f"refs[{role!r}] logits have {ref.shape[-1]} columns but the shared "
+                    f"vocabulary has {vocab} tokens; all roles must share one tokenizer"
+                )
+            dense = ref.detach().reshape(n_total, ref.shape[-1])[:, :vocab]
+            frozen.append((w, dense))
+        elif isinstance(ref, (tuple, list)) and len(ref) in (2, 3):
+            r_hidden, r_head = ref[0], ref[1]
+            r_bias = ref[2] if len(ref) == 3 else None
+            _check_lead(f"refs[{role!r}] hidden states", r_hidden.shape[:-1], lead, "hidden states")
+            r_w, r_b = _head(f"refs[{role!r}]", r_head, r_bias, r_hidden.shape[-1], vocab, dtype)
+            flat = r_hidden.detach().reshape(n_total, r_hidden.shape[-1])
+            frozen.append((w, _Linear(flat, r_w, r_b)))
+        else:
+            raise ValueError(
+                f"refs[{role!r}] must be logits [..., V], a SparseTarget, or a (hidden, head) "
+                f"pair, got {type(ref).__name__}"
+            )
+
+    # Counted positions.
+    rows = None
+    count = n_total
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True counts), got dtype {mask.dtype}")
+        _check_lead("mask", mask.shape, lead, "the mask")
+        flat_mask = mask.reshape(-1)
+        if not bool(flat_mask.all()):
+            rows = flat_mask.nonzero().squeeze(1).to(student_hidden.device)
+            count = rows.numel()
+
+    flat_labels = None
+    sft_scale = 0.0
+    if sft_weight > 0:
+        if labels is None:
+            raise ValueError(
+                f"sft_weight={sft_weight} needs labels [...] (next-token ids) for the SFT term; "
+                "pass labels or set sft_weight=0"
+            )
+        _check_lead("labels", labels.shape, lead, "labels")
+        flat_labels = labels.reshape(-1).long().to(student_hidden.device)
+        valid = flat_labels != ignore_index
+        if rows is not None:
+            valid = valid.index_select(0, rows)
+        sft_count = int(valid.sum())
+        if bool((flat_labels[flat_labels != ignore_index] >= vocab).any()):
+            raise ValueError(f"labels hold token ids ≥ the vocabulary size {vocab}")
+        sft_scale = sft_weight if reduction == "sum" else sft_weight / max(sft_count, 1)
+    kd_weight = 1.0 - sft_weight
+    kd_scale = kd_weight if reduction == "sum" else kd_weight / max(count, 1)
+
+    plan = _Plan(
+        rows=rows,
+        count=count,
+        n_total=n_total,
+        vocab=vocab,
+        dtype=dtype,
+        chunk_size=chunk_size,
+        student=student,
+        frozen=frozen,
+        live_weight=live_weight,
+        sg_weight=sg_weight,
+        sparse=sparse,
+        divergence=divergence,
+        temperature=float(temperature),
+        beta=float(beta),
+        kd_scale=kd_scale,
+        labels=flat_labels,
+        ignore_index=ignore_index,
+        sft_scale=sft_scale,
+    )
+    inputs = (student_hidden, student_head, student_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        loss = _FusedLinearDistill.apply(plan, student_hidden, student_head, student_bias)
+    else:
+        loss = _run_chunks(plan, False, False, False)
+        plan.parts.pop("grads")
+    if not return_components:
+        return loss
+    per = 1.0 if reduction == "sum" else 1.0 / max(count, 1)
+    parts = {"kd": plan.parts["kd_sum"] * per}
+    if sft_weight > 0:
+        parts["sft"] = plan.parts["sft_sum"] * (sft_scale / sft_weight)
+    return loss, parts
+
+
+__all__: Sequence[str] = ("DEFAULT_CHUNK_SIZE", "fused_distill_loss")
