@@ -10,6 +10,7 @@ import pytest
 from deltakd.cli import main
 from deltakd.errors import DataError
 from deltakd.eval.evaluate import evaluate, extract_final_answer, load_eval_rows, split_row
+from deltakd.eval.generate import GenerationSettings
 
 ROWS = [
     {
@@ -71,7 +72,8 @@ def test_eval_math_rows_score_exact_match(loaded_chat_model, tmp_path) -> None:
         {"prompt": "7 + 6?", "response": "7 + 6 = 13. #### 13", "answer": "13"},
         {"prompt": "2 + 2?", "response": "#### 4", "answer": "4"},
     ]
-    res = evaluate(model, tok, rows, out_dir=tmp_path / "m", progress=False)
+    settings = GenerationSettings(max_new_tokens=6)
+    res = evaluate(model, tok, rows, settings=settings, out_dir=tmp_path / "m", progress=False)
     assert res.exact_match is not None and 0.0 <= res.exact_match <= 1.0
     preds = [json.loads(x) for x in (tmp_path / "m" / "predictions.jsonl").read_text().splitlines()]
     assert [p["answer"] for p in preds] == ["13", "4"]

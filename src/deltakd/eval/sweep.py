@@ -1,0 +1,252 @@
+"""`deltakd sweep`: train and evaluate every point of a grid of config overrides.
+
+Layout of a sweep directory::
+
+    OUT/
+      sweep.json                 the grid, the fixed overrides and the run names
+      <run-name>/                one training run (the trainer's output_dir)
+        final/                   the trained student (save_pretrained), written by the trainer
+        sweep.json               this run's overrides (what the report groups on)
+        eval/                    predictions.jsonl, summary.md, metrics.json
+        eval.json                the run's scores; its presence marks the run finished
+
+Re-running the same command skips finished runs, evaluates runs that trained but were not
+evaluated, and lets the trainer resume unfinished ones from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deltakd.errors import ConfigError
+from deltakd.eval.generate import GenerationSettings
+
+# train_fn(config_path, overrides) runs one training run to completion; overrides hold
+# `output_dir`. It is the trainer's Python API by default and injectable for tests.
+TrainFn = Callable[[str, dict[str, Any]], Any]
+
+FINAL_DIR = "final"
+EVAL_FILE = "eval.json"
+RUN_META = "sweep.json"
+
+
+def _parse_value(raw: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"grid/override {item!r}: {raw!r} is not a YAML value ({exc}); quote it."
+        ) from exc
+
+
+def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
+    """`["alpha=0,0.5,1", "seed=0,1"]` -> `{"alpha": [0, 0.5, 1], "seed": [0, 1]}`.
+
+    Values are YAML scalars (so `0.5` is a float and `fkl` a string); a key may not repeat.
+    """
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise ConfigError(
+                f"grid axis {item!r} is not KEY=V1,V2,...: write e.g. `alpha=0,0.5,1 seed=0,1,2`."
+            )
+        if key in grid:
+            raise ConfigError(
+                f"grid axis {key!r} is given twice; list all its values once: {key}=a,b,c."
+            )
+        values = [_parse_value(v.strip(), item) for v in raw.split(",")]
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"grid axis {item!r} repeats a value; list each value once.")
+        grid[key] = values
+    if not grid:
+        raise ConfigError("the grid is empty; pass at least one axis, e.g. --grid seed=0,1,2.")
+    return grid
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`["max_steps=20"]` -> `{"max_steps": 20}` (flat, dotted keys kept as written)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE: write e.g. `max_steps=100`.")
+        out[key.strip()] = _parse_value(raw, item)
+    return out
+
+
+def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of the axes, in axis order (the last axis varies fastest)."""
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _fmt(value: Any) -> str:
+    text = (
+        "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
+
+
+def run_name(point: Mapping[str, Any]) -> str:
+    """A directory name for a grid point, e.g. `alpha-0.5_seed-1`."""
+    return "_".join(f"{re.sub(r'[^A-Za-z0-9.]+', '-', k)}-{_fmt(v)}" for k, v in point.items())
+
+
+def _override_strings(overrides: Mapping[str, Any]) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        text = yaml.safe_dump(v, default_flow_style=True).strip()
+        if text.endswith("..."):
+            text = text[: -len("...")].strip()
+        out.append(f"{k}={text}")
+    return out
+
+
+def is_trained(run_dir: Path) -> bool:
+    final = run_dir / FINAL_DIR
+    return final.is_dir() and (final / "config.json").is_file()
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished when its final model and its eval results both exist."""
+    return is_trained(run_dir) and (run_dir / EVAL_FILE).is_file()
+
+
+def default_train_fn(config_path: str, overrides: dict[str, Any]) -> Any:
+    """Train through the trainer's Python API (`deltakd.train`)."""
+    from deltakd.train import train  # type: ignore[attr-defined]
+    from deltakd.train.config import load_config
+
+    return train(load_config(config_path, _override_strings(overrides)))
+
+
+def _eval_defaults(config_path: str, overrides: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(dataset spec, tokenizer path) of the run, read from the training config."""
+    from deltakd.train.config import load_config
+
+    cfg = load_config(config_path, _override_strings(overrides))
+    return cfg.dataset, cfg.tokenizer_path() if callable(cfg.tokenizer_path) else cfg.tokenizer_path
+
+
+def run_sweep(
+    config: str | Path,
+    grid: Mapping[str, Sequence[Any]],
+    *,
+    out_dir: str | Path = "runs/sweep",
+    fixed: Mapping[str, Any] | None = None,
+    eval_data: str | None = None,
+    eval_split: str = "test",
+    eval_limit: int | None = None,
+    settings: GenerationSettings | None = None,
+    train_fn: TrainFn | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every grid point into `out_dir/<run-name>`; skip finished runs.
+
+    Returns one record per run: `name`, `dir`, `overrides`, `status` (`done` = skipped as
+    finished, `trained` = trained and evaluated now, `evaluated` = only evaluated now,
+    `planned` in a dry run) and `metrics` (the `eval.json` scores).
+    """
+    from deltakd.eval.evaluate import evaluate_spec
+
+    config = str(config)
+    if not Path(config).is_file():
+        raise ConfigError(f"sweep config {config} does not exist; pass a YAML training config.")
+    out = Path(out_dir)
+    fixed = dict(fixed or {})
+    clash = sorted(set(fixed) & set(grid))
+    if clash:
+        raise ConfigError(f"{clash[0]!r} is both a grid axis and a fixed override; keep one.")
+    if "output_dir" in grid or "output_dir" in fixed:
+        raise ConfigError("output_dir is set by the sweep (OUT/<run-name>); pass --out instead.")
+    points = expand_grid(grid)
+    names = [run_name(p) for p in points]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            "two grid points map to the same run name; make the grid values distinct as text."
+        )
+    train_fn = train_fn or default_train_fn
+    settings = settings or GenerationSettings()
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_META).write_text(
+            json.dumps(
+                {"config": config, "grid": dict(grid), "fixed": fixed, "runs": names}, indent=2
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+
+    results: list[dict[str, Any]] = []
+    for point, name in zip(points, names):
+        run_dir = out / name
+        overrides = {**fixed, **point, "output_dir": str(run_dir)}
+        record: dict[str, Any] = {
+            "name": name,
+            "dir": str(run_dir),
+            "overrides": {**fixed, **point},
+        }
+        if is_finished(run_dir):
+            record["status"] = "done"
+            record["metrics"] = json.loads((run_dir / EVAL_FILE).read_text(encoding="utf-8"))
+            results.append(record)
+            continue
+        if dry_run:
+            record["status"] = "planned"
+            results.append(record)
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_META).write_text(
+            json.dumps(
+                {"config": config, "overrides": record["overrides"], "point": point}, indent=2
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+        status = "evaluated"
+        if not is_trained(run_dir):
+            train_fn(config, overrides)
+            status = "trained"
+            if not is_trained(run_dir):
+                raise ConfigError(
+                    f"run {name}: training returned but {run_dir / FINAL_DIR} holds no model; "
+                    "the trainer must save the final student there (save_pretrained)."
+                )
+        data, tokenizer = eval_data, None
+        if data is None or tokenizer is None:
+            cfg_data, cfg_tok = _eval_defaults(config, overrides)
+            data = data or cfg_data
+            tokenizer = cfg_tok
+        final = run_dir / FINAL_DIR
+        if (final / "tokenizer_config.json").is_file():
+            tokenizer = str(final)
+        result = evaluate_spec(
+            str(final),
+            tokenizer,
+            data,
+            split=eval_split,
+            limit=eval_limit,
+            # The training seed varies the run, never the test set (for mini:* the seed picks
+            # the world itself), so every run is scored on the same rows.
+            seed=0,
+            settings=settings,
+            out_dir=run_dir / "eval",
+            meta={"run": name, "overrides": record["overrides"]},
+            progress=progress,
+        )
+        metrics = {**result.metrics(), "data": data, "split": eval_split}
+        (run_dir / EVAL_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        record["status"] = status
+        record["metrics"] = metrics
+        results.append(record)
+    return results

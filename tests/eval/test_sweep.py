@@ -1,0 +1,119 @@
+"""`deltakd sweep`: grid parsing, resumability, evaluation of each run, then `report`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltakd.errors import ConfigError
+from deltakd.eval.generate import GenerationSettings
+from deltakd.eval.report import build_report
+from deltakd.eval.sweep import expand_grid, parse_grid, run_name, run_sweep
+
+ROWS = [
+    {"prompt": "what colour is the fox?", "response": "the fox is red."},
+    {"prompt": "seven plus six?", "response": "seven plus six is thirteen."},
+]
+
+
+def test_parse_and_expand_grid() -> None:
+    grid = parse_grid(["alpha=0,0.5,1", "seed=0,1", "divergence=fkl"])
+    assert grid == {"alpha": [0, 0.5, 1], "seed": [0, 1], "divergence": ["fkl"]}
+    points = expand_grid(grid)
+    assert len(points) == 6
+    assert points[0] == {"alpha": 0, "seed": 0, "divergence": "fkl"}
+    assert points[1] == {"alpha": 0, "seed": 1, "divergence": "fkl"}
+    assert run_name(points[-1]) == "alpha-1_seed-1_divergence-fkl"
+    assert len({run_name(p) for p in points}) == 6
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        parse_grid(["alpha"])
+    with pytest.raises(ConfigError, match="twice"):
+        parse_grid(["seed=0", "seed=1"])
+    with pytest.raises(ConfigError, match="repeats"):
+        parse_grid(["seed=0,0"])
+
+
+@pytest.fixture
+def sweep_setup(tiny_world: dict, tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        f"method: delta_kd\nstudent_raw: {tiny_world['student_raw']}\n"
+        f"teacher_ft: {tiny_world['teacher_ft']}\nteacher_raw: {tiny_world['teacher_raw']}\n"
+        f"dataset: {data}\nmax_steps: 3\n"
+    )
+    return config, tmp_path / "sweep"
+
+
+def _fake_train(tiny_world: dict, calls: list[dict[str, Any]]):
+    """Stands in for the trainer: saves the student as final/ and logs a short history."""
+
+    def train(config_path: str, overrides: dict[str, Any]) -> None:
+        calls.append(dict(overrides))
+        out = Path(overrides["output_dir"])
+        shutil.copytree(tiny_world["student_raw"], out / "final", dirs_exist_ok=True)
+        with open(out / "history.jsonl", "w") as f:
+            for step in (1, 2, 3):
+                loss = 1.0 / step + overrides["alpha"]
+                f.write(json.dumps({"step": step, "loss": loss, "grad_norm": 1.0}) + "\n")
+
+    return train
+
+
+def test_sweep_runs_grid_resumes_and_reports(tiny_world, sweep_setup, tmp_path) -> None:
+    config, out = sweep_setup
+    calls: list[dict[str, Any]] = []
+    grid = parse_grid(["alpha=0,1", "seed=0,1"])
+    settings = GenerationSettings(max_new_tokens=4, batch_size=2)
+    kwargs = dict(
+        out_dir=out, settings=settings, train_fn=_fake_train(tiny_world, calls), progress=False
+    )
+
+    res = run_sweep(config, grid, **kwargs)
+    assert [r["status"] for r in res] == ["trained"] * 4
+    assert len(calls) == 4
+    assert calls[0]["output_dir"] == str(out / "alpha-0_seed-0")
+    for r in res:
+        saved = json.loads((Path(r["dir"]) / "eval.json").read_text())
+        assert saved["n"] == 2 and 0.0 <= saved["rouge1"] <= 1.0
+        assert saved == r["metrics"]
+        assert (Path(r["dir"]) / "eval" / "predictions.jsonl").is_file()
+
+    # Resumable: nothing is retrained; a run whose eval is lost is only re-evaluated.
+    (out / "alpha-1_seed-1" / "eval.json").unlink()
+    again = run_sweep(config, grid, **kwargs)
+    assert [r["status"] for r in again] == ["done", "done", "done", "evaluated"]
+    assert len(calls) == 4
+
+    rep = build_report([out], out_dir=tmp_path / "report")
+    assert [g["params"] for g in rep.groups] == [{"alpha": 0}, {"alpha": 1}]
+    assert all(g["metrics"]["rouge1"]["n"] == 2 for g in rep.groups)
+    # the student is the same model in every run, so the seeds agree exactly
+    assert all(g["metrics"]["rouge1"]["std"] == 0.0 for g in rep.groups)
+    assert rep.groups[1]["metrics"]["final_loss"]["mean"] == pytest.approx(1 / 3 + 1)
+    assert {Path(p).name for p in rep.plots} >= {"rouge1_vs_alpha.png", "training_loss.png"}
+
+
+def test_sweep_refuses_a_train_fn_that_saves_nothing(sweep_setup) -> None:
+    config, out = sweep_setup
+    with pytest.raises(ConfigError, match="final"):
+        run_sweep(config, {"seed": [0]}, out_dir=out, train_fn=lambda c, o: None, progress=False)
+
+
+def test_sweep_dry_run_and_bad_inputs(sweep_setup, tmp_path) -> None:
+    config, out = sweep_setup
+    res = run_sweep(
+        config, {"alpha": [0, 1]}, out_dir=out, dry_run=True, train_fn=lambda c, o: 1 / 0
+    )
+    assert [r["status"] for r in res] == ["planned", "planned"] and not out.exists()
+    with pytest.raises(ConfigError, match="output_dir"):
+        run_sweep(config, {"output_dir": ["a"]}, out_dir=out)
+    with pytest.raises(ConfigError, match="both"):
+        run_sweep(config, {"seed": [0]}, fixed={"seed": 1}, out_dir=out)
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_sweep(tmp_path / "nope.yaml", {"seed": [0]}, out_dir=out)
