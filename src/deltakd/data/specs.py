@@ -1,0 +1,327 @@
+"""Dataset specs -> chat rows `{"messages": [...], "answer": ...}`.
+
+Specs (one string, as in a config's `dataset:`):
+
+- `mini:instruct`, `mini:math`: the miniature world's tasks (splits train / validation / test).
+- a local JSONL file (`*.jsonl` / `*.json` lines): rows with `messages`, or `prompt` and
+  `response` (optionally `system`, `answer`). `{split}` in the path is replaced by the split.
+- `ultrachat:<hub name or path>`: ultrachat_200k rows (`messages`; splits `train_sft`,
+  `test_sft`, ...), e.g. `ultrachat:HuggingFaceH4/ultrachat_200k`.
+- `openmath:<hub name or path>`: OpenMathReasoning rows (`problem`, `generated_solution`,
+  optional `expected_answer`; splits `cot`, `tir`, ...), e.g. `openmath:nvidia/OpenMathReasoning`.
+
+Hub names and directories go through `datasets.load_dataset` (or `load_from_disk` for a
+directory written by `save_to_disk`); `.jsonl` files are read line by line so a bad line is
+reported with its number.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltakd.errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+#: spec kind -> default training split
+DEFAULT_TRAIN_SPLIT = {
+    "mini": "train",
+    "ultrachat": "train_sft",
+    "openmath": "cot",
+    "jsonl": "train",
+}
+#: spec kind -> default evaluation split
+DEFAULT_EVAL_SPLIT = {"mini": "test", "ultrachat": "test_sft", "openmath": "cot", "jsonl": "test"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed dataset spec: `kind` in mini / jsonl / ultrachat / openmath, and its target."""
+
+    kind: str
+    target: str
+
+    @property
+    def default_train_split(self) -> str:
+        return DEFAULT_TRAIN_SPLIT[self.kind]
+
+    @property
+    def default_eval_split(self) -> str:
+        return DEFAULT_EVAL_SPLIT[self.kind]
+
+
+def parse_spec(spec: str) -> DatasetSpec:
+    """Parse a dataset spec string (see the module docstring)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(
+            f"dataset spec {spec!r} is empty: use e.g. `mini:instruct` or a .jsonl path."
+        )
+    spec = spec.strip()
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("mini", "ultrachat", "openmath"):
+        if not rest:
+            raise DataError(
+                f"dataset spec {spec!r} names no dataset after {kind + ':'!r}: "
+                f"e.g. `{kind}:{_example(kind)}`."
+            )
+        if kind == "mini":
+            from deltakd.data.mini import MINI_TASKS
+
+            if rest not in MINI_TASKS:
+                raise DataError(
+                    f"dataset spec {spec!r}: unknown mini task {rest!r}; "
+                    f"use one of {', '.join('mini:' + t for t in MINI_TASKS)}."
+                )
+        return DatasetSpec(kind, rest)
+    if spec.endswith((".jsonl", ".json", ".jsonl.gz")) or "{split}" in spec:
+        return DatasetSpec("jsonl", spec)
+    raise DataError(
+        f"dataset spec {spec!r} is not recognised: use `mini:instruct`, `mini:math`, a .jsonl "
+        "file, `ultrachat:<hub name or path>` or `openmath:<hub name or path>`."
+    )
+
+
+def _example(kind: str) -> str:
+    return {
+        "mini": "instruct",
+        "ultrachat": "HuggingFaceH4/ultrachat_200k",
+        "openmath": "nvidia/OpenMathReasoning",
+    }[kind]
+
+
+def load_rows(
+    spec: str, split: str | None = None, *, limit: int | None = None, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Load a dataset as chat rows `{"messages": [{"role", "content"}, ...], "answer": str|None}`.
+
+    Args:
+        spec: a dataset spec (module docstring).
+        split: split name; None = the spec's default training split.
+        limit: keep the first `limit` rows.
+        seed: seed of the mini world (ignored elsewhere).
+
+    Raises DataError naming the row (1-based line or row number) for malformed rows, and for
+    empty datasets, unreadable files and missing splits.
+    """
+    parsed = parse_spec(spec)
+    split = split or parsed.default_train_split
+    if parsed.kind == "mini":
+        from deltakd.data.mini import load_task
+
+        rows = load_task(parsed.target, split, seed=seed, limit=limit)
+        source = f"mini:{parsed.target} split {split!r}"
+        out = [normalise_row(r, i + 1, source) for i, r in enumerate(rows)]
+    elif parsed.kind == "jsonl":
+        path = Path(parsed.target.replace("{split}", split))
+        out = [normalise_row(r, n, str(path)) for n, r in _read_jsonl(path, limit)]
+    else:
+        records = _load_hf(parsed, split, limit)
+        source = f"{parsed.kind}:{parsed.target} split {split!r}"
+        convert = _ultrachat_row if parsed.kind == "ultrachat" else _openmath_row
+        out = [convert(r, i + 1, source) for i, r in enumerate(records)]
+    if limit is not None:
+        out = out[:limit]
+    if not out:
+        raise DataError(
+            f"dataset {spec!r} split {split!r} has no rows: point `dataset` at a "
+            "non-empty file or split."
+        )
+    return out
+
+
+# --- readers -------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path, limit: int | None) -> Iterable[tuple[int, Any]]:
+    if not path.is_file():
+        raise DataError(
+            f"dataset file {path} does not exist: check the `dataset` path (and `{{split}}` in it)."
+        )
+    rows: list[tuple[int, Any]] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}: line {lineno} is not UTF-8 ({exc.reason} at byte "
+                    f"{exc.start}); re-encode the file as UTF-8."
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}: line {lineno} is not valid JSON ({exc.msg} at column "
+                    f"{exc.colno}); fix or remove that line."
+                ) from None
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def _load_hf(spec: DatasetSpec, split: str, limit: int | None) -> Iterable[Mapping[str, Any]]:
+    import datasets
+
+    target = spec.target
+    path = Path(target)
+    try:
+        if path.is_file():
+            if path.suffix in (".jsonl", ".json"):
+                return [r for _, r in _read_jsonl(path, limit)]
+            builder = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(path.suffix)
+            if builder is None:
+                raise DataError(
+                    f"{path}: unsupported file type {path.suffix!r}; use .jsonl, "
+                    ".parquet or a datasets directory."
+                )
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif path.is_dir() and (
+            (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+        ):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(
+                        f"{path} has no split {split!r}; it has "
+                        f"{', '.join(loaded)}. Set `train_split`."
+                    )
+                ds = loaded[split]
+            else:
+                ds = loaded
+        else:
+            ds = datasets.load_dataset(target, split=split)
+    except DataError:
+        raise
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(
+            f"cannot load dataset {spec.kind}:{target} split {split!r}: {exc}. Check "
+            "the name/path and the split (`train_split`)."
+        ) from exc
+    except Exception as exc:  # datasets raises many types (hub, connection, builder errors)
+        raise DataError(
+            f"cannot load dataset {spec.kind}:{target} split {split!r}: "
+            f"{type(exc).__name__}: {exc}. Check the name, the split and that the "
+            "Hub is reachable (or pass a local path)."
+        ) from exc
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+# --- row conversion ------------------------------------------------------------------------
+
+
+def _row_error(source: str, n: int, reason: str, fix: str) -> DataError:
+    return DataError(f"{source}: row {n} {reason}; {fix}.")
+
+
+def normalise_row(row: Any, n: int, source: str) -> dict[str, Any]:
+    """Validate one row (`messages`, or `prompt` + `response`) -> `{"messages", "answer"}`."""
+    if not isinstance(row, Mapping):
+        raise _row_error(
+            source,
+            n,
+            f"is a {type(row).__name__}, not an object",
+            'write one JSON object per line, e.g. {"prompt": ..., "response": ...}',
+        )
+    answer = row.get("answer")
+    if "messages" in row:
+        messages = _check_messages(row["messages"], n, source)
+    elif "prompt" in row and "response" in row:
+        for key in ("prompt", "response"):
+            if not isinstance(row[key], str):
+                raise _row_error(
+                    source,
+                    n,
+                    f"has a non-string {key!r} ({type(row[key]).__name__})",
+                    f"make {key!r} a string",
+                )
+        messages = []
+        if row.get("system"):
+            messages.append({"role": "system", "content": str(row["system"])})
+        messages += [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["response"]},
+        ]
+        if not row["response"].strip():
+            raise _row_error(source, n, "has an empty 'response'", "remove the row or fill it in")
+    else:
+        raise _row_error(
+            source,
+            n,
+            f"has neither 'messages' nor 'prompt'+'response' (keys: "
+            f"{', '.join(map(str, row)) or 'none'})",
+            "give each row a `messages` list or `prompt` and `response` strings",
+        )
+    if answer is not None and not isinstance(answer, str):
+        answer = str(answer)
+    return {"messages": messages, "answer": answer}
+
+
+def _check_messages(messages: Any, n: int, source: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise _row_error(
+            source,
+            n,
+            "has an empty or non-list 'messages'",
+            "make it a list of {role, content} objects",
+        )
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise _row_error(
+                source,
+                n,
+                f"message {i} lacks 'role' or 'content'",
+                "give every message a role and a content string",
+            )
+        if m["role"] not in ROLES:
+            raise _row_error(
+                source, n, f"message {i} has role {m['role']!r}", f"use one of {', '.join(ROLES)}"
+            )
+        if not isinstance(m["content"], str):
+            raise _row_error(
+                source, n, f"message {i} has non-string content", "make every content a string"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise _row_error(
+            source,
+            n,
+            "has no assistant turn, so there is nothing to learn",
+            "add an assistant message or remove the row",
+        )
+    return out
+
+
+def _ultrachat_row(row: Mapping[str, Any], n: int, source: str) -> dict[str, Any]:
+    if "messages" not in row:
+        raise _row_error(
+            source,
+            n,
+            f"has no 'messages' (keys: {', '.join(row)})",
+            "use an ultrachat_200k-style dataset or a JSONL spec",
+        )
+    return normalise_row({"messages": row["messages"]}, n, source)
+
+
+def _openmath_row(row: Mapping[str, Any], n: int, source: str) -> dict[str, Any]:
+    if "problem" not in row or "generated_solution" not in row:
+        raise _row_error(
+            source,
+            n,
+            f"lacks 'problem' or 'generated_solution' (keys: {', '.join(row)})",
+            "use an OpenMathReasoning-style dataset",
+        )
+    answer = row.get("expected_answer")
+    return normalise_row(
+        {"prompt": row["problem"], "response": row["generated_solution"], "answer": answer},
+        n,
+        source,
+    )

@@ -1,0 +1,98 @@
+"""Reference models loaded into the training process (small models, tests, single GPU).
+
+Each frozen role is an `AutoModelForCausalLM` in eval mode with gradients off. `fetch` runs
+them on the batch and returns full logits ([B, T, V_model]; the trainer slices to the shared
+vocabulary). There is nothing to prefetch: the computation happens in `fetch`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+
+from deltakd.errors import ConfigError
+from deltakd.references.base import REFERENCE_ROLES, ReferenceBatch, ReferenceSource
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ConfigError(
+            f"reference dtype {name!r} is not allowed: expected one of {', '.join(_DTYPES)}."
+        ) from None
+
+
+class LocalReferences(ReferenceSource):
+    """Frozen roles as in-process models.
+
+    Args:
+        paths: role -> model path or Hub name (roles from `REFERENCE_ROLES`).
+        dtype: `fp32` / `bf16` / `fp16` or a torch dtype.
+        device: where the models run (the student's device).
+        models: already-loaded models to use instead of loading (role -> module), for tests and
+            for sharing one model between roles.
+    """
+
+    def __init__(
+        self,
+        paths: Mapping[str, str] | None = None,
+        *,
+        dtype: str | torch.dtype = "fp32",
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
+        models: Mapping[str, torch.nn.Module] | None = None,
+    ) -> None:
+        from deltakd.data.vocab import resolve_model_path
+
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype)
+        self.models: dict[str, torch.nn.Module] = dict(models or {})
+        for role, path in (paths or {}).items():
+            if role not in REFERENCE_ROLES:
+                raise ConfigError(
+                    f"unknown reference role {role!r}: expected one of "
+                    f"{', '.join(REFERENCE_ROLES)}."
+                )
+            if role in self.models:
+                continue
+            self.models[role] = self._load(role, resolve_model_path(path), trust_remote_code)
+        for model in self.models.values():
+            model.eval()
+            model.requires_grad_(False)
+        self.roles = tuple(self.models)
+
+    def _load(self, role: str, path: str, trust_remote_code: bool) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=self.dtype, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load the {role} model from {path!r}: {exc}. Set `{role}` "
+                "to a model directory or Hub name."
+            ) from exc
+        return model.to(self.device)
+
+    @torch.no_grad()
+    def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
+        start = time.perf_counter()
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        logits = {}
+        for role, model in self.models.items():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            logits[role] = out.logits
+        # Local references compute inside fetch, so all of it is time the trainer waited.
+        return ReferenceBatch(logits=logits, wait_seconds=time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.models.clear()

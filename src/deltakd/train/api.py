@@ -1,0 +1,311 @@
+"""`train(config) -> TrainResult`: the Python entry point behind `deltakd train`.
+
+Steps: tokenizer and vocabulary check → rows (`load_rows`) → method's `prepare_rows` →
+chat-template encoding with assistant masks → student → reference source → `DistillTrainer`
+→ final student in `output_dir/final` (`save_pretrained` + tokenizer), `history.jsonl`,
+`data_stats.json` and the resolved `config.yaml` next to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from deltakd.errors import ConfigError
+from deltakd.references.base import ReferenceSource
+from deltakd.train.config import TrainConfig, save_config
+
+logger = logging.getLogger("deltakd.train")
+
+#: `references:` kind -> "module:function" building a ReferenceSource from
+#: `(config, roles, device)`. `local` is built here; the others live with their helpers.
+SOURCE_FACTORIES: dict[str, str] = {
+    "servers": "deltakd.references.client:from_config",
+    "cache": "deltakd.references.cache:from_config",
+}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    final_dir: Path  # loads with AutoModelForCausalLM / AutoTokenizer
+    global_step: int
+    metrics: dict[str, Any]  # train_runtime, train_loss, ... plus data and skip counts
+    history: list[dict[str, Any]]  # Trainer log history (one dict per log / step)
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    resumed_from: str | None = None
+
+    def losses(self, key: str = "loss") -> list[tuple[int, float]]:
+        """[(step, value)] of one logged metric."""
+        return [(h["step"], h[key]) for h in self.history if key in h]
+
+
+class _HistoryCallback(TrainerCallback):
+    """Appends every log to `history.jsonl` (and `metrics.csv` with report_to=csv)."""
+
+    CSV_COLUMNS = (
+        "step",
+        "epoch",
+        "loss",
+        "sft_loss",
+        "kd_loss",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_s",
+        "ref_wait_s",
+        "skipped_batches",
+        "grad_norm_spikes",
+    )
+
+    def __init__(self, output_dir: Path, csv_enabled: bool) -> None:
+        self.output_dir = output_dir
+        self.csv_enabled = csv_enabled
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, **logs}
+        with open(self.output_dir / "history.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.csv_enabled and "loss" in logs:
+            path = self.output_dir / "metrics.csv"
+            new = not path.exists()
+            with open(path, "a", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self.CSV_COLUMNS, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+
+
+def build_reference_source(
+    config: TrainConfig, roles: tuple[str, ...], device: torch.device, dtype: torch.dtype
+) -> ReferenceSource:
+    """The configured source of the frozen roles' outputs."""
+    if config.references == "local":
+        from deltakd.references.local import LocalReferences
+
+        paths = {r: getattr(config, r) for r in roles}
+        return LocalReferences(
+            paths, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code
+        )
+    target = SOURCE_FACTORIES[config.references]
+    module_name, _, fn_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"references: {config.references} is not available in this install "
+            f"({exc}); use references: local."
+        ) from exc
+    return getattr(module, fn_name)(config, roles, device)
+
+
+def _reference_dtype(config: TrainConfig) -> torch.dtype:
+    name = config.reference_dtype
+    if name == "auto":
+        name = config.precision
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _resume_path(config: TrainConfig) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(config.output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if config.resume == "auto":
+        return last
+    if config.resume == "never":
+        if last is not None:
+            raise ConfigError(
+                f"output_dir {out} already holds checkpoints ({last}) and "
+                "resume=never: choose a new output_dir or set resume=auto."
+            )
+        return None
+    if not (Path(config.resume) / "trainer_state.json").is_file():
+        raise ConfigError(
+            f"config field 'resume' = {config.resume!r} is not allowed: expected "
+            "auto, never, or a checkpoint directory holding trainer_state.json."
+        )
+    return config.resume
+
+
+def training_arguments(config: TrainConfig) -> Any:
+    """The `transformers.TrainingArguments` equivalent of a TrainConfig."""
+    from transformers import TrainingArguments
+
+    report = [] if config.report_to in ("none", "csv") else [config.report_to]
+    if report:
+        pkg = {"tensorboard": "tensorboard", "wandb": "wandb"}[config.report_to]
+        if importlib.util.find_spec(pkg) is None and not (
+            pkg == "tensorboard" and importlib.util.find_spec("tensorboardX")
+        ):
+            raise ConfigError(
+                f"report_to={config.report_to} needs the {pkg!r} package: "
+                f"`pip install {pkg}`, or use report_to=csv."
+            )
+    schedule = config.lr_scheduler
+    warmup = config.warmup_steps if config.warmup_steps > 0 else config.warmup_ratio
+    if schedule == "constant" and warmup:
+        schedule = "constant_with_warmup"
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon,
+        optim="adamw_torch",
+        lr_scheduler_type=schedule,
+        warmup_steps=warmup,
+        max_steps=config.max_steps,
+        num_train_epochs=config.num_epochs,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
+        activation_checkpointing=config.gradient_checkpointing,
+        dataloader_pin_memory=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        train_sampling_strategy="random" if config.shuffle else "sequential",
+        report_to=report or "none",
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=config.save_steps if config.save_steps > 0 else 500,
+        save_total_limit=config.save_total_limit,
+        remove_unused_columns=False,
+        logging_nan_inf_filter=False,
+        disable_tqdm=not config.progress,
+        use_cpu=config.device == "cpu",
+        dataloader_num_workers=0,
+        average_tokens_across_devices=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    references: ReferenceSource | None = None,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Run one distillation as configured. `references` overrides the configured source."""
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from deltakd.data.specs import load_rows
+    from deltakd.data.tokenize import ChatCollator, ChatDataset, encode_rows
+    from deltakd.data.vocab import check_vocabulary, load_tokenizer, resolve_model_path
+    from deltakd.train.methods import get_method
+    from deltakd.train.trainer import DistillTrainer
+
+    set_seed(config.seed)
+    out = Path(config.output_dir)
+    resume = _resume_path(config)
+    args = training_arguments(config)
+    method = get_method(config.method)
+    tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
+
+    needs_refs = method.uses_kd and config.lam < 1.0
+    roles = method.reference_roles(config) if needs_refs else ()
+    check_paths = {r: getattr(config, r) for r in roles if getattr(config, r)}
+    check_paths["student"] = config.student_init
+    vocab = check_vocabulary(tokenizer, check_paths, trust_remote_code=config.trust_remote_code)
+
+    rows = load_rows(config.dataset, config.train_split, limit=config.limit)
+    rows = method.prepare_rows(rows, {"config": config, "tokenizer": tokenizer})
+    encoded, kept, stats = encode_rows(
+        tokenizer, rows, max_length=config.max_length, truncation=config.truncation
+    )
+    logger.info("data %s: %s", config.dataset, stats.summary())
+    if stats.truncated or stats.dropped_too_long:
+        logger.warning(
+            "max_length=%d: %d rows truncated, %d dropped",
+            config.max_length,
+            stats.truncated,
+            stats.dropped_too_long,
+        )
+    dataset = ChatDataset(encoded, kept)
+
+    try:
+        student = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(config.student_init),
+            dtype=torch.float32,
+            trust_remote_code=config.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load the student from {config.student_init!r}: {exc}. Set "
+            "`student_raw` (or `student`) to a model directory or Hub name."
+        ) from exc
+    student.config.use_cache = False
+
+    own_source = False
+    if references is None and roles:
+        references = build_reference_source(config, roles, args.device, _reference_dtype(config))
+        own_source = True
+
+    out.mkdir(parents=True, exist_ok=True)
+    if args.process_index == 0:
+        save_config(config, out / "config.yaml")
+        (out / "data_stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=1))
+    cbs = [_HistoryCallback(out, config.report_to == "csv"), *(callbacks or [])]
+    trainer = DistillTrainer(
+        model=student,
+        args=args,
+        train_dataset=dataset,
+        data_collator=ChatCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=cbs,
+        config=config,
+        method=method,
+        references=references,
+        vocab_size=vocab.vocab_size,
+    )
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if own_source and references is not None:
+            references.close()
+
+    final = out / "final"
+    tmp = out / ".tmp-final"
+    if trainer.args.should_save and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    metrics = dict(output.metrics)
+    metrics.update(
+        skipped_batches=trainer.skipped_batches,
+        skipped_steps=trainer.skipped_steps,
+        grad_norm_spikes=trainer.grad_norm_spikes,
+    )
+    return TrainResult(
+        output_dir=out,
+        final_dir=final,
+        global_step=output.global_step,
+        metrics=metrics,
+        history=list(trainer.state.log_history),
+        data_stats=dataclasses.asdict(stats),
+        resumed_from=resume,
+    )

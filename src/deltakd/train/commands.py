@@ -1,0 +1,47 @@
+"""`deltakd train CONFIG [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="distill a student (any method) from a YAML config",
+        description=(
+            "Train a student from a YAML config (see docs/USAGE.md for every field). Any field "
+            "can be overridden after the config path as key=value, e.g. "
+            "`deltakd train configs/mini/delta_kd.yaml output_dir=runs/dkd max_steps=100 "
+            "alpha=0.5`. A run resumes from the newest checkpoint in output_dir (resume=auto)."
+        ),
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    import yaml
+
+    from deltakd.train.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from deltakd.train.api import train
+
+    result = train(config)
+    loss = result.metrics.get("train_loss")
+    print(
+        f"trained {result.global_step} steps (mean loss {loss:.4f}); student saved to "
+        f"{result.final_dir}"
+    )
+    return 0

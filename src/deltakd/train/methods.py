@@ -1,0 +1,295 @@
+"""Training methods: one small class per method, registered by name.
+
+A method says which frozen roles it needs and computes its loss terms for one micro-batch.
+The trainer (`deltakd.train.trainer.DistillTrainer`) owns everything else: data, the
+reference source, normalisation over the accumulated batch, logging, checkpoints.
+
+To add a method (e.g. in a new module `deltakd/train/seqkd.py`)::
+
+    from deltakd.train.methods import Method, register_method
+
+    @register_method
+    class MyMethod(Method):
+        name = "mine"
+
+        def reference_roles(self, config):          # frozen roles it needs
+            return ("teacher_ft",)
+
+        def kd_sum(self, batch, refs, config):      # Σ over counted positions
+            return kd_loss(batch.student_logits, refs.logits("teacher_ft"),
+                           mask=batch.mask, reduction="sum", ...)
+
+and add the module to `METHOD_MODULES` below so it is imported when the registry is read.
+Hooks for methods that change the data or the batch: `prepare_rows` (once, before
+tokenisation: SeqKD replaces responses with teacher generations), `prepare_batch` (per
+micro-batch, before the student's forward pass: on-policy sampling), and `compute` (the whole
+loss, for methods that are not "λ·SFT + (1−λ)·divergence", e.g. MiniLLM's policy gradient).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from deltakd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from deltakd.train.config import TrainConfig
+    from deltakd.train.trainer import DistillTrainer, RoleLogits
+
+# Modules registering further methods; imported on first use of the registry. A module that
+# does not exist yet is skipped, so plug-ins can land independently.
+METHOD_MODULES: tuple[str, ...] = (
+    "deltakd.train.seqkd",
+    "deltakd.train.minillm",
+    "deltakd.train.on_policy",
+)
+
+_REGISTRY: dict[str, type[Method]] = {}
+_loaded = False
+
+
+@dataclass
+class StudentBatch:
+    """What a method sees of one micro-batch, already aligned for next-token prediction.
+
+    `student_logits[:, t]` scores token `input_ids[:, t + 1]`; positions are trimmed to T−1
+    and the vocabulary to the shared tokenizer's V.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    student_logits: torch.Tensor  # (B, T-1, V)
+    labels: torch.Tensor  # (B, T-1) next tokens
+    mask: torch.Tensor  # (B, T-1) bool: True where the next token is a response token
+    inputs: dict[str, Any]  # the raw micro-batch (row_index, ...)
+
+
+@dataclass
+class LossTerms:
+    """Sums over counted positions of one micro-batch (normalised later by the trainer).
+
+    `total` is what is back-propagated; `sft` / `kd` are logged. Extra scalar metrics go in
+    `metrics` (summed over micro-batches and processes, divided by the counted tokens).
+    """
+
+    total: torch.Tensor
+    sft: torch.Tensor | None = None
+    kd: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] | None = None
+
+
+class Method:
+    """Base class: loss = λ·SFT + (1−λ)·KD with `kd_sum` defined by the subclass."""
+
+    name: ClassVar[str] = ""
+    #: whether the method uses a divergence at all (sft does not)
+    uses_kd: ClassVar[bool] = True
+    #: whether the trainer may draw the next step's micro-batches early to prefetch their
+    #: references (False for methods whose `prepare_batch` depends on the current weights)
+    prefetch_ahead: ClassVar[bool] = True
+
+    def reference_roles(self, config: TrainConfig) -> tuple[str, ...]:
+        """Frozen roles this method needs (from `REFERENCE_ROLES`)."""
+        return ("teacher_ft",)
+
+    def validate(self, config: TrainConfig) -> None:
+        """Raise ConfigError for settings this method cannot use."""
+
+    def prepare_rows(self, rows: list[dict], trainer_ctx: Any) -> list[dict]:
+        """Rewrite the training rows once before tokenisation (default: unchanged)."""
+        return rows
+
+    def prepare_batch(
+        self, trainer: DistillTrainer, model: torch.nn.Module, inputs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Rewrite a micro-batch before the forward pass (default: unchanged)."""
+        return inputs
+
+    def count_tokens(self, inputs: dict[str, Any]) -> int:
+        """Positions this micro-batch counts (the loss normaliser sums them over a step)."""
+        mask = inputs["assistant_mask"][:, 1:].bool() & inputs["attention_mask"][:, 1:].bool()
+        return int(mask.sum())
+
+    def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
+        """Σ over counted positions of the divergence term. Scalar."""
+        raise NotImplementedError
+
+    def compute(
+        self, batch: StudentBatch, refs: RoleLogits | None, config: TrainConfig
+    ) -> LossTerms:
+        """λ·SFT_sum + (1−λ)·KD_sum; override for losses of another shape."""
+        sft = sft_sum(batch)
+        lam = 1.0 if not self.uses_kd else config.lam
+        if not self.uses_kd or lam >= 1.0:
+            return LossTerms(total=sft, sft=sft)
+        assert refs is not None
+        kd = self.kd_sum(batch, refs, config)
+        total = kd if lam == 0.0 else lam * sft + (1.0 - lam) * kd
+        return LossTerms(total=total, sft=sft, kd=kd)
+
+
+def sft_sum(batch: StudentBatch) -> torch.Tensor:
+    """Σ over counted positions of −log p(next token). Scalar, float32."""
+    logits = batch.student_logits[batch.mask]  # (N, V)
+    targets = batch.labels[batch.mask]  # (N,)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` available as `method: <cls.name>`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} must set a non-empty `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in METHOD_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module.startswith(exc.name):
+                continue
+            raise
+
+
+def method_names() -> tuple[str, ...]:
+    _load_plugins()
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    _load_plugins()
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ConfigError(
+            f"config field 'method' = {name!r} is not allowed: expected one of "
+            f"{', '.join(_REGISTRY)}."
+        ) from None
+
+
+# --- the built-in methods ------------------------------------------------------------------
+
+
+@register_method
+class SFT(Method):
+    """Cross-entropy on the dataset's responses; no references."""
+
+    name = "sft"
+    uses_kd = False
+
+    def reference_roles(self, config: TrainConfig) -> tuple[str, ...]:
+        return ()
+
+
+@register_method
+class KD(Method):
+    """D(π_teacher_ft, π_student) for any divergence."""
+
+    name = "kd"
+
+    def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
+        from deltakd.losses import kd_loss
+
+        target = refs.target if refs.target is not None else refs.logits("teacher_ft")
+        return kd_loss(
+            batch.student_logits,
+            target,
+            divergence=config.divergence,
+            temperature=config.temperature,
+            beta=config.beta,
+            mask=batch.mask,
+            chunk_size=config.chunk_size,
+            reduction="sum",
+        )
+
+
+@register_method
+class DeltaKD(Method):
+    """D(softmax(z*/τ), π_student), z* = z_ft + α(z_student_raw − z_teacher_raw)."""
+
+    name = "delta_kd"
+
+    def reference_roles(self, config: TrainConfig) -> tuple[str, ...]:
+        if config.alpha == 0.0:
+            return ("teacher_ft",)
+        return ("teacher_ft", "teacher_raw", "student_raw")
+
+    def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
+        from deltakd.losses import delta_kd_loss, kd_loss
+
+        common: dict[str, Any] = dict(
+            divergence=config.divergence,
+            temperature=config.temperature,
+            beta=config.beta,
+            mask=batch.mask,
+            chunk_size=config.chunk_size,
+            reduction="sum",
+        )
+        if refs.target is not None:  # a cache already holds z*
+            return kd_loss(batch.student_logits, refs.target, **common)
+        if config.alpha == 0.0:
+            return kd_loss(batch.student_logits, refs.logits("teacher_ft"), **common)
+        return delta_kd_loss(
+            batch.student_logits,
+            refs.logits("teacher_ft"),
+            refs.logits("teacher_raw"),
+            refs.logits("student_raw"),
+            alpha=config.alpha,
+            **common,
+        )
+
+
+@register_method
+class Parallelogram(Method):
+    """A named target from `deltakd.losses.PARALLELOGRAM_VARIANTS`."""
+
+    name = "parallelogram"
+
+    def validate(self, config: TrainConfig) -> None:
+        from deltakd.losses import PARALLELOGRAM_VARIANTS
+
+        if config.variant not in PARALLELOGRAM_VARIANTS:
+            raise ConfigError(
+                f"config field 'variant' = {config.variant!r} is not allowed: method "
+                f"'parallelogram' needs one of {', '.join(PARALLELOGRAM_VARIANTS)}."
+            )
+
+    def reference_roles(self, config: TrainConfig) -> tuple[str, ...]:
+        from deltakd.losses import get_variant
+
+        if config.variant is None:
+            return ()
+        return get_variant(config.variant).roles
+
+    def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
+        from deltakd.losses import get_variant, parallelogram_loss
+
+        roles = get_variant(config.variant or "").roles
+        return parallelogram_loss(
+            batch.student_logits,
+            {r: refs.logits(r) for r in roles},
+            variant=config.variant or "",
+            alpha=config.alpha,
+            temperature=config.temperature,
+            divergence=_variant_divergence(config),
+            beta=config.beta,
+            mask=batch.mask,
+            chunk_size=config.chunk_size,
+            reduction="sum",
+        )
+
+
+def _variant_divergence(config: TrainConfig) -> str | None:
+    # `divergence` defaults to fkl; a variant with its own default (e.g. delta_rkl) keeps it
+    # unless the user chose another divergence explicitly.
+    return config.divergence if config.divergence != "fkl" else None

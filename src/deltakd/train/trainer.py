@@ -1,0 +1,433 @@
+"""`DistillTrainer`: a `transformers.Trainer` whose loss is λ·SFT + (1−λ)·KD.
+
+Shape of the design (as TRL's GKDTrainer): the HF Trainer owns the loop, accelerate (DDP /
+FSDP / DeepSpeed), mixed precision, the optimizer and schedule, checkpoints with exact resume
+(optimizer, scheduler, RNG, data position) and the progress bar. This class adds:
+
+- `get_batch_samples`: the accumulated micro-batches of one optimizer step are drawn, tagged
+  with a key and handed to the reference source's `prefetch` (and, where the method allows,
+  the next step's micro-batches too, so servers work while the student trains); it also counts
+  the response tokens of the whole accumulated batch over all processes, the normaliser of the
+  loss (`num_items_in_batch`).
+- `compute_loss`: fetches the references, runs the student, slices every role's logits to the
+  shared vocabulary, checks them for NaN/inf, and asks the method for its loss terms.
+- atomic checkpoints: each `checkpoint-N` is written to `.tmp-checkpoint-N` and renamed, so a
+  kill during a save leaves the previous checkpoint intact and never a half-written one under
+  a name `resume` would pick.
+- logging of sft_loss, kd_loss, grad_norm, tokens/s, reference wait time, skipped batches and
+  gradient-norm spikes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import statistics
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from deltakd.errors import DeltaKDError, NonFiniteError
+from deltakd.references.base import ReferenceBatch, ReferenceSource
+from deltakd.train.config import TrainConfig
+from deltakd.train.methods import LossTerms, Method, StudentBatch
+
+logger = logging.getLogger("deltakd.train")
+
+#: key of the int that ties a micro-batch to its prefetched references
+REF_KEY = "_ref_key"
+
+
+class RoleLogits:
+    """The frozen roles' logits for one micro-batch, aligned with `StudentBatch.student_logits`.
+
+    `logits(role)` returns `[B, T-1, V]` (next-token positions, shared vocabulary), computed
+    from hidden states and the role's `lm_head` when the source sent hidden states. `target` is
+    the source's ready `SparseTarget` (offline cache), trimmed the same way, or None.
+    """
+
+    def __init__(
+        self,
+        ref: ReferenceBatch,
+        heads: Mapping[str, torch.Tensor],
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        self.ref = ref
+        self.heads = heads
+        self.vocab_size = vocab_size
+        self.device = device
+        self._cache: dict[str, torch.Tensor] = {}
+        self.target = _trim_sparse(ref.target, device) if ref.target is not None else None
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.ref.logits) + tuple(self.ref.hidden)
+
+    def logits(self, role: str) -> torch.Tensor:
+        if role in self._cache:
+            return self._cache[role]
+        v = self.vocab_size
+        if role in self.ref.logits:
+            out = self.ref.logits[role][:, :-1, :v]
+        elif role in self.ref.hidden:
+            head = self.heads[role][:v]  # (V, H)
+            hidden = self.ref.hidden[role][:, :-1]  # (B, T-1, H)
+            out = hidden.to(device=self.device, dtype=head.dtype) @ head.to(self.device).T
+        else:
+            raise DeltaKDError(
+                f"the reference source returned no output for role {role!r} (it sent "
+                f"{', '.join(self.roles) or 'nothing'}); configure that role for the source."
+            )
+        out = out.to(self.device, non_blocking=True)
+        self._cache[role] = out
+        return out
+
+
+def _trim_sparse(target: Any, device: torch.device) -> Any:
+    from deltakd.losses import SparseTarget
+
+    return SparseTarget(
+        indices=target.indices[:, :-1].to(device),
+        logprobs=target.logprobs[:, :-1].to(device),
+        tail_mass=target.tail_mass[:, :-1].to(device),
+        temperature=target.temperature,
+    )
+
+
+class DistillTrainer(Trainer):
+    """HF Trainer with a distillation loss from a pluggable `Method` (see module docstring)."""
+
+    # compute_loss divides by the response tokens of the whole accumulated batch itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        *args: Any,
+        config: TrainConfig,
+        method: Method,
+        references: ReferenceSource | None,
+        vocab_size: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.config = config
+        self.method = method
+        self.references = references
+        self.vocab_size = vocab_size
+        self.needed_roles = method.reference_roles(config) if self._uses_references() else ()
+        self._next_key = 0
+        self._lookahead: tuple[Any, list[dict[str, Any]]] | None = None
+        self._reset_metrics()
+        self._last_log_time = time.perf_counter()
+        self._grad_norms: deque[float] = deque(maxlen=50)
+        self.skipped_batches = 0
+        self.skipped_steps = 0
+        self.grad_norm_spikes = 0
+
+    def _uses_references(self) -> bool:
+        return self.method.uses_kd and self.config.lam < 1.0
+
+    def _reset_metrics(self) -> None:
+        self._m = {
+            "sft": 0.0,
+            "kd": 0.0,
+            "resp_tokens": 0.0,
+            "tokens": 0.0,
+            "wait": 0.0,
+            "skipped": 0.0,
+            "micro_batches": 0.0,
+        }
+
+    # --- data: draw, tag, prefetch, count -----------------------------------------------------
+    def _pull(self, epoch_iterator: Any, num_batches: int) -> list[dict[str, Any]]:
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            batch = self.method.prepare_batch(self, self.model, batch)
+            batch[REF_KEY] = self._next_key
+            self._next_key += 1
+            if self.references is not None and self.needed_roles:
+                self.references.prefetch(batch[REF_KEY], batch)
+            batches.append(batch)
+        return batches
+
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | int | None]:
+        if self._lookahead is not None and self._lookahead[0] is epoch_iterator:
+            batches = self._lookahead[1]
+        else:
+            batches = self._pull(epoch_iterator, num_batches)
+        self._lookahead = None
+        if (
+            batches
+            and self.method.prefetch_ahead
+            and self.references is not None
+            and self.needed_roles
+        ):
+            # Draw the next optimizer step's micro-batches now so their references are computed
+            # while this step trains. Data order is unchanged (same iterator, same sampler).
+            self._lookahead = (epoch_iterator, self._pull(epoch_iterator, num_batches))
+        count = sum(self.method.count_tokens(b) for b in batches) if batches else 0
+        num_items = torch.as_tensor(count, dtype=torch.long, device=device)
+        if self.args.world_size > 1:
+            num_items = self.accelerator.gather(num_items.reshape(1)).sum()
+        return batches, num_items
+
+    # --- loss --------------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        key = int(inputs.pop(REF_KEY, -1))
+        refs = None
+        if self.references is not None and self.needed_roles:
+            ref = self.references.fetch(key, inputs)
+            self._m["wait"] += float(ref.wait_seconds)
+            refs = RoleLogits(
+                ref, self.references.lm_heads(), self.vocab_size, inputs["input_ids"].device
+            )
+        outputs = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        )
+        batch = StudentBatch(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            student_logits=outputs.logits[:, :-1, : self.vocab_size],
+            labels=inputs["input_ids"][:, 1:],
+            mask=inputs["assistant_mask"][:, 1:].bool() & inputs["attention_mask"][:, 1:].bool(),
+            inputs=inputs,
+        )
+        skip_reason = None
+        if refs is not None:
+            skip_reason = self._check_refs(refs, batch, key)
+        terms: LossTerms | None = None
+        if skip_reason is None:
+            terms = self.method.compute(batch, refs, self.config)
+            if not torch.isfinite(terms.total.detach()).all():
+                skip_reason = self._nonfinite(
+                    f"the {self.method.name} loss is {terms.total.item()} (student logits "
+                    f"finite: {bool(torch.isfinite(batch.student_logits.detach()).all())})",
+                    inputs,
+                    key,
+                )
+        self._m["micro_batches"] += 1
+        self._m["tokens"] += float(inputs["attention_mask"].sum())
+        if skip_reason is not None or terms is None:
+            self._m["skipped"] += 1
+            self.skipped_batches += 1
+            # Zero loss through the student keeps every parameter in the graph (DDP needs that).
+            loss = batch.student_logits.sum() * 0.0
+            return (loss, outputs) if return_outputs else loss
+        n_counted = float(batch.mask.sum())
+        self._m["resp_tokens"] += n_counted
+        if terms.sft is not None:
+            self._m["sft"] += float(terms.sft.detach())
+        if terms.kd is not None:
+            self._m["kd"] += float(terms.kd.detach())
+        denom = num_items_in_batch if num_items_in_batch is not None else max(n_counted, 1.0)
+        if torch.is_tensor(denom):
+            denom = denom.clamp(min=1).to(terms.total.device)
+        else:
+            denom = max(float(denom), 1.0)
+        # DDP averages gradients over processes; the normaliser already counts all of them.
+        loss = terms.total / denom * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _check_refs(self, refs: RoleLogits, batch: StudentBatch, key: int) -> str | None:
+        for role in self.needed_roles:
+            if refs.target is not None:
+                break
+            x = refs.logits(role)
+            bad = ~torch.isfinite(x).all(dim=-1) & batch.mask  # (B, T-1)
+            if bool(bad.any()):
+                rows = batch.inputs.get("row_index")
+                bad_rows = (
+                    sorted({int(rows[i]) for i in bad.any(dim=1).nonzero().flatten()})
+                    if rows is not None
+                    else []
+                )
+                return self._nonfinite(
+                    f"the {role} logits contain NaN/inf at {int(bad.sum())} counted positions "
+                    f"(dataset rows {bad_rows})",
+                    batch.inputs,
+                    key,
+                )
+        if refs.target is not None:
+            t = refs.target
+            if not (
+                torch.isfinite(t.logprobs[batch.mask]).all()
+                and torch.isfinite(t.tail_mass[batch.mask]).all()
+            ):
+                return self._nonfinite(
+                    "the cached sparse target contains NaN/inf", batch.inputs, key
+                )
+        return None
+
+    def _nonfinite(self, what: str, inputs: Mapping[str, Any], key: int) -> str:
+        where = f"micro-batch {key} at optimizer step {self.state.global_step}"
+        if self.config.nonfinite == "stop":
+            raise NonFiniteError(
+                f"{what} in {where}. Check the model / reference precision (try "
+                "reference_dtype=fp32 or precision=fp32), or set nonfinite=skip to skip such "
+                "batches."
+            )
+        logger.warning("skipping %s: %s", where, what)
+        return what
+
+    # --- gradients ---------------------------------------------------------------------------
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        value = float(grad_norm)
+        if not math.isfinite(value):
+            if self.config.nonfinite == "stop":
+                raise NonFiniteError(
+                    f"the gradient norm is {value} at optimizer step {self.state.global_step}. "
+                    "Lower the learning rate, check the data, or set nonfinite=skip to drop "
+                    "such steps."
+                )
+            logger.warning(
+                "skipping optimizer step %d: gradient norm is %s", self.state.global_step, value
+            )
+            model.zero_grad(set_to_none=True)  # AdamW leaves parameters without grads untouched
+            self.skipped_steps += 1
+            return grad_norm
+        spike = self.config.grad_norm_spike
+        if spike > 0 and len(self._grad_norms) >= 5:
+            median = statistics.median(self._grad_norms)
+            if median > 0 and value > spike * median:
+                self.grad_norm_spikes += 1
+                logger.warning(
+                    "gradient-norm spike at step %d: %.4g > %g × running median %.4g",
+                    self.state.global_step,
+                    value,
+                    spike,
+                    median,
+                )
+        self._grad_norms.append(value)
+        return grad_norm
+
+    # --- logging -----------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            m = self._m
+            vals = torch.tensor(
+                [
+                    m["sft"],
+                    m["kd"],
+                    m["resp_tokens"],
+                    m["tokens"],
+                    m["wait"],
+                    m["skipped"],
+                    m["micro_batches"],
+                ],
+                dtype=torch.float64,
+            )
+            if self.args.world_size > 1:
+                vals = self.accelerator.reduce(vals.to(self.args.device), reduction="sum").cpu()
+            sft, kd, resp, tokens, wait, skipped, _micro = vals.tolist()
+            now = time.perf_counter()
+            elapsed = max(now - self._last_log_time, 1e-9)
+            self._last_log_time = now
+            if resp > 0:
+                if self.method.uses_kd or sft:
+                    logs["sft_loss"] = sft / resp
+                if kd:
+                    logs["kd_loss"] = kd / resp
+            logs["tokens_per_s"] = tokens / elapsed
+            logs["ref_wait_s"] = wait / max(self.args.world_size, 1)
+            if skipped:
+                logs["skipped_batches"] = skipped
+            if self.grad_norm_spikes:
+                logs["grad_norm_spikes"] = self.grad_norm_spikes
+            self._reset_metrics()
+        super().log(logs, start_time)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Write `checkpoint-N` atomically: into `.tmp-checkpoint-N`, then one rename."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        tmp = os.path.join(run_dir, f".tmp-{name}")
+        if self.args.should_save and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.save_model(tmp, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(tmp)
+            self._save_scaler(tmp)
+            self._save_rng_state(tmp)
+        if self.args.should_save:
+            from transformers.trainer_callback import ExportableState
+
+            for cb in [
+                c
+                for c in [*self.callback_handler.callbacks, self.control]
+                if isinstance(c, ExportableState)
+            ]:
+                cb_name = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks.get(cb_name), list):
+                    self.state.stateful_callbacks[cb_name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[cb_name] = cb.state()
+            self.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            _fsync_tree(tmp)
+            if os.path.exists(final):  # a re-run of the same step: replace the old one
+                old = os.path.join(run_dir, f".old-{name}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(run_dir)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
