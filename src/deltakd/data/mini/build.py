@@ -1,0 +1,264 @@
+"""`build_world`: corpus → tokenizer → teacher_raw / student_raw → teacher_ft → evaluation.
+
+Every step is seeded, so the same seed, scale and library versions rebuild the same world.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from deltakd.errors import ConfigError
+
+ROLES: tuple[str, ...] = ("teacher_raw", "teacher_ft", "student_raw")
+
+
+@dataclass(frozen=True)
+class Scale:
+    corpus_docs: int
+    vocab_size: int
+    teacher_pretrain_steps: int
+    student_pretrain_steps: int
+    sft_steps: int
+    batch_size: int
+    pretrain_lr: float
+    sft_lr: float
+    eval_limit: int  # test items per task in the evaluation
+    max_new_tokens: int
+
+
+SCALES: dict[str, Scale] = {
+    "full": Scale(
+        corpus_docs=6000,
+        vocab_size=1024,
+        teacher_pretrain_steps=120,
+        student_pretrain_steps=120,
+        sft_steps=150,
+        batch_size=32,
+        pretrain_lr=3e-3,
+        sft_lr=2e-3,
+        eval_limit=100,
+        max_new_tokens=96,
+    ),
+    # Plumbing only: every stage runs, nothing is learned.
+    "quick": Scale(
+        corpus_docs=200,
+        vocab_size=512,
+        teacher_pretrain_steps=2,
+        student_pretrain_steps=2,
+        sft_steps=2,
+        batch_size=4,
+        pretrain_lr=1e-3,
+        sft_lr=1e-3,
+        eval_limit=2,
+        max_new_tokens=8,
+    ),
+}
+
+
+def _param_count(model: Any) -> int:
+    # Tied embeddings are one tensor: count unique parameters.
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict],
+    *,
+    task: str,
+    max_new_tokens: int,
+    batch_size: int = 50,
+) -> dict[str, float]:
+    """Greedy-decode answers to `rows` and score them: mean ROUGE-1/2/L F1 (rouge-score, with
+    stemming) against the reference response and, for math, exact match of the final answer."""
+    import torch
+    from rouge_score import rouge_scorer
+
+    from deltakd.data.mini.tasks import extract_answer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            prompts = [
+                tokenizer.apply_chat_template(
+                    r["messages"][:1], tokenize=False, add_generation_prompt=True
+                )
+                for r in batch
+            ]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new = gen[:, enc["input_ids"].shape[1] :]  # (B, T_new)
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    exact = 0
+    for row, out in zip(rows, outputs):
+        scores = scorer.score(row["messages"][1]["content"], out)
+        for k in totals:
+            totals[k] += scores[k].fmeasure
+        if task == "math":
+            exact += int(extract_answer(out) == row["answer"])
+    n = max(1, len(rows))
+    result = {k: round(v / n, 4) for k, v in totals.items()}
+    if task == "math":
+        result["exact_match"] = round(exact / n, 4)
+    result["n"] = len(rows)
+    return result
+
+
+def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> Path:
+    """Build the whole mini world into `out_dir` and return it.
+
+    Writes ``tokenizer/``, ``teacher_raw/``, ``teacher_ft/``, ``student_raw/`` (each model
+    directory also holds the tokenizer, so it loads alone) and ``world.json`` with the seed,
+    the build settings, parameter counts, training losses and test scores.
+    """
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from deltakd.data.mini import models as M
+    from deltakd.data.mini.corpus import make_corpus
+    from deltakd.data.mini.tasks import MINI_TASKS, SPLIT_SIZES, load_task
+    from deltakd.data.mini.tokenizer import train_tokenizer
+
+    if scale not in SCALES:
+        raise ConfigError(
+            f"unknown mini-world scale {scale!r}; use one of {', '.join(SCALES)} "
+            "(full: the shipped world, quick: a plumbing check)"
+        )
+    s = SCALES[scale]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    losses: dict[str, float] = {}
+    stages = tqdm(total=6, desc="mini world", unit="stage")
+
+    def stage(name: str) -> None:
+        stages.set_postfix_str(name)
+
+    # 1. data and tokenizer
+    stage("corpus + tokenizer")
+    corpus = make_corpus(seed, n_docs=s.corpus_docs)
+    train_rows = {t: load_task(t, "train", seed=seed) for t in MINI_TASKS}
+    texts = list(corpus)
+    for rows in train_rows.values():
+        for r in rows:
+            texts.extend(f"{m['role']}\n{m['content']}" for m in r["messages"])
+    tok = train_tokenizer(texts, out / "tokenizer", vocab_size=s.vocab_size)
+    timings["tokenizer"] = time.perf_counter() - t0
+    stages.update()
+
+    with tempfile.TemporaryDirectory(prefix="deltakd-mini-") as work:
+        work_dir = Path(work)
+        pretrain = M.pack_corpus(corpus, tok)
+
+        def save(model: Any, role: str) -> None:
+            shutil.rmtree(out / role, ignore_errors=True)
+            model.save_pretrained(out / role)
+            tok.save_pretrained(out / role)
+
+        # 2-3. pretraining
+        models: dict[str, Any] = {}
+        for role, shape, steps, model_seed in (
+            ("teacher_raw", M.TEACHER, s.teacher_pretrain_steps, seed * 100 + 1),
+            ("student_raw", M.STUDENT, s.student_pretrain_steps, seed * 100 + 2),
+        ):
+            stage(f"pretrain {role}")
+            t = time.perf_counter()
+            model = M.make_model(shape, tok, seed=model_seed)
+            settings = M.TrainSettings(
+                max_steps=steps, batch_size=s.batch_size, learning_rate=s.pretrain_lr
+            )
+            losses[role] = M.train(
+                model, pretrain, tok, settings, seed=model_seed, work_dir=work_dir / role
+            )
+            save(model, role)
+            models[role] = model
+            timings[role] = time.perf_counter() - t
+            stages.update()
+
+        # 4. supervised finetuning of the teacher on both tasks, assistant tokens only
+        stage("finetune teacher_ft")
+        t = time.perf_counter()
+        sft_rows = [r for t_ in MINI_TASKS for r in train_rows[t_]]
+        sft = M.chat_dataset(sft_rows, tok)
+        teacher_ft = transformers.AutoModelForCausalLM.from_pretrained(out / "teacher_raw")
+        settings = M.TrainSettings(
+            max_steps=s.sft_steps, batch_size=s.batch_size, learning_rate=s.sft_lr
+        )
+        losses["teacher_ft"] = M.train(
+            teacher_ft, sft, tok, settings, seed=seed * 100 + 3, work_dir=work_dir / "sft"
+        )
+        save(teacher_ft, "teacher_ft")
+        models["teacher_ft"] = teacher_ft
+        timings["teacher_ft"] = time.perf_counter() - t
+        stages.update()
+
+    # 5. evaluation on the test splits
+    stage("evaluate")
+    t = time.perf_counter()
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for role in ROLES:
+        scores[role] = {}
+        for task in MINI_TASKS:
+            rows = load_task(task, "test", seed=seed, limit=s.eval_limit)
+            scores[role][task] = evaluate_model(
+                models[role], tok, rows, task=task, max_new_tokens=s.max_new_tokens
+            )
+    timings["evaluate"] = time.perf_counter() - t
+    stages.update()
+
+    # 6. world.json
+    stage("world.json")
+    info = {
+        "seed": seed,
+        "scale": scale,
+        "vocab_size": len(tok),
+        "parameters": {role: _param_count(models[role]) for role in ROLES},
+        "shapes": {
+            "teacher_raw": asdict(M.TEACHER),
+            "teacher_ft": asdict(M.TEACHER),
+            "student_raw": asdict(M.STUDENT),
+        },
+        "build": asdict(s),
+        "split_sizes": dict(SPLIT_SIZES),
+        "train_loss": {k: round(v, 4) for k, v in losses.items()},
+        "test_scores": scores,
+        "eval": (
+            f"greedy decoding via model.generate on the first {s.eval_limit} test rows per task "
+            f"(max_new_tokens={s.max_new_tokens}); ROUGE F1 from rouge_score with stemming; "
+            "exact_match compares extract_answer() of the output with the reference answer"
+        ),
+        "seconds": {k: round(v, 1) for k, v in timings.items()}
+        | {"total": round(time.perf_counter() - t0, 1)},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
+    stages.update()
+    stages.close()
+    return out
