@@ -1,0 +1,709 @@
+"""`ServerReferences`: the trainer's side of the teacher servers.
+
+One ZeroMQ DEALER connection per role. `prefetch(k+1)` sends batch k+1 to every role at once
+and returns; `fetch(k)` waits for the replies of batch k, refuses any reply whose request id
+or batch fingerprint does not match what was sent (no stale logits, ever), and returns a
+`ReferenceBatch`. At most `max_inflight` requests per role are outstanding (backpressure).
+
+Servers are either launched here (one `deltakd serve` subprocess per role, stopped on
+`close`) or already running (give their endpoints). A server that dies or stops answering is
+detected within `timeout` seconds; with ``restart=True`` a server launched here is restarted
+and the outstanding batches are sent again, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from deltakd.errors import ConfigError, DeltaKDError, ReferenceServerError, VocabularyError
+from deltakd.references import wire
+from deltakd.references.base import ReferenceBatch, ReferenceSource
+from deltakd.references.server import OUTPUTS, default_endpoint
+from deltakd.references.shm import ShmRing, Slot, new_run_id
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("auto", "shm", "frame", "cuda")
+
+
+@dataclass
+class ServerSpec:
+    """One role's server. Launched here when ``endpoint`` is None (then ``model`` is needed);
+    otherwise an already running server at ``endpoint``. ``model`` is also where hidden-state
+    mode loads the role's lm_head from (default: the path the server reports)."""
+
+    role: str
+    model: str | None = None
+    endpoint: str | None = None
+    device: str = "cpu"
+    output: str = "logits"
+    dtype: str = "bf16"
+    launch: bool | None = None
+    fault: str | None = None  # fault injection for reliability tests only
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise ConfigError(
+                f"references: role {self.role} output {self.output!r} is not one of {OUTPUTS}"
+            )
+        wire.wire_dtype(self.dtype)
+        if self.launch is None:
+            self.launch = self.endpoint is None
+        if self.launch and not self.model:
+            raise ConfigError(
+                f"references: role {self.role} has neither a model path to launch a server "
+                "from nor an endpoint of a running server; give one of them"
+            )
+
+
+@dataclass
+class _Pending:
+    rid: int
+    key: int
+    fp: str
+    shape: tuple[int, int]  # (B, T)
+    batch: dict[str, torch.Tensor]
+    slot: Slot | None = None
+    reply: tuple[dict[str, Any], list[Any]] | None = None
+
+
+@dataclass
+class _Conn:
+    spec: ServerSpec
+    endpoint: str
+    sock: Any = None
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    ring: ShmRing | None = None
+    pending: OrderedDict[int, _Pending] = field(default_factory=OrderedDict)
+    discarded: int = 0
+    restarts: int = 0
+    transport: str = "frame"
+    cuda_release: list[int] = field(default_factory=list)
+    # Requests given up on whose slot the server may still write: freed when the reply lands.
+    abandoned: dict[int, Slot | None] = field(default_factory=dict)
+
+
+class ServerReferences(ReferenceSource):
+    """Reference outputs from teacher servers (DESIGN.md §2).
+
+    Args:
+        servers: one `ServerSpec` per role (or a mapping role -> dict of ServerSpec fields).
+        timeout: seconds to wait for one reply before the server counts as hung or dead.
+        start_timeout: seconds a launched server may take to load its model.
+        restart: restart a launched server that died or hung and send its batches again.
+        max_restarts: restarts allowed per role over the client's life.
+        max_inflight: requests per role sent ahead and not yet fetched (backpressure).
+        transport: ``shm`` (same host), ``frame`` (ZeroMQ frames, any host), ``cuda`` (CUDA
+            IPC, same host GPUs), or ``auto`` (shm for local endpoints, else frame).
+        zero_copy: return views into the shared-memory slots (no copy; a slot is reused once
+            every tensor viewing it is freed) instead of private copies.
+        secret: shared HMAC secret (default: env DELTAKD_SERVER_SECRET).
+        threads: torch CPU threads for launched servers.
+        run_id: names shared memory and sockets of this run (default random).
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[ServerSpec] | Mapping[str, Mapping[str, Any]],
+        *,
+        timeout: float = 60.0,
+        start_timeout: float = 300.0,
+        restart: bool = False,
+        max_restarts: int = 3,
+        max_inflight: int = 2,
+        transport: str = "auto",
+        zero_copy: bool = True,
+        secret: bytes | str | None = None,
+        threads: int | None = None,
+        run_id: str | None = None,
+        cuda_device: str | None = None,
+    ) -> None:
+        if isinstance(servers, Mapping):
+            servers = [ServerSpec(role=r, **dict(s)) for r, s in servers.items()]
+        specs = list(servers)
+        if not specs:
+            raise ConfigError("references: servers: give at least one role")
+        if transport not in TRANSPORTS:
+            raise ConfigError(f"references: transport {transport!r} is not one of {TRANSPORTS}")
+        if max_inflight < 1:
+            raise ConfigError(f"references: max_inflight must be >= 1, got {max_inflight}")
+        if timeout <= 0:
+            raise ConfigError(f"references: timeout must be > 0 seconds, got {timeout}")
+        self.timeout = float(timeout)
+        self.start_timeout = float(start_timeout)
+        self.restart = bool(restart)
+        self.max_restarts = int(max_restarts)
+        self.max_inflight = int(max_inflight)
+        self.zero_copy = bool(zero_copy)
+        self.threads = threads
+        self.cuda_device = cuda_device
+        self.run_id = run_id or new_run_id()
+        if isinstance(secret, str):
+            secret = secret.encode()
+        self.secret = secret if secret is not None else wire.load_secret()
+        self.roles = tuple(s.role for s in specs)
+        self._ctx = zmq.Context.instance()
+        self._rid = itertools.count(1)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"deltakd-{self.run_id}-"))
+        self._closed = False
+        self._lm_heads: dict[str, torch.Tensor] | None = None
+        self._conns: dict[str, _Conn] = {}
+        try:
+            for spec in specs:
+                endpoint = spec.endpoint or _launch_endpoint(self._tmp, spec.role)
+                if spec.launch:
+                    wire.require_safe_bind(endpoint, self.secret)
+                conn = _Conn(spec=spec, endpoint=endpoint)
+                self._conns[spec.role] = conn
+                if spec.launch:
+                    self._launch(conn)
+                self._connect(conn)
+            for conn in self._conns.values():
+                self._handshake(conn)
+                conn.transport = self._pick_transport(conn, transport)
+                if conn.transport == "shm":
+                    # in flight + replies the caller still holds (zero-copy views)
+                    conn.ring = ShmRing(self.run_id, max_slots=self.max_inflight + 4)
+            self._check_vocab()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------
+    # public API
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> ServerReferences:
+        """Build from a config mapping: ``{"servers": {role: {model|endpoint, device, output,
+        dtype}}, "timeout": 60, "restart": false, "max_inflight": 2, "transport": "auto"}``."""
+        cfg = dict(cfg)
+        servers = cfg.pop("servers", None)
+        if not servers:
+            raise ConfigError(
+                "references: servers: missing; give one entry per role, e.g. "
+                "{teacher_ft: {model: PATH, device: cpu}}"
+            )
+        allowed = {
+            "timeout",
+            "start_timeout",
+            "restart",
+            "max_restarts",
+            "max_inflight",
+            "transport",
+            "zero_copy",
+            "threads",
+            "run_id",
+            "cuda_device",
+        }
+        unknown = set(cfg) - allowed
+        if unknown:
+            raise ConfigError(
+                f"references: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
+        return cls(servers, **{**cfg, **overrides})
+
+    def info(self, role: str) -> dict[str, Any]:
+        """What the role's server reported at connection (vocab_size, hidden_size, ...)."""
+        return dict(self._conns[role].info)
+
+    def prefetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> None:
+        """Send ``batch`` to every role now (no waiting); ignored for roles that already have
+        ``max_inflight`` requests outstanding or already have this key."""
+        batch = _cpu_batch(batch)
+        fp = wire.fingerprint(batch)
+        for conn in self._conns.values():
+            if any(p.key == key and p.fp == fp for p in conn.pending.values()):
+                continue
+            if len(conn.pending) >= self.max_inflight:
+                continue
+            self._send(conn, key, batch, fp)
+
+    def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
+        """Outputs of every role for ``batch``; waits for replies not yet here."""
+        t0 = time.perf_counter()
+        batch = _cpu_batch(batch)
+        fp = wire.fingerprint(batch)
+        out = ReferenceBatch()
+        for role, conn in self._conns.items():
+            pend = next((p for p in conn.pending.values() if p.key == key and p.fp == fp), None)
+            if pend is None:
+                # Not prefetched, or prefetched with another batch under this key: drop those.
+                for p in [p for p in conn.pending.values() if p.key == key]:
+                    self._abandon(conn, p)
+                pend = self._send(conn, key, batch, fp)
+            tensor = self._result(conn, pend)
+            if conn.spec.output == "hidden":
+                out.hidden[role] = tensor
+            else:
+                out.logits[role] = tensor
+        out.wait_seconds = time.perf_counter() - t0
+        return out
+
+    def lm_heads(self) -> dict[str, torch.Tensor]:
+        """[V, H] lm_head weights of the roles served as hidden states (loaded once)."""
+        if self._lm_heads is None:
+            heads = {}
+            for role, conn in self._conns.items():
+                if conn.spec.output == "hidden":
+                    heads[role] = _load_lm_head(conn)
+            self._lm_heads = heads
+        return dict(self._lm_heads)
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        for conn in self._conns.values():
+            if conn.cuda_release and conn.sock is not None:
+                with contextlib.suppress(Exception):
+                    self._send_release(conn)
+            if conn.sock is not None:
+                conn.sock.close(linger=0)
+                conn.sock = None
+            _stop_process(conn.proc)
+            conn.proc = None
+            if conn.ring is not None:
+                conn.ring.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # ------------------------------------------------------------------------------------------
+    # connection management
+
+    def _launch(self, conn: _Conn) -> None:
+        spec = conn.spec
+        conn.log_path = self._tmp / f"{spec.role}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "deltakd.cli",
+            "serve",
+            "--role",
+            spec.role,
+            "--model",
+            str(spec.model),
+            "--device",
+            spec.device,
+            "--endpoint",
+            conn.endpoint,
+            "--output",
+            spec.output,
+            "--dtype",
+            spec.dtype,
+            "--run-id",
+            self.run_id,
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        if spec.fault:
+            cmd += ["--fault", spec.fault]
+        env = dict(os.environ)
+        if self.secret:
+            env[wire.SECRET_ENV] = self.secret.decode("utf-8", "replace")
+        with open(conn.log_path, "ab") as logf:
+            conn.proc = subprocess.Popen(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        log.info("launched %s server (pid %d) on %s", spec.role, conn.proc.pid, conn.endpoint)
+
+    def _connect(self, conn: _Conn) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(conn.endpoint)
+        conn.sock = sock
+
+    def _handshake(self, conn: _Conn) -> None:
+        rid = next(self._rid)
+        self._send_frames(conn, wire.encode({"op": "info", "rid": rid}, (), self.secret))
+        limit = self.start_timeout if conn.spec.launch else self.timeout
+        try:
+            header, _ = self._recv(conn, limit, want=lambda h: h.get("rid") == rid, starting=True)
+        except _NoReply as exc:
+            raise ReferenceServerError(
+                self._describe(conn, str(exc))
+                + f". Fix: check the server log{self._log_hint(conn)} and the endpoint, or raise "
+                "`start_timeout` for large models"
+            ) from None
+        if header.get("role") != conn.spec.role:
+            raise ReferenceServerError(
+                f"the server at {conn.endpoint} serves role {header.get('role')!r}, not "
+                f"{conn.spec.role!r}; fix the endpoint of role {conn.spec.role} in the config"
+            )
+        if header.get("output") != conn.spec.output:
+            raise ConfigError(
+                f"references: role {conn.spec.role} is configured with output "
+                f"{conn.spec.output!r} but its server at {conn.endpoint} answers "
+                f"{header.get('output')!r}; make them agree"
+            )
+        conn.info = header
+
+    def _pick_transport(self, conn: _Conn, transport: str) -> str:
+        if transport == "auto":
+            return "shm" if wire.is_local_endpoint(conn.endpoint) else "frame"
+        if transport == "shm" and not wire.is_local_endpoint(conn.endpoint):
+            raise ConfigError(
+                f"references: transport 'shm' needs the server on this host, but role "
+                f"{conn.spec.role} is at {conn.endpoint}; use transport 'frame' (or 'auto')"
+            )
+        return transport
+
+    def _check_vocab(self) -> None:
+        vocab = {r: c.info.get("vocab_size") for r, c in self._conns.items()}
+        if len(set(vocab.values())) > 1:
+            raise VocabularyError(
+                f"the teacher servers have different vocabulary sizes {vocab}; every role must "
+                "share one tokenizer (resize embeddings or pick matching checkpoints)"
+            )
+        toks = {r: c.info.get("tokenizer_hash") for r, c in self._conns.items()}
+        known = {h for h in toks.values() if h}
+        if len(known) > 1:
+            raise VocabularyError(
+                f"the teacher servers' tokenizer files differ ({toks}); every role must use the "
+                "same tokenizer (copy one tokenizer into all model directories)"
+            )
+
+    def _restart(self, conn: _Conn, reason: str) -> None:
+        if not (self.restart and conn.spec.launch):
+            hint = (
+                "set `restart: true` so deltakd restarts it"
+                if conn.spec.launch
+                else "restart it (it was started outside this trainer)"
+            )
+            raise ReferenceServerError(
+                self._describe(conn, reason)
+                + f". Fix: check the server log{self._log_hint(conn)}, raise `timeout` if it is "
+                f"only slow, or {hint}"
+            )
+        if conn.restarts >= self.max_restarts:
+            raise ReferenceServerError(
+                self._describe(conn, reason)
+                + f"; already restarted {conn.restarts} time(s) (max_restarts). Fix: check the "
+                f"server log{self._log_hint(conn)}"
+            )
+        conn.restarts += 1
+        log.warning(
+            "role %s: %s; restarting it (%d/%d)",
+            conn.spec.role,
+            reason,
+            conn.restarts,
+            self.max_restarts,
+        )
+        _stop_process(conn.proc, grace=0.0)
+        if conn.sock is not None:
+            conn.sock.close(linger=0)
+        self._launch(conn)
+        self._connect(conn)
+        self._handshake(conn)
+        # Everything outstanding is sent again under new request ids; old replies are stale.
+        old = list(conn.pending.values())
+        conn.pending.clear()
+        for p in old:
+            if p.reply is not None:
+                conn.pending[p.rid] = p  # already received and checked: keep it
+                continue
+            if p.slot is not None and conn.ring is not None:
+                conn.ring.release(p.slot)
+            self._send(conn, p.key, p.batch, p.fp)
+
+    # ------------------------------------------------------------------------------------------
+    # requests and replies
+
+    def _send(self, conn: _Conn, key: int, batch: dict[str, torch.Tensor], fp: str) -> _Pending:
+        ids = batch["input_ids"]
+        if ids.dim() != 2:
+            raise ConfigError(f"input_ids must be [B, T], got shape {tuple(ids.shape)}")
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        mask = mask.to(torch.int64)
+        ids = ids.to(torch.int64)
+        rid = next(self._rid)
+        pend = _Pending(
+            rid=rid, key=key, fp=fp, shape=(int(ids.shape[0]), int(ids.shape[1])), batch=batch
+        )
+        header: dict[str, Any] = {
+            "op": "forward",
+            "rid": rid,
+            "role": conn.spec.role,
+            "run": self.run_id,
+            "fp": fp,
+            "transport": conn.transport,
+            "tensors": [
+                wire.tensor_spec("input_ids", ids),
+                wire.tensor_spec("attention_mask", mask),
+            ],
+        }
+        if conn.transport == "shm":
+            assert conn.ring is not None
+            nbytes = wire.nbytes_of(
+                wire.wire_dtype(conn.spec.dtype), (*pend.shape, self._last_dim(conn))
+            )
+            pend.slot = conn.ring.lease(nbytes)
+            header["slot"] = {
+                "name": pend.slot.name,
+                "offset": pend.slot.offset,
+                "capacity": pend.slot.capacity,
+            }
+        elif conn.transport == "cuda" and conn.cuda_release:
+            header["release"], conn.cuda_release = conn.cuda_release, []
+        frames = wire.encode(
+            header, [wire.tensor_buffer(ids), wire.tensor_buffer(mask)], self.secret
+        )
+        self._send_frames(conn, frames)
+        conn.pending[rid] = pend
+        return pend
+
+    def _send_frames(self, conn: _Conn, frames: list[Any]) -> None:
+        try:
+            conn.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # The send queue is full only when the server stopped reading; treat as hung.
+            raise ReferenceServerError(
+                self._describe(conn, "cannot send: the connection's queue is full")
+                + ". Fix: check that the server is running and reading requests"
+            ) from None
+
+    def _send_release(self, conn: _Conn) -> None:
+        frames = wire.encode({"op": "release", "rids": conn.cuda_release}, (), self.secret)
+        conn.cuda_release = []
+        self._send_frames(conn, frames)
+
+    def _last_dim(self, conn: _Conn) -> int:
+        key = "hidden_size" if conn.spec.output == "hidden" else "vocab_size"
+        return int(conn.info[key])
+
+    def _abandon(self, conn: _Conn, pend: _Pending) -> None:
+        conn.pending.pop(pend.rid, None)
+        if pend.reply is None:
+            # The server may still write into the slot: keep it leased until its reply lands.
+            conn.abandoned[pend.rid] = pend.slot
+        elif pend.slot is not None and conn.ring is not None:
+            conn.ring.release(pend.slot)
+
+    def _result(self, conn: _Conn, pend: _Pending) -> torch.Tensor:
+        while pend.reply is None:
+            try:
+                rid = pend.rid
+                self._recv(conn, self.timeout, want=lambda h, rid=rid: h.get("rid") == rid)
+            except _NoReply as exc:
+                self._restart(conn, str(exc))  # raises unless restarting
+                pend = next(p for p in conn.pending.values() if p.key == pend.key)
+        conn.pending.pop(pend.rid, None)
+        header, frames = pend.reply
+        spec = header["tensors"][0]
+        dtype = wire.dtype_from_name(spec["dtype"])
+        shape = tuple(spec["shape"])
+        where = spec.get("where")
+        if where == "shm":
+            assert conn.ring is not None and pend.slot is not None
+            if self.zero_copy:
+                return conn.ring.view(pend.slot, dtype, shape)
+            return conn.ring.copy_out(pend.slot, dtype, shape)
+        if where == "frame":
+            return wire.from_buffer(frames[0].buffer, dtype, shape)
+        if where == "cuda":
+            from deltakd.references import cuda_ipc
+
+            tensor = cuda_ipc.receive(spec["ipc"], self.cuda_device)
+            conn.cuda_release.append(pend.rid)
+            return tensor
+        raise ReferenceServerError(self._describe(conn, f"reply with unknown location {where!r}"))
+
+    def _recv(
+        self, conn: _Conn, limit: float, *, want: Any, starting: bool = False
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """Receive until a reply satisfying ``want`` arrives; replies to other outstanding
+        requests are checked and stored on their `_Pending`; unknown ones are discarded."""
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                what = "did not finish starting" if starting else "did not answer"
+                refused = (
+                    f"; {conn.discarded} reply(ies) matching no request were refused"
+                    if conn.discarded
+                    else ""
+                )
+                raise _NoReply(f"{what} within {limit:g} s{self._proc_state(conn)}{refused}")
+            if conn.sock.poll(int(min(remaining, 0.25) * 1000) + 1, zmq.POLLIN):
+                frames = conn.sock.recv_multipart(copy=False)
+                header, payload = self._decode(conn, frames)
+                if header.get("op") == "error":
+                    raise ReferenceServerError(
+                        self._describe(conn, f"server error: {header.get('message')}")
+                    )
+                if header.get("rid") in conn.abandoned:
+                    slot = conn.abandoned.pop(header["rid"])
+                    if slot is not None and conn.ring is not None:
+                        conn.ring.release(slot)
+                    continue
+                if want(header):
+                    if header.get("op") == "result":
+                        self._accept(conn, header, payload)
+                    return header, payload
+                if header.get("op") == "result" and header.get("rid") in conn.pending:
+                    self._accept(conn, header, payload)
+                else:
+                    conn.discarded += 1
+                    log.warning(
+                        "role %s: discarded a reply for unknown request %s (stale)",
+                        conn.spec.role,
+                        header.get("rid"),
+                    )
+            elif conn.proc is not None and conn.proc.poll() is not None:
+                raise _NoReply(f"its process exited{self._proc_state(conn)}")
+
+    def _decode(self, conn: _Conn, frames: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+        try:
+            header, payload = wire.decode(frames, self.secret)
+        except DeltaKDError as exc:
+            raise ReferenceServerError(self._describe(conn, str(exc))) from None
+        if header.get("op") == "error" and header.get("rid") is None:
+            raise ReferenceServerError(self._describe(conn, str(header.get("message"))))
+        return header, payload
+
+    def _accept(self, conn: _Conn, header: dict[str, Any], payload: list[Any]) -> None:
+        """Check a result against its request before anyone can see it."""
+        pend = conn.pending[header["rid"]]
+        if header.get("fp") != pend.fp or header.get("role") != conn.spec.role:
+            raise ReferenceServerError(
+                self._describe(
+                    conn,
+                    f"refused the reply to request {pend.rid} (batch {pend.key}): it carries "
+                    f"batch fingerprint {header.get('fp')} / role {header.get('role')!r} but the "
+                    f"request had {pend.fp} / {conn.spec.role!r}",
+                )
+                + ". The server answered for another batch; restart it and check that no two "
+                "trainers share one server"
+            )
+        tensors = header.get("tensors") or []
+        expect = (*pend.shape, self._last_dim(conn))
+        want_dtype = wire.dtype_name(wire.wire_dtype(conn.spec.dtype))
+        if (
+            len(tensors) != 1
+            or tuple(tensors[0].get("shape", ())) != expect
+            or tensors[0].get("dtype") != want_dtype
+            or (tensors[0].get("where") == "frame" and len(payload) != 1)
+        ):
+            raise ReferenceServerError(
+                self._describe(
+                    conn,
+                    f"refused a malformed reply to request {pend.rid}: expected one {want_dtype} "
+                    f"tensor of shape {list(expect)}, got {tensors}",
+                )
+                + ". Run the same deltakd version and model on trainer and server"
+            )
+        if tensors[0].get("where") == "frame":
+            n = wire.nbytes_of(wire.dtype_from_name(tensors[0]["dtype"]), expect)
+            if len(payload[0]) != n:
+                raise ReferenceServerError(
+                    self._describe(conn, f"reply frame has {len(payload[0])} bytes, expected {n}")
+                )
+        pend.reply = (header, payload)
+
+    def _describe(self, conn: _Conn, what: str) -> str:
+        return f"teacher server for role {conn.spec.role!r} at {conn.endpoint}: {what}"
+
+    def _proc_state(self, conn: _Conn) -> str:
+        if conn.proc is None:
+            return " (server not launched by this trainer)"
+        code = conn.proc.poll()
+        if code is None:
+            return f" (process {conn.proc.pid} is alive: hung or slower than the timeout)"
+        tail = ""
+        if conn.log_path is not None and conn.log_path.is_file():
+            lines = conn.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            if lines:
+                tail = "; last log lines: " + " | ".join(lines)
+        return f" (process {conn.proc.pid} exited with code {code}{tail})"
+
+    def _log_hint(self, conn: _Conn) -> str:
+        return f" ({conn.log_path})" if conn.log_path else ""
+
+
+class _NoReply(Exception):
+    pass
+
+
+def _launch_endpoint(tmp: Path, role: str) -> str:
+    path = tmp / f"{role}.sock"
+    if len(str(path)) > 100:  # sun_path limit (108 bytes on Linux)
+        return default_endpoint(role, tmp.name[-8:])
+    return f"ipc://{path}"
+
+
+def _cpu_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if "input_ids" not in batch:
+        raise ConfigError("a reference batch needs `input_ids` ([B, T])")
+    out = {"input_ids": batch["input_ids"].detach().to("cpu")}
+    if batch.get("attention_mask") is not None:
+        out["attention_mask"] = batch["attention_mask"].detach().to("cpu")
+    return out
+
+
+def _stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    if grace > 0:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+
+
+def _load_lm_head(conn: _Conn) -> torch.Tensor:
+    """The role's [V, H] lm_head from its safetensors files (names the server reported)."""
+    from safetensors import safe_open
+
+    path = Path(conn.spec.model or conn.info.get("model_path", ""))
+    keys = list(conn.info.get("lm_head_keys") or ["lm_head.weight"])
+    index = path / "model.safetensors.index.json"
+    files: list[Path]
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [path / weight_map[k] for k in keys if k in weight_map]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    for f in dict.fromkeys(files):
+        with safe_open(str(f), framework="pt") as st:
+            names = set(st.keys())
+            for k in keys:
+                if k in names:
+                    return st.get_tensor(k)
+    raise ConfigError(
+        f"role {conn.spec.role}: hidden-state mode needs the lm_head weight, but none of "
+        f"{keys} is in the safetensors files at {path}; give `model:` the checkpoint directory "
+        "for this role or use output: logits"
+    )

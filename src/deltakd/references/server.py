@@ -1,0 +1,371 @@
+"""One teacher server: a frozen model behind a ZeroMQ ROUTER socket.
+
+Requests (small) carry ``input_ids`` and ``attention_mask`` as raw frames; replies carry the
+model's logits ``[B, T, V]`` or last hidden states ``[B, T, H]`` in the wire dtype, written
+straight into the trainer's shared-memory slot (``shm``), sent as zero-copy frames
+(``frame``) or exported through CUDA IPC (``cuda``), whichever the request asks for.
+
+The server is single-threaded and answers requests in arrival order; the client bounds how
+many it sends ahead (backpressure). It stops on SIGTERM/SIGINT and, when started by a trainer,
+when that trainer's process is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from deltakd.errors import ConfigError, DeltaKDError, ReferenceServerError
+from deltakd.references import wire
+from deltakd.references.shm import AttachedSegments
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("logits", "hidden")
+# Computes the reply for one batch: (input_ids [B, T], attention_mask [B, T]) -> [B, T, X].
+ComputeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_endpoint(role: str, run_id: str) -> str:
+    import tempfile
+
+    return f"ipc://{tempfile.gettempdir()}/deltakd-{run_id}-{role}.sock"
+
+
+def tokenizer_hash(model_path: str | os.PathLike[str]) -> str | None:
+    """blake2b of the tokenizer files next to a model, or None when there are none."""
+    h = hashlib.blake2b(digest_size=16)
+    found = False
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model"):
+        p = Path(model_path) / name
+        if p.is_file():
+            h.update(name.encode())
+            h.update(p.read_bytes())
+            found = True
+    return h.hexdigest() if found else None
+
+
+class TeacherServer:
+    """Serve one frozen role. Use `from_pretrained` for a real model, or pass `compute`."""
+
+    def __init__(
+        self,
+        role: str,
+        compute: ComputeFn,
+        *,
+        info: dict[str, Any],
+        endpoint: str,
+        dtype: str = "bf16",
+        device: str = "cpu",
+        secret: bytes | None = None,
+        parent_pid: int | None = None,
+        fault: str | None = None,
+    ) -> None:
+        wire.require_safe_bind(endpoint, secret)
+        self.role = role
+        self.compute = compute
+        self.endpoint = endpoint
+        self.wire_dtype = wire.wire_dtype(dtype)
+        self.device = torch.device(device)
+        self.secret = secret
+        self.parent_pid = parent_pid
+        self.info = {
+            "role": role,
+            "dtype": wire.dtype_name(self.wire_dtype),
+            "device": str(self.device),
+            "pid": os.getpid(),
+            **info,
+        }
+        self.fault = _parse_fault(fault)
+        self._served = 0
+        self._stop = False
+        self._segments = AttachedSegments()
+        self._exported: Any = None
+        self.rejected = 0  # messages refused for a bad or missing signature
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        role: str,
+        model_path: str,
+        *,
+        output: str = "logits",
+        device: str = "cpu",
+        model_dtype: str | None = None,
+        **kwargs: Any,
+    ) -> TeacherServer:
+        """Load ``model_path`` with transformers (eval mode, no grad) and serve it."""
+        from transformers import AutoModelForCausalLM
+
+        if output not in OUTPUTS:
+            raise ConfigError(f"--output must be one of {OUTPUTS}, got {output!r}")
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"role {role}: no model at {path} (no config.json); give the directory a "
+                "model was saved to with save_pretrained"
+            )
+        load_kwargs: dict[str, Any] = {}
+        if model_dtype:
+            load_kwargs["dtype"] = wire.wire_dtype(model_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs)
+        model.to(device).eval().requires_grad_(False)
+        cfg = model.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        head = model.get_output_embeddings()
+        info: dict[str, Any] = {
+            "output": output,
+            "vocab_size": int(head.weight.shape[0]),
+            "hidden_size": int(head.weight.shape[1]),
+            "model_type": str(cfg.model_type),
+            "model_path": str(path.resolve()),
+            "tokenizer_hash": tokenizer_hash(path),
+            "lm_head_keys": _lm_head_keys(model),
+        }
+        if output == "hidden":
+            if getattr(head, "bias", None) is not None or getattr(
+                text_cfg, "final_logit_softcapping", None
+            ):
+                raise ConfigError(
+                    f"role {role}: {cfg.model_type} does not compute logits as hidden @ "
+                    "lm_head.T (bias or softcapping), so hidden-state mode would be wrong; "
+                    "use --output logits"
+                )
+            base = model.base_model
+
+            def compute(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+        else:
+
+            def compute(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+        return cls(role, compute, info=info, device=device, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    def serve_forever(self, poll_ms: int = 200, ready: Callable[[], None] | None = None) -> None:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise ConfigError(
+                f"role {self.role}: cannot bind {self.endpoint} ({exc}); the address is in "
+                "use or invalid. Pick another port / ipc path, or stop the process using it"
+            ) from None
+        log.info("role %s serving on %s (pid %d)", self.role, self.endpoint, os.getpid())
+        if ready is not None:
+            ready()
+        try:
+            while not self._stop:
+                if sock.poll(poll_ms, zmq.POLLIN):
+                    frames = sock.recv_multipart(copy=False)
+                    reply = self.handle(frames[1:])
+                    if reply is not None:
+                        sock.send_multipart([frames[0], *reply], copy=False)
+                elif self.parent_pid is not None and not _alive(self.parent_pid):
+                    log.info("trainer process %d is gone; stopping", self.parent_pid)
+                    break
+        finally:
+            sock.close(linger=0)
+            self._segments.close()
+            if self.endpoint.startswith("ipc://"):
+                Path(self.endpoint[len("ipc://") :]).unlink(missing_ok=True)
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    # ------------------------------------------------------------------------------------------
+    def handle(self, frames: list[Any]) -> list[Any] | None:
+        """Answer one request (frames after the ROUTER identity); returns reply frames."""
+        try:
+            header, payload = wire.decode(frames, self.secret)
+        except wire.AuthenticationError as exc:
+            self.rejected += 1
+            log.warning("role %s: rejected an unauthenticated message", self.role)
+            return wire.encode({"op": "error", "rid": None, "message": str(exc)}, (), None)
+        except DeltaKDError as exc:
+            return self._error(None, str(exc))
+        op = header.get("op")
+        rid = header.get("rid")
+        try:
+            if op == "info":
+                return wire.encode({"op": "info", "rid": rid, **self.info}, (), self.secret)
+            if op == "ping":
+                return wire.encode({"op": "pong", "rid": rid}, (), self.secret)
+            if op == "release":
+                if self._exported is not None:
+                    self._exported.release(header.get("rids", []))
+                return None
+            if op == "forward":
+                return self._forward(header, payload)
+            return self._error(rid, f"unknown request {op!r}")
+        except DeltaKDError as exc:
+            return self._error(rid, str(exc))
+        except Exception as exc:  # a bug or OOM in the model: report it, keep serving
+            log.exception("role %s: request %s failed", self.role, rid)
+            return self._error(rid, f"{type(exc).__name__}: {exc}")
+
+    def _error(self, rid: Any, message: str) -> list[Any]:
+        return wire.encode(
+            {"op": "error", "rid": rid, "role": self.role, "message": message}, (), self.secret
+        )
+
+    @torch.inference_mode()
+    def _forward(self, header: dict[str, Any], payload: list[Any]) -> list[Any] | None:
+        rid = header["rid"]
+        if header.get("role") not in (None, self.role):
+            raise ReferenceServerError(
+                f"request for role {header.get('role')!r} reached the {self.role!r} server; "
+                "check the endpoints in the references config"
+            )
+        specs = header.get("tensors", [])
+        inputs: dict[str, torch.Tensor] = {}
+        if len(payload) != len(specs):
+            raise ReferenceServerError(
+                f"request has {len(payload)} data frames for {len(specs)} tensors"
+            )
+        for spec, frame in zip(specs, payload):
+            inputs[spec["name"]] = wire.from_buffer(
+                frame.buffer, wire.dtype_from_name(spec["dtype"]), spec["shape"]
+            )
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        fp = wire.fingerprint({"input_ids": ids, "attention_mask": mask})
+        if fp != header.get("fp"):
+            raise ReferenceServerError(
+                "the batch that arrived does not match its fingerprint (corrupted in transit)"
+            )
+        self._apply_fault_before()
+        out = self.compute(ids.to(self.device), mask.to(self.device))  # (B, T, X)
+        self._served += 1
+        if self.fault.get("wrong_fp"):
+            fp = "0" * 32
+        reply = {"op": "result", "rid": rid, "fp": fp, "role": self.role}
+        where = header.get("transport", "frame")
+        if where == "shm":
+            slot = header["slot"]
+            dest = self._segments.tensor(
+                slot["name"], slot["offset"], slot["capacity"], self.wire_dtype, out.shape
+            )
+            dest.copy_(out)  # cast to the wire dtype and write into the trainer's slot: 1 pass
+            del dest
+            spec = {
+                "name": "out",
+                "dtype": wire.dtype_name(self.wire_dtype),
+                "shape": list(out.shape),
+                "where": "shm",
+            }
+            return wire.encode({**reply, "tensors": [spec]}, (), self.secret)
+        if where == "cuda":
+            from deltakd.references import cuda_ipc
+
+            if self._exported is None:
+                self._exported = cuda_ipc.ExportedTensors()
+            if out.device.type != "cuda":
+                raise ReferenceServerError(
+                    f"role {self.role} runs on {out.device}, so it cannot answer through CUDA "
+                    "IPC; start it with --device cuda:N or use transport 'shm'"
+                )
+            sent = out.to(self.wire_dtype).contiguous()
+            torch.cuda.current_stream(sent.device).synchronize()
+            self._exported.release(header.get("release", []))
+            self._exported.keep(rid, sent)
+            spec = wire.tensor_spec("out", sent, where="cuda", ipc=cuda_ipc.export_tensor(sent))
+            return wire.encode({**reply, "tensors": [spec]}, (), self.secret)
+        sent = out.to("cpu", self.wire_dtype).contiguous()
+        spec = wire.tensor_spec("out", sent, where="frame")
+        return wire.encode({**reply, "tensors": [spec]}, [wire.tensor_buffer(sent)], self.secret)
+
+    def _apply_fault_before(self) -> None:
+        # Fault injection for reliability tests (`--fault`): never set in normal runs.
+        f = self.fault
+        if "die_after" in f and self._served >= f["die_after"]:
+            os._exit(17)
+        if "hang_after" in f and self._served >= f["hang_after"]:
+            while True:
+                time.sleep(3600)
+        if "slow" in f:
+            time.sleep(f["slow"])
+
+
+def _parse_fault(spec: str | None) -> dict[str, Any]:
+    """``die_after=N``, ``hang_after=N``, ``slow=SECONDS``, ``wrong_fp``; comma-separated."""
+    out: dict[str, Any] = {}
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        if key in ("die_after", "hang_after"):
+            out[key] = int(value)
+        elif key == "slow":
+            out[key] = float(value)
+        elif key == "wrong_fp":
+            out[key] = True
+        else:
+            raise ConfigError(
+                f"unknown fault {part!r}; use die_after=N, hang_after=N, slow=S or wrong_fp"
+            )
+    return out
+
+
+def _lm_head_keys(model: Any) -> list[str]:
+    """Names under which the lm_head weight may be stored in the model's safetensors files."""
+    head = model.get_output_embeddings().weight
+    keys = [name for name, p in model.named_parameters(remove_duplicate=False) if p is head]
+    # The output head first, then tied input embeddings (checkpoints store only one of them).
+    keys.sort(key=lambda k: 0 if "lm_head" in k else 1)
+    return keys or ["lm_head.weight"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_server(args: Any) -> int:
+    """Entry point of `deltakd serve` (parsed args)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    secret = wire.load_secret(args.secret_file)
+    run_id = args.run_id or "serve"
+    endpoint = args.endpoint or default_endpoint(args.role, run_id)
+    wire.require_safe_bind(endpoint, secret)  # before loading a multi-GB model
+    server = TeacherServer.from_pretrained(
+        args.role,
+        args.model,
+        output=args.output,
+        device=args.device,
+        model_dtype=args.model_dtype,
+        endpoint=endpoint,
+        dtype=args.dtype,
+        secret=secret,
+        parent_pid=args.parent_pid,
+        fault=args.fault,
+    )
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    server.serve_forever(ready=lambda: print(f"ready {endpoint}", flush=True))
+    return 0
