@@ -55,7 +55,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", required=True, help="data spec: mini:instruct, mini:math, or a .jsonl file"
     )
-    p.add_argument("--split", default="test", help="data split (test)")
+    p.add_argument(
+        "--split", default=None, help="data split (default: the spec's test split, e.g. test)"
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--out", default=None, help="write predictions.jsonl + summary.md here")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
@@ -86,7 +88,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     m = result.metrics()
-    print(f"model {args.model}  data {args.data}:{args.split}  n={m['n']}")
+    print(f"model {args.model}  data {args.data} ({result.meta['split']})  n={m['n']}")
     print(
         f"ROUGE-1 {100 * m['rouge1']:.2f}  ROUGE-2 {100 * m['rouge2']:.2f}  "
         f"ROUGE-L {100 * m['rougeL']:.2f}"
@@ -129,7 +131,7 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="runs/sweep", help="sweep directory (runs/sweep)")
     p.add_argument("--eval-data", default=None, help="data spec to evaluate on (default: config's)")
-    p.add_argument("--eval-split", default="test", help="split to evaluate on (test)")
+    p.add_argument("--eval-split", default=None, help="split to evaluate on (spec's test split)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate N examples per run")
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     p.add_argument("--json", action="store_true", help="end with one line of JSON")

@@ -272,17 +272,45 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def resolve_eval_split(spec: str, split: str | None) -> str:
+    """`split`, or the spec's evaluation split when None (test / test_sft / cot)."""
+    if split:
+        return split
+    try:
+        from deltakd.data.specs import parse_spec
+    except ModuleNotFoundError as exc:
+        if exc.name != "deltakd.data.specs":
+            raise
+        return "test"
+    return parse_spec(spec).default_eval_split
+
+
 def load_eval_rows(
-    spec: str, split: str = "test", *, limit: int | None = None, seed: int = 0
+    spec: str, split: str | None = None, *, limit: int | None = None, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """Rows for a data spec: `mini:TASK` or a JSONL file (one row per line)."""
+    """Rows for a data spec (`mini:TASK`, a JSONL file, `ultrachat:...`, `openmath:...`).
+
+    `split=None` takes the spec's evaluation split (mini/jsonl `test`, ultrachat `test_sft`).
+    """
     if limit is not None and limit < 1:
         raise ConfigError(f"limit={limit}: must be >= 1, or left out for every row.")
+    try:
+        from deltakd.data.specs import load_rows, parse_spec
+    except ModuleNotFoundError as exc:  # the data package's loader not installed yet
+        if exc.name != "deltakd.data.specs":
+            raise
+        return _load_rows_fallback(spec, split or "test", limit=limit, seed=seed)
+    return load_rows(spec, split or parse_spec(spec).default_eval_split, limit=limit, seed=seed)
+
+
+def _load_rows_fallback(
+    spec: str, split: str, *, limit: int | None, seed: int
+) -> list[dict[str, Any]]:
     if spec.startswith("mini:"):
         from deltakd.data.mini import load_task
 
         return list(load_task(spec.split(":", 1)[1], split, seed=seed, limit=limit))
-    path = Path(spec)
+    path = Path(spec.replace("{split}", split))
     if path.suffix in (".jsonl", ".json") and path.is_file():
         rows = _read_jsonl(path)
         return rows[:limit] if limit is not None else rows
@@ -297,12 +325,13 @@ def evaluate_spec(
     tokenizer: str | Path | PreTrainedTokenizerBase | None,
     spec: str,
     *,
-    split: str = "test",
+    split: str | None = None,
     limit: int | None = None,
     seed: int = 0,
     **kwargs: Any,
 ) -> EvalResult:
     """`evaluate` on a data spec, with the spec's own answer extractor."""
+    split = resolve_eval_split(spec, split)
     rows = load_eval_rows(spec, split, limit=limit, seed=seed)
     meta = {"data": spec, "split": split, **kwargs.pop("meta", {})}
     kwargs.setdefault("extract", extractor_for(spec))

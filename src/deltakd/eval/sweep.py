@@ -144,7 +144,7 @@ def run_sweep(
     out_dir: str | Path = "runs/sweep",
     fixed: Mapping[str, Any] | None = None,
     eval_data: str | None = None,
-    eval_split: str = "test",
+    eval_split: str | None = None,
     eval_limit: int | None = None,
     settings: GenerationSettings | None = None,
     train_fn: TrainFn | None = None,
@@ -244,7 +244,7 @@ def run_sweep(
             meta={"run": name, "overrides": record["overrides"]},
             progress=progress,
         )
-        metrics = {**result.metrics(), "data": data, "split": eval_split}
+        metrics = {**result.metrics(), "data": data, "split": result.meta["split"]}
         (run_dir / EVAL_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         record["status"] = status
         record["metrics"] = metrics
