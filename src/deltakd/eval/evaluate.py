@@ -155,17 +155,30 @@ def extractor_for(spec: str | None) -> Extractor:
     return extract_final_answer
 
 
+def resolve_path(path: str | Path) -> str:
+    """`mini:<role>` -> the shipped mini world's directory; local paths must exist."""
+    try:
+        from deltakd.data.vocab import resolve_model_path
+    except ModuleNotFoundError as exc:  # pragma: no cover - data package always ships it
+        if exc.name != "deltakd.data.vocab":
+            raise
+        return str(path)
+    return resolve_model_path(str(path))
+
+
 def _load_model(path: str | Path, device: str | None, dtype: str) -> PreTrainedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
-    if not Path(path).exists():
-        raise ConfigError(
-            f"model path {path} does not exist; pass a directory saved with save_pretrained "
-            "(e.g. a run's final/ directory)."
-        )
+    resolved = resolve_path(path)
     torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot load a model from {path!r} ({exc}); pass a directory saved with "
+            "save_pretrained (e.g. a run's final/ directory), mini:<role>, or a Hub name."
+        ) from exc
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device)
 
@@ -209,7 +222,7 @@ def evaluate(
         if not tokenizer:
             raise ConfigError("evaluate() got a model object without a tokenizer; pass one.")
     if isinstance(tokenizer, (str, Path)):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(tokenizer))
 
     prompts: list[list[Message]] = []
     references: list[str] = []

@@ -45,7 +45,8 @@ NON_GROUPING: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 STEP_KEYS: tuple[str, ...] = ("step", "global_step", "optimizer_step")
-LOSS_KEYS: tuple[str, ...] = ("loss", "train_loss", "total_loss")
+# Per-step training loss only: the trainer's closing log's `train_loss` is a run average.
+LOSS_KEYS: tuple[str, ...] = ("loss",)
 GRAD_KEYS: tuple[str, ...] = ("grad_norm", "gradient_norm")
 
 
@@ -63,17 +64,19 @@ class Run:
         return self.path.name
 
     def series(self, keys: Sequence[str]) -> tuple[list[float], list[float]]:
-        """(steps, values) of the first of `keys` present in the logged history."""
-        steps: list[float] = []
-        values: list[float] = []
+        """(steps, values) of the first of `keys` present in the logged history.
+
+        A step logged twice (a resumed run re-logs the steps after its last checkpoint)
+        keeps its latest value.
+        """
+        by_step: dict[float, float] = {}
         for i, rec in enumerate(self.history):
             key = next((k for k in keys if k in rec), None)
             if key is None or not isinstance(rec[key], (int, float)):
                 continue
-            step = next((rec[k] for k in STEP_KEYS if k in rec), i)
-            steps.append(float(step))
-            values.append(float(rec[key]))
-        return steps, values
+            by_step[float(next((rec[k] for k in STEP_KEYS if k in rec), i))] = float(rec[key])
+        steps = sorted(by_step)
+        return steps, [by_step[s] for s in steps]
 
 
 @dataclass
