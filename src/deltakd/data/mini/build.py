@@ -31,6 +31,7 @@ class Scale:
     sft_lr: float
     eval_limit: int  # test items per task in the evaluation
     max_new_tokens: int
+    train_rows: int | None = None  # train rows per task used for the tokenizer and SFT
 
 
 SCALES: dict[str, Scale] = {
@@ -58,6 +59,7 @@ SCALES: dict[str, Scale] = {
         sft_lr=1e-3,
         eval_limit=2,
         max_new_tokens=8,
+        train_rows=40,
     ),
 }
 
@@ -125,6 +127,46 @@ def evaluate_model(
     return result
 
 
+def evaluate_world(
+    world_dir: str | Path,
+    *,
+    limit: int = 100,
+    max_new_tokens: int = 96,
+    models: dict[str, Any] | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Score the three models of a built world on the first `limit` test rows of each task and
+    record the scores in its world.json (``test_scores`` and a description in ``eval``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltakd.data.mini.tasks import MINI_TASKS, load_task
+
+    world = Path(world_dir)
+    info = json.loads((world / "world.json").read_text())
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer")
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for role in ROLES:
+        model = (models or {}).get(role) or AutoModelForCausalLM.from_pretrained(world / role)
+        model.eval()
+        scores[role] = {
+            task: evaluate_model(
+                model,
+                tok,
+                load_task(task, "test", seed=info["seed"], limit=limit),
+                task=task,
+                max_new_tokens=max_new_tokens,
+            )
+            for task in MINI_TASKS
+        }
+    info["test_scores"] = scores
+    info["eval"] = (
+        f"greedy decoding via model.generate on the first {limit} test rows per task "
+        f"(max_new_tokens={max_new_tokens}); ROUGE F1 from rouge_score with stemming; "
+        "exact_match compares extract_answer() of the output with the reference answer"
+    )
+    (world / "world.json").write_text(json.dumps(info, indent=2) + "\n")
+    return scores
+
+
 def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> Path:
     """Build the whole mini world into `out_dir` and return it.
 
@@ -152,7 +194,7 @@ def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> P
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     losses: dict[str, float] = {}
-    stages = tqdm(total=6, desc="mini world", unit="stage")
+    stages = tqdm(total=5, desc="mini world", unit="stage")
 
     def stage(name: str) -> None:
         stages.set_postfix_str(name)
@@ -160,7 +202,7 @@ def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> P
     # 1. data and tokenizer
     stage("corpus + tokenizer")
     corpus = make_corpus(seed, n_docs=s.corpus_docs)
-    train_rows = {t: load_task(t, "train", seed=seed) for t in MINI_TASKS}
+    train_rows = {t: load_task(t, "train", seed=seed, limit=s.train_rows) for t in MINI_TASKS}
     texts = list(corpus)
     for rows in train_rows.values():
         for r in rows:
@@ -215,22 +257,8 @@ def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> P
         timings["teacher_ft"] = time.perf_counter() - t
         stages.update()
 
-    # 5. evaluation on the test splits
+    # 5. world.json, then 6. evaluation on the test splits (recorded in world.json)
     stage("evaluate")
-    t = time.perf_counter()
-    scores: dict[str, dict[str, dict[str, float]]] = {}
-    for role in ROLES:
-        scores[role] = {}
-        for task in MINI_TASKS:
-            rows = load_task(task, "test", seed=seed, limit=s.eval_limit)
-            scores[role][task] = evaluate_model(
-                models[role], tok, rows, task=task, max_new_tokens=s.max_new_tokens
-            )
-    timings["evaluate"] = time.perf_counter() - t
-    stages.update()
-
-    # 6. world.json
-    stage("world.json")
     info = {
         "seed": seed,
         "scale": scale,
@@ -244,20 +272,20 @@ def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> P
         "build": asdict(s),
         "split_sizes": dict(SPLIT_SIZES),
         "train_loss": {k: round(v, 4) for k, v in losses.items()},
-        "test_scores": scores,
-        "eval": (
-            f"greedy decoding via model.generate on the first {s.eval_limit} test rows per task "
-            f"(max_new_tokens={s.max_new_tokens}); ROUGE F1 from rouge_score with stemming; "
-            "exact_match compares extract_answer() of the output with the reference answer"
-        ),
-        "seconds": {k: round(v, 1) for k, v in timings.items()}
-        | {"total": round(time.perf_counter() - t0, 1)},
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
         },
     }
+    (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
+    stages.update()
+    t = time.perf_counter()
+    evaluate_world(out, limit=s.eval_limit, max_new_tokens=s.max_new_tokens, models=models)
+    info = json.loads((out / "world.json").read_text())
+    info["seconds"]["evaluate"] = round(time.perf_counter() - t, 1)
+    info["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     stages.update()
     stages.close()
