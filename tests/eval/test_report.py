@@ -102,3 +102,19 @@ def test_not_a_run_is_a_clear_error(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no runs"):
         discover_runs([tmp_path / "empty"])
+
+
+def test_eval_only_dirs_are_reference_rows(sweep_dir, tmp_path) -> None:
+    from deltakd.eval.evaluate import EvalResult
+
+    for model, score in (("mini:teacher_ft", 0.6), ("mini:student_raw", 0.1)):
+        res = EvalResult(rouge1=score, rouge2=0.0, rougeL=score, exact_match=None, n=4,
+                         meta={"model": model})  # fmt: skip
+        res.save(tmp_path / "evals" / model.split(":")[1])
+    evals = sorted((tmp_path / "evals").iterdir())
+    rep = build_report([*evals, sweep_dir], out_dir=tmp_path / "rep")
+    labels = [g["label"] for g in rep.groups]
+    assert labels == ["model=mini:student_raw", "model=mini:teacher_ft", "alpha=0.0", "alpha=1.0"]
+    assert rep.groups[1]["metrics"]["rouge1"]["mean"] == pytest.approx(0.6)
+    assert rep.groups[1]["metrics"]["rouge1"]["n"] == 1
+    assert "| model=mini:teacher_ft | 1 | 60.00 ± 0.00 |" in rep.markdown

@@ -21,7 +21,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed and mini-world seed (0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
 
 
 def _settings(args: argparse.Namespace):
@@ -81,7 +81,6 @@ def _run_eval(args: argparse.Namespace) -> int:
         args.data,
         split=args.split,
         limit=args.limit,
-        seed=args.seed,
         settings=_settings(args),
         out_dir=args.out,
         device=args.device,

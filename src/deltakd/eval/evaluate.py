@@ -157,12 +157,8 @@ def extractor_for(spec: str | None) -> Extractor:
 
 def resolve_path(path: str | Path) -> str:
     """`mini:<role>` -> the shipped mini world's directory; local paths must exist."""
-    try:
-        from deltakd.data.vocab import resolve_model_path
-    except ModuleNotFoundError as exc:  # pragma: no cover - data package always ships it
-        if exc.name != "deltakd.data.vocab":
-            raise
-        return str(path)
+    from deltakd.data.vocab import resolve_model_path
+
     return resolve_model_path(str(path))
 
 
@@ -269,68 +265,27 @@ def evaluate(
     return result
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON "
-                    "object."
-                ) from exc
-    return rows
-
-
 def resolve_eval_split(spec: str, split: str | None) -> str:
     """`split`, or the spec's evaluation split when None (test / test_sft / cot)."""
-    if split:
-        return split
-    try:
-        from deltakd.data.specs import parse_spec
-    except ModuleNotFoundError as exc:
-        if exc.name != "deltakd.data.specs":
-            raise
-        return "test"
-    return parse_spec(spec).default_eval_split
+    from deltakd.data.specs import parse_spec
+
+    return split or parse_spec(spec).default_eval_split
 
 
 def load_eval_rows(
     spec: str, split: str | None = None, *, limit: int | None = None, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """Rows for a data spec (`mini:TASK`, a JSONL file, `ultrachat:...`, `openmath:...`).
+    """Rows for a data spec (`mini:TASK`, a JSONL file, `ultrachat:...`, `openmath:...`)
+    through `deltakd.data.specs.load_rows`.
 
     `split=None` takes the spec's evaluation split (mini/jsonl `test`, ultrachat `test_sft`).
+    `seed` is the mini world's seed (0 = the shipped world), not a sampling seed.
     """
+    from deltakd.data.specs import load_rows
+
     if limit is not None and limit < 1:
         raise ConfigError(f"limit={limit}: must be >= 1, or left out for every row.")
-    try:
-        from deltakd.data.specs import load_rows, parse_spec
-    except ModuleNotFoundError as exc:  # the data package's loader not installed yet
-        if exc.name != "deltakd.data.specs":
-            raise
-        return _load_rows_fallback(spec, split or "test", limit=limit, seed=seed)
-    return load_rows(spec, split or parse_spec(spec).default_eval_split, limit=limit, seed=seed)
-
-
-def _load_rows_fallback(
-    spec: str, split: str, *, limit: int | None, seed: int
-) -> list[dict[str, Any]]:
-    if spec.startswith("mini:"):
-        from deltakd.data.mini import load_task
-
-        return list(load_task(spec.split(":", 1)[1], split, seed=seed, limit=limit))
-    path = Path(spec.replace("{split}", split))
-    if path.suffix in (".jsonl", ".json") and path.is_file():
-        rows = _read_jsonl(path)
-        return rows[:limit] if limit is not None else rows
-    raise DataError(
-        f"data spec {spec!r} is neither `mini:TASK` (e.g. mini:instruct, mini:math) nor an "
-        "existing .jsonl file; pass one of those."
-    )
+    return load_rows(spec, resolve_eval_split(spec, split), limit=limit, seed=seed)
 
 
 def evaluate_spec(

@@ -58,6 +58,7 @@ class Run:
     params: dict[str, Any]
     metrics: dict[str, Any] | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    eval_only: bool = False  # a `deltakd eval --out` directory: a model scored, no training
 
     @property
     def name(self) -> str:
@@ -142,15 +143,29 @@ def load_run(run_dir: str | Path) -> Run:
     if (path / "sweep.json").is_file():
         meta = _read_json(path / "sweep.json")
         params.update(_flatten(meta.get("overrides", {})))
-    metrics = _read_json(path / "eval.json") if (path / "eval.json").is_file() else None
-    return Run(path=path, params=params, metrics=metrics, history=_read_history(path))
+    metrics = None
+    eval_only = False
+    if (path / "eval.json").is_file():
+        metrics = _read_json(path / "eval.json")
+    elif (path / "metrics.json").is_file():
+        # A `deltakd eval --out DIR` directory (e.g. the teacher_ft / student_raw rows of a
+        # table): no config, so it is told apart by the model it scored.
+        metrics = _read_json(path / "metrics.json")
+        if not params:
+            eval_only = True
+            params["model"] = metrics.get("meta", {}).get("model", path.name)
+    return Run(
+        path=path, params=params, metrics=metrics, history=_read_history(path), eval_only=eval_only
+    )
+
+
+RUN_MARKERS: tuple[str, ...] = (
+    "eval.json", "metrics.json", "final", "history.jsonl", "trainer_state.json", *CONFIG_FILES,
+)  # fmt: skip
 
 
 def _looks_like_run(path: Path) -> bool:
-    return any(
-        (path / n).exists()
-        for n in ("eval.json", "final", "history.jsonl", "trainer_state.json", *CONFIG_FILES)
-    )
+    return any((path / n).exists() for n in RUN_MARKERS)
 
 
 def discover_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -165,8 +180,9 @@ def discover_runs(paths: Iterable[str | Path]) -> list[Run]:
         subs = sorted(d for d in p.iterdir() if d.is_dir() and _looks_like_run(d))
         if not subs:
             raise DataError(
-                f"{p} holds no runs (no eval.json, final/, history.jsonl or config); pass the "
-                "directories that `deltakd train` or `deltakd sweep` wrote."
+                f"{p} holds no runs (no eval.json, metrics.json, final/, history.jsonl or "
+                "config); pass the directories that `deltakd train`, `deltakd sweep` or "
+                "`deltakd eval --out` wrote."
             )
         runs.extend(load_run(d) for d in subs)
     return runs
@@ -187,18 +203,27 @@ def grouping_keys(runs: Sequence[Run]) -> list[str]:
 
 
 def _label(params: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items()) or "all runs"
+    # None = the field does not apply to this run (e.g. `alpha` of an eval-only directory).
+    return ", ".join(f"{k}={v}" for k, v in params.items() if v is not None) or "all runs"
 
 
 def group_runs(runs: Sequence[Run]) -> list[tuple[dict[str, Any], list[Run]]]:
-    """[(group params, runs)] sorted by the params' values."""
-    keys = grouping_keys(runs)
-    groups: dict[tuple[str, ...], tuple[dict[str, Any], list[Run]]] = {}
+    """[(group params, runs)]: eval-only directories first (one group per model), then the
+    trained runs grouped by the config fields that vary among them, sorted by value."""
+    reference: dict[str, tuple[dict[str, Any], list[Run]]] = {}
     for r in runs:
+        if r.eval_only:
+            model = str(r.params["model"])
+            reference.setdefault(model, ({"model": model}, []))[1].append(r)
+    trained = [r for r in runs if not r.eval_only]
+    keys = grouping_keys(trained)
+    groups: dict[tuple[str, ...], tuple[dict[str, Any], list[Run]]] = {}
+    for r in trained:
         params = {k: r.params.get(k) for k in keys}
         ident = tuple(repr(params[k]) for k in keys)
         groups.setdefault(ident, (params, []))[1].append(r)
-    return sorted(groups.values(), key=lambda g: [_sort_key(g[0][k]) for k in keys])
+    ordered = sorted(groups.values(), key=lambda g: [_sort_key(g[0][k]) for k in keys])
+    return [reference[m] for m in sorted(reference)] + ordered
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -318,7 +343,7 @@ def _plot_alpha(runs: Sequence[Run], path: Path) -> bool:
     """ROUGE-1 (×100, mean ± std over seeds) against α, one line per other setting."""
     import matplotlib.pyplot as plt
 
-    scored = [r for r in runs if r.metrics and "alpha" in r.params]
+    scored = [r for r in runs if r.metrics and not r.eval_only and "alpha" in r.params]
     if len({repr(r.params["alpha"]) for r in scored}) < 2:
         return False
     others = [k for k in grouping_keys(scored) if k != "alpha"]
