@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,33 +41,58 @@ from deltakd.losses.targets import get_variant
 Reduction = Literal["mean", "sum"]
 
 #: A reference given as `(hidden [..., H_r], head [V_r, H_r])` or with a bias `[V_r]` third.
-LinearRef = Union[
-    tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-]
+LinearRef = (
+    tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+)
 #: What a role may map to: dense logits `[..., V_r]`, a `SparseTarget`, or a `LinearRef`.
-RefInput = Union[torch.Tensor, SparseTarget, LinearRef]
+RefInput = torch.Tensor | SparseTarget | LinearRef
 
 #: Rows per chunk when `chunk_size` is not given. On CPU, 256 rows keep one float32 chunk of a
 #: 152k vocabulary at 155 MB while the matmuls still run at full speed.
 DEFAULT_CHUNK_SIZE = 256
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 @dataclass
 class _Linear:
-    """A model's last hidden states and its lm_head, already sliced to the shared vocab."""
+    """A model's last hidden states and its lm_head, already sliced to the shared vocab.
+
+    `weight` and `bias` are in the matmul dtype: the inputs' own dtype when hidden states and
+    head share a 16-bit dtype (as the model's own lm_head would compute; the logits are then
+    upcast chunk by chunk), else the compute dtype.
+    """
 
     hidden: torch.Tensor  # (N, H) flattened, original dtype
-    weight: torch.Tensor  # (V, H) in the compute dtype
-    bias: torch.Tensor | None  # (V,) in the compute dtype
+    weight: torch.Tensor  # (V, H) in the matmul dtype
+    bias: torch.Tensor | None  # (V,) in the matmul dtype
 
-    def logits_into(
-        self, out: torch.Tensor, rows, dtype: torch.dtype, weight: float, first: bool
-    ) -> None:
-        """out (+)= weight · (h[rows] @ W.T + b), written in place.   # (c, V)"""
-        h = _take(self.hidden, rows).to(dtype)  # (c, H)
-        torch.addmm(out, h, self.weight.t(), beta=0.0 if first else 1.0, alpha=weight, out=out)
+    def logits(self, rows, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h[rows] in the matmul dtype (c, H), logits h @ W.T + b (c, V)).
+
+        The logits are written into `out` when it has the matmul dtype.
+        """
+        h = _take(self.hidden, rows).to(self.weight.dtype)  # (c, H)
+        out_mm = out if out is not None and out.dtype == self.weight.dtype else None
         if self.bias is not None:
-            out.add_(self.bias, alpha=weight)
+            z = torch.addmm(self.bias, h, self.weight.t(), out=out_mm)
+        else:
+            z = torch.mm(h, self.weight.t(), out=out_mm)
+        return h, z
+
+    def logits_into(self, out: torch.Tensor, rows, weight: float, first: bool) -> None:
+        """out (+)= weight · (h[rows] @ W.T + b), in place.   # (c, V)"""
+        if out.dtype == self.weight.dtype and self.bias is None:
+            h = _take(self.hidden, rows).to(self.weight.dtype)  # (c, H)
+            beta = 0.0 if first else 1.0
+            torch.addmm(out, h, self.weight.t(), beta=beta, alpha=weight, out=out)
+            return
+        _, z = self.logits(rows)  # a 16-bit chunk, or one with a bias
+        if first:
+            torch.mul(z, weight, out=out)
+        else:
+            out.add_(z, alpha=weight)
 
 
 @dataclass
@@ -119,7 +144,8 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
     grad_h = (
         torch.zeros(plan.n_total, s.hidden.shape[1], dtype=dtype, device=device) if need_h else None
     )
-    grad_w = torch.zeros_like(s.weight) if need_w else None  # (V, H), compute dtype
+    # The head's gradient sums over chunks: accumulated in the compute dtype.
+    grad_w = torch.zeros(s.weight.shape, dtype=dtype, device=device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=dtype, device=device) if need_b else None
     kd_total = torch.zeros((), dtype=dtype, device=device)
     sft_total = torch.zeros((), dtype=dtype, device=device)
@@ -130,19 +156,18 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
         torch.empty(cap, vocab, dtype=dtype, device=device) if plan.sparse is None else None
     )
     for rows, c in _chunks(plan):
-        h = _take(s.hidden, rows).to(dtype)  # (c, H)
         zs = zs_buf[:c]
-        if s.bias is not None:
-            torch.addmm(s.bias, h, s.weight.t(), out=zs)
-        else:
-            torch.mm(h, s.weight.t(), out=zs)
+        h, z = s.logits(rows, out=zs)  # (c, H), (c, V)
+        if z is not zs:
+            zs.copy_(z)  # 16-bit logits, upcast
+            del z
         target = None
         if plan.sparse is None:
             target = target_buf[:c]
             first = True
             for w, ref in plan.frozen:
                 if isinstance(ref, _Linear):
-                    ref.logits_into(target, rows, dtype, w, first)
+                    ref.logits_into(target, rows, w, first)
                 elif first:
                     torch.mul(_take(ref, rows).to(dtype), w, out=target)
                 else:
@@ -180,17 +205,18 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
             del loss, kd_sum, leaf
         if not any_grad:
             continue
+        g_mm = g.to(s.weight.dtype)
         if need_h:
-            gh = g @ s.weight  # (c, H)
+            gh = g_mm @ s.weight  # (c, H)
             if isinstance(rows, slice):
                 grad_h[rows] = gh
             else:
                 grad_h.index_copy_(0, rows, gh)
         if need_w:
-            grad_w.addmm_(g.t(), h)  # (V, H) += (V, c) @ (c, H)
+            grad_w.addmm_(g.t(), h.to(dtype))  # (V, H) += (V, c) @ (c, H), compute dtype
         if need_b:
             grad_b += g.sum(0)
-        del g
+        del g, g_mm
     plan.parts["kd_sum"] = kd_total
     plan.parts["sft_sum"] = sft_total
     plan.parts["grads"] = (grad_h, grad_w, grad_b)
@@ -209,11 +235,10 @@ class _FusedLinearDistill(torch.autograd.Function):
         # Back to the inputs' shapes and dtypes; padded vocabulary rows of the head get zeros.
         if grad_h is not None:
             grad_h = grad_h.to(hidden.dtype).reshape(hidden.shape)
-        if grad_w is not None:
-            if grad_w.shape[0] != head.shape[0] or grad_w.dtype != head.dtype:
-                full = torch.zeros_like(head)
-                full[: grad_w.shape[0]] = grad_w
-                grad_w = full
+        if grad_w is not None and (grad_w.shape != head.shape or grad_w.dtype != head.dtype):
+            full = torch.zeros_like(head)
+            full[: grad_w.shape[0]] = grad_w
+            grad_w = full
         if grad_b is not None:
             full_b = torch.zeros_like(bias)
             full_b[: grad_b.shape[0]] = grad_b
@@ -228,7 +253,9 @@ class _FusedLinearDistill(torch.autograd.Function):
         # Rescaled in place (no second [V, H] copy); ctx.scale is the factor the buffers carry
         # now, so a repeated backward (retain_graph, gradcheck) stays correct.
         if not bool(grad_output):
-            return None, None, None, None
+            # Zero incoming gradient: zeros (expanded, no memory), the buffers stay untouched.
+            zeros = [None if g is None else g.new_zeros(()).expand_as(g) for g in ctx.grads]
+            return (None, *zeros)
         if not torch.equal(grad_output, ctx.scale):
             factor = grad_output / ctx.scale
             for g in ctx.grads:
@@ -246,10 +273,17 @@ def _check_lead(name: str, shape: torch.Size, lead: torch.Size, what: str) -> No
         )
 
 
-def _head(
-    name: str, head: torch.Tensor, bias, hidden_size: int, vocab: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Slice an lm_head (and bias) to the shared vocabulary, in the compute dtype."""
+def _linear(
+    name: str,
+    hidden: torch.Tensor,
+    head: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_total: int,
+    vocab: int,
+    dtype: torch.dtype,
+) -> _Linear:
+    """Flatten hidden states, slice an lm_head (and bias) to the shared vocabulary."""
+    hidden_size = hidden.shape[-1]
     if head.dim() != 2 or head.shape[1] != hidden_size:
         raise ValueError(
             f"{name} lm_head weight must be [V, {hidden_size}] to match its hidden states, got "
@@ -260,13 +294,18 @@ def _head(
             f"{name} lm_head has {head.shape[0]} rows but the shared vocabulary has {vocab} "
             "tokens; all roles must share one tokenizer (pass vocab_size=len(tokenizer))"
         )
-    w = head.detach()[:vocab].to(dtype)
+    # 16-bit hidden and head: multiply in that dtype (as the model itself would, and without a
+    # float32 copy of the [V, H] head); otherwise convert to the compute dtype.
+    mm_dtype = head.dtype if head.dtype == hidden.dtype and head.dtype in _LOW_PRECISION else dtype
+    w = head.detach()[:vocab].to(mm_dtype)
     b = None
     if bias is not None:
         if bias.shape != (head.shape[0],):
-            raise ValueError(f"{name} lm_head bias must be [{head.shape[0]}], got {bias.shape}")
-        b = bias.detach()[:vocab].to(dtype)
-    return w, b
+            raise ValueError(
+                f"{name} lm_head bias must be [{head.shape[0]}], got {tuple(bias.shape)}"
+            )
+        b = bias.detach()[:vocab].to(mm_dtype)
+    return _Linear(hidden.reshape(n_total, hidden_size), w, b)
 
 
 def fused_distill_loss(
@@ -358,7 +397,6 @@ def fused_distill_loss(
         )
     lead = student_hidden.shape[:-1]
     n_total = lead.numel()
-    hidden_size = student_hidden.shape[-1]
     vocab = student_head.shape[0] if vocab_size is None else int(vocab_size)
     if vocab < 1:
         raise ValueError(f"vocab_size must be ≥ 1, got {vocab_size!r}")
@@ -386,8 +424,9 @@ def fused_distill_loss(
             tensors.extend(t for t in ref if t is not None)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
-    s_w, s_b = _head("the student's", student_head, student_bias, hidden_size, vocab, dtype)
-    student = _Linear(student_hidden.reshape(n_total, hidden_size), s_w, s_b)
+    student = _linear(
+        "the student's", student_hidden, student_head, student_bias, n_total, vocab, dtype
+    )
 
     frozen: list[tuple[float, torch.Tensor | _Linear]] = []
     live_weight = sg_weight = 0.0
@@ -448,9 +487,10 @@ def fused_distill_loss(
             r_hidden, r_head = ref[0], ref[1]
             r_bias = ref[2] if len(ref) == 3 else None
             _check_lead(f"refs[{role!r}] hidden states", r_hidden.shape[:-1], lead, "hidden states")
-            r_w, r_b = _head(f"refs[{role!r}]", r_head, r_bias, r_hidden.shape[-1], vocab, dtype)
-            flat = r_hidden.detach().reshape(n_total, r_hidden.shape[-1])
-            frozen.append((w, _Linear(flat, r_w, r_b)))
+            linear = _linear(
+                f"refs[{role!r}]", r_hidden.detach(), r_head, r_bias, n_total, vocab, dtype
+            )
+            frozen.append((w, linear))
         else:
             raise ValueError(
                 f"refs[{role!r}] must be logits [..., V], a SparseTarget, or a (hidden, head) "
