@@ -192,36 +192,6 @@ class ServerReferences(ReferenceSource):
     # ------------------------------------------------------------------------------------------
     # public API
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> ServerReferences:
-        """Build from a config mapping: ``{"servers": {role: {model|endpoint, device, output,
-        dtype}}, "timeout": 60, "restart": false, "max_inflight": 2, "transport": "auto"}``."""
-        cfg = dict(cfg)
-        servers = cfg.pop("servers", None)
-        if not servers:
-            raise ConfigError(
-                "references: servers: missing; give one entry per role, e.g. "
-                "{teacher_ft: {model: PATH, device: cpu}}"
-            )
-        allowed = {
-            "timeout",
-            "start_timeout",
-            "restart",
-            "max_restarts",
-            "max_inflight",
-            "transport",
-            "zero_copy",
-            "threads",
-            "run_id",
-            "cuda_device",
-        }
-        unknown = set(cfg) - allowed
-        if unknown:
-            raise ConfigError(
-                f"references: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
-            )
-        return cls(servers, **{**cfg, **overrides})
-
     def info(self, role: str) -> dict[str, Any]:
         """What the role's server reported at connection (vocab_size, hidden_size, ...)."""
         return dict(self._conns[role].info)
@@ -648,6 +618,87 @@ class ServerReferences(ReferenceSource):
 
 class _NoReply(Exception):
     pass
+
+
+#: Keys of the `servers:` settings that apply to the client as a whole.
+CLIENT_KEYS = (
+    "timeout",
+    "start_timeout",
+    "restart",
+    "max_restarts",
+    "max_inflight",
+    "transport",
+    "zero_copy",
+    "threads",
+    "run_id",
+    "cuda_device",
+)
+#: Keys that set every role's server (a role's own entry under `roles:` overrides them).
+ROLE_KEYS = ("model", "endpoint", "device", "output", "dtype", "launch", "fault")
+
+
+def from_settings(
+    settings: Mapping[str, Any], models: Mapping[str, str | None]
+) -> ServerReferences:
+    """Build from the ``servers:`` settings of a run config.
+
+    ``models`` maps each needed role to its model path (launched servers load it; hidden-state
+    mode reads the lm_head from it). ``settings`` may hold client keys (`CLIENT_KEYS`),
+    defaults for every role (`ROLE_KEYS`, e.g. ``device: cpu``, ``output: hidden``) and
+    ``roles: {role: {endpoint: ..., device: ...}}`` overrides. Example::
+
+        servers:
+          restart: true
+          timeout: 60
+          roles:
+            teacher_ft: {device: "cuda:1"}
+            teacher_raw: {endpoint: "tcp://127.0.0.1:5555"}
+    """
+    settings = dict(settings or {})
+    per_role = dict(settings.pop("roles", None) or {})
+    allowed = set(CLIENT_KEYS) | set(ROLE_KEYS)
+    unknown = set(settings) - allowed
+    if unknown:
+        raise ConfigError(
+            f"servers: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)} and roles"
+        )
+    extra = set(per_role) - set(models)
+    if extra:
+        raise ConfigError(
+            f"servers: roles {sorted(extra)} are not needed by this method (it needs "
+            f"{sorted(models)}); remove them"
+        )
+    defaults = {k: settings.pop(k) for k in ROLE_KEYS if k in settings}
+    specs = []
+    for role, model in models.items():
+        entry = {**defaults, **dict(per_role.get(role) or {})}
+        bad = set(entry) - set(ROLE_KEYS)
+        if bad:
+            raise ConfigError(
+                f"servers: roles: {role}: unknown key(s) {sorted(bad)}; allowed {list(ROLE_KEYS)}"
+            )
+        entry.setdefault("model", model)
+        specs.append(ServerSpec(role=role, **entry))
+    return ServerReferences(specs, **settings)
+
+
+def from_config(config: Any, roles: Sequence[str], device: Any) -> ServerReferences:
+    """`references: servers` for `deltakd train`: one server per role (the trainer's factory).
+
+    Role model paths come from the run config (``teacher_ft: PATH`` ...), settings from its
+    ``servers:`` mapping (see `from_settings`). ``device`` is the student's; servers run on
+    ``cpu`` unless ``servers: {device: ...}`` or a role's own entry says otherwise.
+    """
+    from deltakd.data.vocab import resolve_model_path
+
+    models = {}
+    for role in roles:
+        path = getattr(config, role, None)
+        models[role] = resolve_model_path(path) if path else None
+    settings = dict(getattr(config, "servers", None) or {})
+    if torch.device(device).type == "cuda" and "cuda_device" not in settings:
+        settings["cuda_device"] = str(device)
+    return from_settings(settings, models)
 
 
 def _launch_endpoint(tmp: Path, role: str) -> str:
