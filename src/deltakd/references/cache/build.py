@@ -1,0 +1,397 @@
+"""`build_cache(config)`: run the frozen models over the training set once, store sparse z*.
+
+The dataset is loaded and encoded exactly as `deltakd train` does (same spec, split, limit,
+method `prepare_rows`, chat template, max_length, truncation), rows are deduplicated by the
+hash of their token ids and cut into shards of `cache.rows_per_shard` rows. Each shard is
+written atomically; a shard file already present with this build's settings hash is kept, so
+an interrupted build resumes where it stopped. `manifest.json` is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltakd.errors import CacheError, ConfigError
+from deltakd.references.cache.format import (
+    CACHEABLE_METHODS,
+    FORMAT_NAME,
+    SHARD_PATTERN,
+    CacheManifest,
+    CacheSettings,
+    ShardInfo,
+    bytes_per_position,
+    dataset_hash,
+    file_sha256,
+    model_fingerprint,
+    read_manifest,
+    resolve_index_dtype,
+    row_key,
+    write_manifest,
+)
+from deltakd.references.cache.writer import CachedRow, encode_rows, write_shard
+
+logger = logging.getLogger("deltakd.cache")
+
+
+# --- what the run needs ------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedDataset:
+    """The training rows as the trainer sees them: token ids, assistant masks, row indices."""
+
+    ids: list[list[int]]
+    masks: list[list[bool]]
+    row_indices: list[int]
+    keys: list[bytes]
+    stats: Any = None
+
+    @property
+    def hash(self) -> str:
+        return dataset_hash(self.keys)
+
+    def unique(self) -> list[int]:
+        """Positions (into this dataset) of the first occurrence of each distinct row."""
+        seen: set[bytes] = set()
+        out = []
+        for i, key in enumerate(self.keys):
+            if key not in seen:
+                seen.add(key)
+                out.append(i)
+        return out
+
+
+def encode_dataset(config: Any, tokenizer: Any) -> EncodedDataset:
+    """Load and encode the config's training set the way `deltakd.train.api.train` does."""
+    from deltakd.data.specs import load_rows
+    from deltakd.data.tokenize import encode_rows as encode_chat_rows
+    from deltakd.train.methods import get_method
+
+    method = get_method(config.method)
+    rows = load_rows(config.dataset, config.train_split, limit=config.limit)
+    rows = method.prepare_rows(rows, {"config": config, "tokenizer": tokenizer})
+    encoded, kept, stats = encode_chat_rows(tokenizer, rows, max_length=config.max_length,
+                                            truncation=config.truncation)  # fmt: skip
+    ids = [e.input_ids for e in encoded]
+    return EncodedDataset(ids=ids, masks=[e.assistant_mask for e in encoded], row_indices=list(kept),
+                          keys=[row_key(x) for x in ids], stats=stats)  # fmt: skip
+
+
+def check_cacheable(config: Any) -> None:
+    """Refuse methods and settings whose target is not a fixed function of the frozen models."""
+    if config.method not in CACHEABLE_METHODS:
+        raise ConfigError(f"method {config.method!r} cannot train from an offline cache: its "
+                          f"target is not a fixed function of the frozen models. The cache "
+                          f"serves {', '.join(CACHEABLE_METHODS)}; use references: local or "
+                          "servers.")  # fmt: skip
+    if config.method == "parallelogram":
+        from deltakd.losses import get_variant
+
+        variant = get_variant(config.variant or "")
+        live = [r for r, _, _ in variant.terms if r in ("student", "student_sg")]
+        if live:
+            raise ConfigError(f"parallelogram variant {variant.name!r} puts the live student "
+                              f"({live[0]}) inside the target, which changes every step, so it "
+                              "cannot be cached; use references: local or servers.")  # fmt: skip
+    if config.divergence != "fkl":
+        raise ConfigError(f"config field 'divergence' = {config.divergence!r} cannot use an "
+                          "offline cache: sparse top-k targets support the forward KL (fkl) "
+                          "only. Set divergence=fkl or use references: local / servers.")  # fmt: skip
+    if getattr(config, "on_policy_ratio", 0.0) > 0:
+        raise ConfigError(f"config field 'on_policy_ratio' = {config.on_policy_ratio} cannot use "
+                          "an offline cache: on-policy samples are new text the cache has never "
+                          "seen. Set on_policy_ratio=0 or use references: local / servers.")  # fmt: skip
+
+
+def target_description(config: Any, k: int) -> dict[str, Any]:
+    """The manifest's `target` entry: which distribution the stored top-k belong to."""
+    if config.method == "kd":
+        alpha, formula = None, "z = z_teacher_ft"
+    elif config.method == "delta_kd":
+        alpha, formula = (
+            float(config.alpha),
+            "z* = z_teacher_ft + α·(z_student_raw − z_teacher_raw)",
+        )
+    else:
+        from deltakd.losses import get_variant
+
+        alpha, formula = float(config.alpha), get_variant(config.variant or "").formula
+    return {"method": config.method, "variant": config.variant if config.method == "parallelogram"
+            else None, "alpha": alpha, "temperature": float(config.temperature), "k": int(k),
+            "formula": formula}  # fmt: skip
+
+
+def reference_roles(config: Any) -> tuple[str, ...]:
+    from deltakd.train.methods import get_method
+
+    return tuple(get_method(config.method).reference_roles(config))
+
+
+def expected_manifest(config: Any, settings: CacheSettings, tokenizer: Any,
+                      data: EncodedDataset | None, roles: Sequence[str]) -> CacheManifest:  # fmt: skip
+    """The manifest (without shards) a cache for this config must have.
+
+    `data=None` leaves the dataset hash and counts empty (a run that skips that check).
+    """
+    from deltakd.data.vocab import tokenizer_fingerprint
+
+    v = len(tokenizer)
+    k = settings.resolve_k(v)
+    index_dtype = resolve_index_dtype(settings.index_dtype, v)
+    models = {}
+    for role in roles:
+        path = getattr(config, role, None)
+        if not path:
+            raise ConfigError(f"config field {role!r} is empty but method {config.method!r} needs "
+                              f"the {role} model to build (and to check) the cache: set "
+                              f"{role}=PATH.")  # fmt: skip
+        models[role] = {"path": str(path), "fingerprint": model_fingerprint(str(path))}
+    dataset: dict[str, Any] = {
+        "spec": config.dataset, "split": config.train_split, "limit": config.limit,
+        "max_length": config.max_length, "truncation": config.truncation,
+        "rows": None, "unique_rows": None, "response_tokens": None, "hash": None,
+    }  # fmt: skip
+    if data is not None:
+        uniq = data.unique()
+        dataset.update(rows=len(data.keys), unique_rows=len(uniq), hash=data.hash,
+                       response_tokens=sum(_response_count(data.masks[i]) for i in uniq))  # fmt: skip
+    from deltakd import __version__
+
+    return CacheManifest(
+        target=target_description(config, k),
+        models=models,
+        tokenizer={
+            "path": str(config.tokenizer_path),
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": v,
+        },
+        dataset=dataset,
+        encoding={
+            "index_dtype": index_dtype,
+            "value_dtype": settings.value_dtype,
+            "tail_dtype": "fp32",
+            "position_dtype": "int32",
+            "bytes_per_position": bytes_per_position(k, index_dtype, settings.value_dtype),
+        },
+        rows_per_shard=settings.rows_per_shard,
+        created_by=f"deltakd {__version__}",
+    )
+
+
+def _response_count(mask: Sequence[bool]) -> int:
+    return sum(bool(m) for m in mask[1:])
+
+
+# --- computing targets -------------------------------------------------------------------------
+
+
+def target_logits(config: Any, logits: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The target logits `[B, T-1, V]` of the config's method from the roles' logits."""
+    from deltakd.losses import delta_target, parallelogram_target
+
+    if config.method == "kd" or (config.method == "delta_kd" and config.alpha == 0.0):
+        return logits("teacher_ft").float()
+    if config.method == "delta_kd":
+        return delta_target(logits("teacher_ft"), logits("teacher_raw"), logits("student_raw"),
+                            alpha=config.alpha)  # fmt: skip
+    from deltakd.losses import get_variant
+
+    variant = get_variant(config.variant or "")
+    refs = {r: logits(r) for r in variant.roles}
+    return parallelogram_target(variant, None, refs, alpha=config.alpha)  # type: ignore[arg-type]
+
+
+def _reference_dtype(config: Any) -> torch.dtype:
+    name = config.reference_dtype if config.reference_dtype != "auto" else config.precision
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _device(config: Any) -> torch.device:
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+# --- the build ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildResult:
+    cache_dir: Path
+    manifest: CacheManifest
+    built_shards: int
+    kept_shards: int
+    seconds: float
+
+
+def _shard_is_done(path: Path, settings_hash: str, index: int) -> bool:
+    """A shard file written by a build with the same settings (atomic writes: present = whole)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError):
+        return False
+    return (meta.get("format") == FORMAT_NAME and meta.get("settings_hash") == settings_hash
+            and meta.get("shard") == str(index))  # fmt: skip
+
+
+def build_cache(config: Any, *, references: Any = None, progress: bool | None = None,
+                overwrite: bool = False) -> BuildResult:  # fmt: skip
+    """Build (or finish building) the offline cache of `config` in `cache.dir`.
+
+    Args:
+        config: a `TrainConfig` (the same one `deltakd train` reads).
+        references: a ReferenceSource to use instead of building `cache.source` from the config.
+        progress: show a tqdm bar (default: the config's `progress`).
+        overwrite: replace a cache in `cache.dir` that was built for other settings.
+    """
+    from tqdm.auto import tqdm
+
+    from deltakd.data.tokenize import ChatCollator
+    from deltakd.data.vocab import check_vocabulary, load_tokenizer
+    from deltakd.losses import SparseTarget
+    from deltakd.train.trainer import RoleLogits
+
+    start = time.perf_counter()
+    check_cacheable(config)
+    settings = CacheSettings.from_config(config)
+    cache_dir = Path(settings.dir)
+    tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
+    roles = reference_roles(config)
+    vocab = check_vocabulary(tokenizer, {r: getattr(config, r) for r in roles if getattr(config, r)},
+                             trust_remote_code=config.trust_remote_code)  # fmt: skip
+    data = encode_dataset(config, tokenizer)
+    manifest = expected_manifest(config, settings, tokenizer, data, roles)
+    h = manifest.settings_hash()
+    k = int(manifest.target["k"])
+    tau = float(config.temperature)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    old_path = cache_dir / "manifest.json"
+    if old_path.is_file():
+        try:
+            old = read_manifest(cache_dir)
+            same = old.settings_hash() == h
+        except CacheError:
+            old, same = None, False
+        if not same:
+            if not overwrite:
+                field, was, now = (
+                    _first_difference(old, manifest) if old else ("manifest", "unreadable", "")
+                )
+                raise CacheError(f"{cache_dir} already holds a cache for other settings ({field}: "
+                                 f"{was!r} there, {now!r} in this config). Use another cache.dir, "
+                                 "or pass --overwrite to replace it.")  # fmt: skip
+            old_path.unlink()
+        # Same settings: leave it until the new one replaces it (shards are reused below).
+
+    uniq = data.unique()
+    rps = settings.rows_per_shard
+    n_shards = max(1, math.ceil(len(uniq) / rps))
+    show = config.progress if progress is None else progress
+    bar = tqdm(total=len(uniq), unit="row", desc=f"cache {cache_dir.name}", disable=not show)
+    collate = ChatCollator(pad_token_id=tokenizer.pad_token_id)
+    source = references
+    own_source = False
+    built = kept = 0
+    try:
+        for s in range(n_shards):
+            lo, hi = s * rps, min((s + 1) * rps, len(uniq))
+            path = cache_dir / SHARD_PATTERN.format(s)
+            members = uniq[lo:hi]
+            n_pos = sum(_response_count(data.masks[i]) for i in members)
+            if path.is_file() and _shard_is_done(path, h, s):
+                manifest.shards.append(ShardInfo(path.name, (lo, hi), n_pos))
+                kept += 1
+                bar.update(hi - lo)
+                continue
+            if source is None:
+                source = _build_source(config, settings, roles)
+                own_source = True
+            rows: dict[int, CachedRow] = {}
+            # Longest rows first inside the shard: less padding, and the batching is a fixed
+            # function of the shard's rows, so a resumed build writes the same bytes.
+            order = sorted(members, key=lambda i: (-len(data.ids[i]), i))
+            batches = [
+                order[j : j + settings.batch_size]
+                for j in range(0, len(order), settings.batch_size)
+            ]
+            feats = [[{"input_ids": data.ids[i], "assistant_mask": data.masks[i],
+                       "row_index": data.row_indices[i]} for i in b] for b in batches]  # fmt: skip
+            collated = [collate(f) for f in feats]
+            if collated:
+                source.prefetch(0, collated[0])
+            for j, (members_b, batch) in enumerate(zip(batches, collated)):
+                if j + 1 < len(collated):
+                    source.prefetch(j + 1, collated[j + 1])
+                ref = source.fetch(j, batch)
+                device = _device(config)
+                role_logits = RoleLogits(ref, source.lm_heads(), vocab.vocab_size, device)
+                z = target_logits(config, role_logits.logits)  # (B, T-1, V)
+                mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
+                for b, i in enumerate(members_b):
+                    pos = mask[b].nonzero().flatten()  # (n,)
+                    sparse = SparseTarget.from_logits(z[b, pos.to(z.device)], k, tau)  # (n, k)
+                    rows[i] = CachedRow(data.keys[i], data.row_indices[i], pos, sparse.indices.cpu(),
+                                        sparse.logprobs.cpu(), sparse.tail_mass.cpu())  # fmt: skip
+                bar.update(len(members_b))
+            tensors = encode_rows([rows[i] for i in members], k, manifest.encoding["index_dtype"],
+                                  manifest.encoding["value_dtype"])  # fmt: skip
+            meta = {"format": FORMAT_NAME, "settings_hash": h, "shard": str(s),
+                    "rows": f"{lo}:{hi}"}  # fmt: skip
+            write_shard(path, tensors, meta)
+            manifest.shards.append(ShardInfo(path.name, (lo, hi), n_pos))
+            built += 1
+    finally:
+        bar.close()
+        if own_source and source is not None:
+            source.close()
+
+    for info in manifest.shards:
+        p = cache_dir / info.file
+        info.bytes = p.stat().st_size
+        info.sha256 = file_sha256(p)
+    manifest.complete = True
+    write_manifest(cache_dir, manifest)
+    _remove_strays(cache_dir, n_shards)
+    seconds = time.perf_counter() - start
+    logger.info("cache %s: %d shards built, %d kept, %.1f bytes/token, %.1fs", cache_dir, built,
+                kept, manifest.bytes_per_token(), seconds)  # fmt: skip
+    return BuildResult(cache_dir, manifest, built, kept, seconds)
+
+
+def _build_source(config: Any, settings: CacheSettings, roles: Sequence[str]) -> Any:
+    from deltakd.train.api import build_reference_source
+
+    # `references: cache` in the training config: build from `cache.source` instead.
+    cfg = config.replace(references=settings.source)
+    return build_reference_source(cfg, tuple(roles), _device(config), _reference_dtype(config))
+
+
+def _first_difference(old: CacheManifest, new: CacheManifest) -> tuple[str, Any, Any]:
+    for section in ("target", "tokenizer", "dataset", "models", "encoding"):
+        a, b = getattr(old, section), getattr(new, section)
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return f"{section}.{key}", a.get(key), b.get(key)
+    return "rows_per_shard", old.rows_per_shard, new.rows_per_shard
+
+
+def _remove_strays(cache_dir: Path, n_shards: int) -> None:
+    """Delete temp files and shards past the end (left by an older, larger build)."""
+    pattern = re.compile(r"shard-(\d{5})\.safetensors")
+    for p in cache_dir.iterdir():
+        m = pattern.fullmatch(p.name)
+        if (m and int(m.group(1)) >= n_shards) or p.name.startswith(".tmp-"):
+            p.unlink(missing_ok=True)

@@ -1,0 +1,322 @@
+"""The on-disk format of an offline target cache: settings, encoding, manifest, fingerprints.
+
+A cache is a directory::
+
+    manifest.json                 what the targets are, for which models/data, and the shards
+    shard-00000.safetensors       rows [0, R) of the (deduplicated) training set
+    shard-00001.safetensors       rows [R, 2R) ...
+
+Each shard holds, for its rows, every *response position* t (the positions whose next token
+t + 1 is an assistant token, i.e. where the trainer's mask is True) and there the top-k of the
+target distribution `softmax(z / τ)` plus the tail mass `1 − Σ top-k`:
+
+    row_keys     uint8   (R, 16)   blake2b-128 of the row's token ids (int32 little endian)
+    row_index    int64   (R,)      the row's index in the loaded dataset (for messages)
+    row_offsets  int64   (R + 1,)  row r owns positions [row_offsets[r], row_offsets[r + 1])
+    positions    int32   (N,)      t within the row (the target at t scores token t + 1)
+    indices      uint16 / int32 (N, k)  token ids of the top-k, most probable first
+    logprobs     fp16 / bf16 / fp32 (N, k)  their log-probabilities at temperature τ
+    tail_mass    fp32    (N,)      1 − Σ exp(logprobs), computed in float32 before rounding
+
+Rows are found by the hash of their token ids, so the trainer passes nothing but the batch it
+already has; identical rows share one entry. Bytes per response token are
+`k · (index bytes + value bytes) + 4 (tail) + 4 (position)` plus 40 bytes per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltakd.errors import CacheError, ConfigError
+
+FORMAT_NAME = "deltakd-target-cache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+ROW_KEY_BYTES = 16
+
+#: value dtypes the cache can store the log-probabilities in -> bytes per value
+VALUE_DTYPES: dict[str, int] = {"fp16": 2, "bf16": 2, "fp32": 4}
+#: index dtypes -> bytes per index; `auto` picks uint16 when V <= 65536, else int32
+INDEX_DTYPES: dict[str, int] = {"uint16": 2, "int32": 4}
+#: methods whose target is a fixed function of the frozen models (so it can be cached)
+CACHEABLE_METHODS: tuple[str, ...] = ("kd", "delta_kd", "parallelogram")
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+            "uint16": torch.uint16, "int32": torch.int32}[name]  # fmt: skip
+
+
+def resolve_index_dtype(name: str, vocab_size: int) -> str:
+    """`auto` -> `uint16` when every id fits in 16 bits, else `int32`."""
+    if name == "auto":
+        return "uint16" if vocab_size <= 1 << 16 else "int32"
+    if name == "uint16" and vocab_size > 1 << 16:
+        raise ConfigError(f"config field 'cache.index_dtype' = 'uint16' cannot hold token ids of a "
+                          f"{vocab_size}-token vocabulary (max 65536): use int32 or auto.")  # fmt: skip
+    return name
+
+
+def bytes_per_position(k: int, index_dtype: str, value_dtype: str) -> int:
+    """Bytes one response position costs in a shard (indices + logprobs + tail + position)."""
+    return k * (INDEX_DTYPES[index_dtype] + VALUE_DTYPES[value_dtype]) + 4 + 4
+
+
+# --- settings (the `cache:` mapping of the training config) ----------------------------------
+
+
+@dataclass
+class CacheSettings:
+    """The `cache:` settings of a TrainConfig (`cache.KEY=VALUE` on the command line).
+
+    Attributes:
+        dir: cache directory. Default `<output_dir>/target_cache`.
+        k: top-k entries kept per position (`V` or `0` = the whole vocabulary).
+        value_dtype: fp16 (default), bf16 or fp32 log-probabilities.
+        index_dtype: auto (uint16 when V <= 65536, else int32), uint16 or int32.
+        rows_per_shard: rows per shard file (the unit of resume).
+        batch_size: rows per reference forward pass while building (default: the config's
+            per_device_batch_size).
+        source: where `deltakd cache build` gets the frozen models' outputs: local or servers.
+        verify: check each shard's sha256 the first time a run reads it.
+        verify_dataset: at train start, tokenize the dataset and compare its hash with the
+            cache's (rows missing from the cache are refused at fetch time either way).
+    """
+
+    dir: str = ""
+    k: int | str = 64
+    value_dtype: str = "fp16"
+    index_dtype: str = "auto"
+    rows_per_shard: int = 1024
+    batch_size: int | None = None
+    source: str = "local"
+    verify: bool = True
+    verify_dataset: bool = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> CacheSettings:
+        raw = dict(getattr(config, "cache", {}) or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in raw:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" Did you mean 'cache.{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown config key 'cache.{key}'.{hint} The cache settings "
+                                  f"are: {', '.join('cache.' + n for n in names)}.")  # fmt: skip
+        s = cls(**raw)
+        if not s.dir:
+            s.dir = str(Path(config.output_dir) / "target_cache")
+        if isinstance(s.k, str) and s.k.upper() != "V":
+            try:
+                s.k = int(s.k)
+            except ValueError:
+                raise ConfigError(f"config field 'cache.k' = {s.k!r} is not allowed: expected an "
+                                  "integer >= 1, or V for the whole vocabulary.") from None  # fmt: skip
+        if isinstance(s.k, int) and s.k < 0:
+            raise ConfigError(f"config field 'cache.k' = {s.k} is not allowed: expected an integer "
+                              ">= 1, or V for the whole vocabulary.")  # fmt: skip
+        if s.value_dtype not in VALUE_DTYPES:
+            raise ConfigError(f"config field 'cache.value_dtype' = {s.value_dtype!r} is not allowed: "
+                              f"expected one of {', '.join(VALUE_DTYPES)}.")  # fmt: skip
+        if s.index_dtype not in ("auto", *INDEX_DTYPES):
+            raise ConfigError(f"config field 'cache.index_dtype' = {s.index_dtype!r} is not allowed: "
+                              "expected auto, uint16 or int32.")  # fmt: skip
+        if s.source not in ("local", "servers"):
+            raise ConfigError(f"config field 'cache.source' = {s.source!r} is not allowed: expected "
+                              "local or servers (where `deltakd cache build` gets the frozen "
+                              "models' outputs).")  # fmt: skip
+        if int(s.rows_per_shard) < 1 or (s.batch_size is not None and int(s.batch_size) < 1):
+            raise ConfigError("config fields 'cache.rows_per_shard' and 'cache.batch_size' must be "
+                              "integers >= 1.")  # fmt: skip
+        s.batch_size = int(s.batch_size or config.per_device_batch_size)
+        s.rows_per_shard = int(s.rows_per_shard)
+        return s
+
+    def resolve_k(self, vocab_size: int) -> int:
+        """The integer k for a vocabulary of `vocab_size` tokens (`V`/0 means all of it)."""
+        k = self.k
+        if isinstance(k, str) or k == 0 or k > vocab_size:
+            return vocab_size
+        return int(k)
+
+
+# --- fingerprints ------------------------------------------------------------------------------
+
+
+def row_key(ids: Sequence[int] | Any) -> bytes:
+    """blake2b-128 of a row's token ids as little-endian int32 (list, numpy or torch)."""
+    import numpy as np
+
+    if hasattr(ids, "cpu"):
+        ids = ids.cpu().numpy()
+    arr = np.asarray(ids, dtype="<i4")
+    return hashlib.blake2b(arr.tobytes(), digest_size=ROW_KEY_BYTES).digest()
+
+
+def dataset_hash(keys: Iterable[bytes]) -> str:
+    """sha256 over the ordered row keys: changes with any row, token or order change."""
+    h = hashlib.sha256()
+    for key in keys:
+        h.update(key)
+    return h.hexdigest()
+
+
+_SAMPLE_BLOCKS = 16
+_BLOCK = 1 << 16
+
+
+def _file_digest(h: Any, path: Path) -> None:
+    """Feed a weight file into `h`: whole when small, else its size and 16 evenly spaced 64 KiB
+    blocks (the first holds the safetensors header). Finetuning changes every tensor, so sampled
+    blocks tell checkpoints apart without reading 15 GB at every run start."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as fh:
+        if size <= _SAMPLE_BLOCKS * _BLOCK:
+            h.update(fh.read())
+            return
+        step = (size - _BLOCK) // (_SAMPLE_BLOCKS - 1)
+        for i in range(_SAMPLE_BLOCKS):
+            fh.seek(i * step)
+            h.update(fh.read(_BLOCK))
+
+
+def model_fingerprint(path: str) -> str:
+    """A hash of a model directory's config.json and weight files (see `_file_digest`).
+
+    Hub names that are not local directories are identified by name only (`hub:<name>`).
+    """
+    from deltakd.data.vocab import resolve_model_path
+
+    resolved = Path(resolve_model_path(path))
+    if not resolved.is_dir():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    cfg = resolved / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    weights = sorted(p for p in resolved.iterdir()
+                     if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pt")
+                                         or p.name.endswith(".index.json")))  # fmt: skip
+    for p in weights:
+        _file_digest(h, p)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- manifest ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    rows: tuple[int, int]  # [start, end) in the deduplicated row order
+    positions: int
+    bytes: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class CacheManifest:
+    """Everything that decides which targets a cache holds, plus its shard list.
+
+    `target`: method, variant, alpha, temperature, k, formula. `models`: role -> {path,
+    fingerprint}. `tokenizer`: {path, fingerprint, vocab_size}. `dataset`: {spec, split, limit,
+    max_length, truncation, rows, unique_rows, response_tokens, hash}. `encoding`: index and
+    value dtypes, bytes per position.
+    """
+
+    target: dict[str, Any]
+    models: dict[str, dict[str, str]]
+    tokenizer: dict[str, Any]
+    dataset: dict[str, Any]
+    encoding: dict[str, Any]
+    rows_per_shard: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    complete: bool = False
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    created_by: str = ""
+
+    def settings_hash(self) -> str:
+        """Hash of everything except the shard list: shards built under another hash are stale."""
+        d = {k: getattr(self, k) for k in ("target", "models", "tokenizer", "dataset", "encoding",
+                                           "rows_per_shard", "format", "version")}  # fmt: skip
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["settings_hash"] = self.settings_hash()
+        return json.dumps(d, indent=1, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CacheManifest:
+        d = dict(d)
+        d.pop("settings_hash", None)
+        shards = [ShardInfo(s["file"], tuple(s["rows"]), int(s["positions"]), int(s.get("bytes", 0)),
+                            s.get("sha256", "")) for s in d.pop("shards", [])]  # fmt: skip
+        return cls(**d, shards=shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(s.positions for s in self.shards)
+
+    def bytes_per_token(self) -> float:
+        """Shard bytes (headers and row tables included) per stored response position."""
+        return self.total_bytes / max(self.response_tokens, 1)
+
+
+def read_manifest(cache_dir: str | Path) -> CacheManifest:
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise CacheError(f"no offline cache at {cache_dir}: {MANIFEST_NAME} is missing. Build it with "
+                         "`deltakd cache build CONFIG` (same config as the run), or set cache.dir "
+                         "to the directory of a built cache.")  # fmt: skip
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != FORMAT_NAME:
+            raise ValueError(f"format is {data.get('format')!r}, not {FORMAT_NAME!r}")
+        if int(data.get("version", -1)) != FORMAT_VERSION:
+            raise ValueError(f"format version {data.get('version')} is not {FORMAT_VERSION}")
+        manifest = CacheManifest.from_dict(data)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CacheError(f"{path} is not a readable deltakd cache manifest ({exc}): rebuild the "
+                         "cache with `deltakd cache build CONFIG`.") from exc  # fmt: skip
+    return manifest
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory and one rename."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(cache_dir: str | Path, manifest: CacheManifest) -> None:
+    write_atomic(Path(cache_dir) / MANIFEST_NAME, manifest.to_json().encode("utf-8"))

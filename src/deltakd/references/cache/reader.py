@@ -1,0 +1,147 @@
+"""Reading a cache: open the shards, index rows by key, decode one row's targets.
+
+Shards are opened with `safetensors.safe_open` (memory-mapped), and a row's slice is read on
+demand, so a cache larger than RAM works and opening one costs only the row tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from deltakd.errors import CacheError
+from deltakd.references.cache.format import (
+    CacheManifest,
+    file_sha256,
+    read_manifest,
+)
+
+_REQUIRED = ("row_keys", "row_index", "row_offsets", "positions", "indices", "logprobs",
+             "tail_mass")  # fmt: skip
+
+
+@dataclass
+class RowTargets:
+    """One row's cached targets: positions (n,) long, indices (n, k) long, logprobs (n, k)
+    float32, tail_mass (n,) float32."""
+
+    positions: torch.Tensor
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+    tail_mass: torch.Tensor
+
+
+def _rebuild_hint() -> str:
+    return "Rebuild the cache with `deltakd cache build CONFIG` (completed shards are kept)."
+
+
+class CacheReader:
+    """Random access to the rows of a built cache.
+
+    Args:
+        cache_dir: the cache directory (holds manifest.json and the shards).
+        verify: check each shard's sha256 against the manifest the first time it is read.
+    """
+
+    def __init__(self, cache_dir: str | Path, *, verify: bool = True) -> None:
+        self.dir = Path(cache_dir)
+        self.manifest: CacheManifest = read_manifest(self.dir)
+        if not self.manifest.complete:
+            raise CacheError(f"the cache at {self.dir} is incomplete (its build was interrupted): "
+                             f"{_rebuild_hint()}")  # fmt: skip
+        self.verify = verify
+        self.k = int(self.manifest.target["k"])
+        self._handles: list[Any] = []
+        self._offsets: list[torch.Tensor] = []
+        self._verified: set[int] = set()
+        self.index: dict[bytes, tuple[int, int]] = {}  # row key -> (shard, row in shard)
+        for s, info in enumerate(self.manifest.shards):
+            path = self.dir / info.file
+            if not path.is_file():
+                raise CacheError(f"cache shard {info.file} is missing from {self.dir} (the "
+                                 f"manifest lists {len(self.manifest.shards)} shards). "
+                                 f"{_rebuild_hint()}")  # fmt: skip
+            size = path.stat().st_size
+            if info.bytes and size != info.bytes:
+                raise CacheError(f"cache shard {info.file} in {self.dir} has {size} bytes, the "
+                                 f"manifest says {info.bytes}: the file is truncated or was "
+                                 f"replaced. {_rebuild_hint()}")  # fmt: skip
+            try:
+                handle = safe_open(str(path), framework="pt")
+                names = set(handle.keys())
+                missing = [n for n in _REQUIRED if n not in names]
+                if missing:
+                    raise ValueError(f"tensors {missing} are missing")
+                keys = handle.get_tensor("row_keys")
+                offsets = handle.get_tensor("row_offsets")
+            except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
+                raise CacheError(f"cache shard {info.file} in {self.dir} is corrupt ({exc}). "
+                                 f"{_rebuild_hint()}") from exc  # fmt: skip
+            self._handles.append(handle)
+            self._offsets.append(offsets)
+            raw = keys.numpy().tobytes()
+            width = keys.shape[1]
+            for r in range(keys.shape[0]):
+                self.index.setdefault(raw[r * width : (r + 1) * width], (s, r))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.index
+
+    def verify_shard(self, s: int) -> None:
+        """Compare shard `s`'s sha256 with the manifest (once per reader)."""
+        if s in self._verified:
+            return
+        info = self.manifest.shards[s]
+        digest = file_sha256(self.dir / info.file)
+        if info.sha256 and digest != info.sha256:
+            raise CacheError(f"cache shard {info.file} in {self.dir} is corrupt: its sha256 is "
+                             f"{digest[:16]}…, the manifest says {info.sha256[:16]}…. "
+                             f"{_rebuild_hint()}")  # fmt: skip
+        self._verified.add(s)
+
+    def verify_all(self) -> None:
+        for s in range(len(self.manifest.shards)):
+            self.verify_shard(s)
+
+    def row(self, key: bytes) -> RowTargets | None:
+        """The cached targets of the row with this key, or None if the cache lacks it."""
+        where = self.index.get(key)
+        if where is None:
+            return None
+        s, r = where
+        if self.verify:
+            self.verify_shard(s)
+        handle = self._handles[s]
+        a, b = int(self._offsets[s][r]), int(self._offsets[s][r + 1])
+        try:
+            out = RowTargets(
+                positions=handle.get_slice("positions")[a:b].long(),
+                indices=handle.get_slice("indices")[a:b].long(),
+                logprobs=handle.get_slice("logprobs")[a:b].float(),
+                tail_mass=handle.get_slice("tail_mass")[a:b].float(),
+            )
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            info = self.manifest.shards[s]
+            raise CacheError(f"cache shard {info.file} in {self.dir} cannot be read ({exc}). "
+                             f"{_rebuild_hint()}") from exc  # fmt: skip
+        return out
+
+    def filler(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Entries for positions the cache does not hold (prompt, padding): a uniform
+        distribution over the vocabulary, so every value is finite; the trainer masks them."""
+        v = int(self.manifest.tokenizer["vocab_size"])
+        idx = torch.arange(self.k, dtype=torch.long)
+        lp = torch.full((self.k,), -math.log(v), dtype=torch.float32)
+        return idx, lp, max(0.0, 1.0 - self.k / v)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._offsets.clear()

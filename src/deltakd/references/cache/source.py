@@ -1,0 +1,173 @@
+"""`CacheReferences`: the offline cache as a `ReferenceSource` (DESIGN.md §2, source 3).
+
+`fetch` looks each batch row up by the hash of its token ids and returns one `SparseTarget`
+of leading shape [B, T] aligned with `input_ids`: the entry at position t is the target for
+token t + 1. Positions the cache does not hold (prompt, padding, the last position) get a
+finite uniform filler; the trainer's response mask excludes them from the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltakd.errors import CacheError
+from deltakd.references.base import ReferenceBatch, ReferenceSource
+from deltakd.references.cache.format import CacheManifest, row_key
+from deltakd.references.cache.reader import CacheReader
+
+logger = logging.getLogger("deltakd.cache")
+
+_REBUILD = ("Rebuild the cache for this config with `deltakd cache build CONFIG --overwrite`, "
+            "or point cache.dir at a cache built for these settings.")  # fmt: skip
+
+
+def check_manifest(found: CacheManifest, expected: CacheManifest, cache_dir: str | Path) -> None:
+    """Raise CacheError naming the first field where the cache differs from the run.
+
+    Dataset fields that `expected` leaves as None (not computed) and models absent from
+    `expected` are not compared.
+    """
+    checks: list[tuple[str, Any, Any]] = []
+    for key in ("method", "variant", "alpha", "temperature", "k"):
+        checks.append((f"target.{key}", found.target.get(key), expected.target.get(key)))
+    checks.append(("tokenizer.fingerprint", found.tokenizer.get("fingerprint"),
+                   expected.tokenizer.get("fingerprint")))  # fmt: skip
+    checks.append(("tokenizer.vocab_size", found.tokenizer.get("vocab_size"),
+                   expected.tokenizer.get("vocab_size")))  # fmt: skip
+    for key in ("spec", "split", "limit", "max_length", "truncation", "hash"):
+        want = expected.dataset.get(key)
+        if key == "hash" and want is None:
+            continue
+        checks.append((f"dataset.{key}", found.dataset.get(key), want))
+    for role, ident in expected.models.items():
+        have = found.models.get(role, {}).get("fingerprint")
+        checks.append((f"models.{role}", have, ident.get("fingerprint")))
+    for name, have, want in checks:
+        if have != want:
+            if name.startswith("models."):
+                role = name.split(".", 1)[1]
+                detail = (f"the {role} model differs: the cache was built from "
+                          f"{found.models.get(role, {}).get('path')!r} (fingerprint "
+                          f"{str(have)[:12]}), this run names {expected.models[role]['path']!r} "
+                          f"(fingerprint {str(want)[:12]})")  # fmt: skip
+            elif name in ("tokenizer.fingerprint", "dataset.hash"):
+                detail = (
+                    f"{name} is {str(have)[:16]}… in the cache but {str(want)[:16]}… for this run"
+                )
+            else:
+                detail = f"{name} is {have!r} in the cache but {want!r} in this run's config"
+            raise CacheError(f"the offline cache at {cache_dir} does not match this run: {detail}. "
+                             f"{_REBUILD}")  # fmt: skip
+
+
+class CacheReferences(ReferenceSource):
+    """Sparse Delta-KD (or KD) targets read from a built cache; no reference model is loaded.
+
+    Args:
+        cache_dir: directory written by `deltakd cache build` (or a `CacheReader`).
+        device: where the returned tensors go.
+        verify: check each shard's sha256 the first time it is read.
+        expected: the manifest the run needs (see `build.expected_manifest`); refused with a
+            CacheError naming the field when the cache differs.
+    """
+
+    def __init__(self, cache_dir: str | Path | CacheReader, *, device: str | torch.device = "cpu",
+                 verify: bool = True, expected: CacheManifest | None = None) -> None:  # fmt: skip
+        self.reader = (
+            cache_dir
+            if isinstance(cache_dir, CacheReader)
+            else CacheReader(cache_dir, verify=verify)
+        )
+        self.manifest = self.reader.manifest
+        if expected is not None:
+            check_manifest(self.manifest, expected, self.reader.dir)
+        self.device = torch.device(device)
+        self.roles = tuple(self.manifest.models)
+        self.k = self.reader.k
+        self.temperature = float(self.manifest.target["temperature"])
+        self._fill_idx, self._fill_lp, self._fill_tail = self.reader.filler()
+
+    def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
+        """`ReferenceBatch(target=SparseTarget)` of leading shape [B, T] for `batch`."""
+        from deltakd.losses import SparseTarget
+
+        start = time.perf_counter()
+        ids = batch["input_ids"].cpu()
+        attn = batch["attention_mask"].cpu().bool()
+        amask = batch.get("assistant_mask")
+        rows = batch.get("row_index")
+        b_size, t_len = ids.shape
+        k = self.k
+        indices = self._fill_idx.expand(b_size, t_len, k).clone()  # (B, T, k)
+        logprobs = self._fill_lp.expand(b_size, t_len, k).clone()  # (B, T, k)
+        tail = torch.full((b_size, t_len), self._fill_tail, dtype=torch.float32)  # (B, T)
+        for b in range(b_size):
+            valid = attn[b]
+            n = int(valid.sum())
+            first = int(valid.to(torch.int8).argmax()) if n else 0
+            row_ids = ids[b, first : first + n]
+            found = self.reader.row(row_key(row_ids))
+            if found is None:
+                if self.reader.verify:
+                    self.reader.verify_all()  # a damaged row table looks like a missing row
+                where = f" (dataset row {int(rows[b])})" if rows is not None else ""
+                raise CacheError(
+                    f"batch row {b}{where} with {n} tokens is not in the offline cache at "
+                    f"{self.reader.dir}: the run's dataset or its tokenization (dataset, split, "
+                    "limit, max_length, chat template) differs from the one the cache was built "
+                    f"from ({self.manifest.dataset.get('spec')!r}). {_REBUILD}"
+                )
+            pos = found.positions + first
+            if amask is not None:
+                want = (amask[b, 1:].cpu().bool() & valid[1:]).nonzero().flatten()
+                if not torch.equal(want, pos):
+                    raise CacheError(
+                        f"batch row {b}: the cache holds targets at {pos.numel()} response "
+                        f"positions but this run's assistant mask has {want.numel()}: the "
+                        f"response masks differ from the build's. {_REBUILD}"
+                    )
+            indices[b, pos] = found.indices
+            logprobs[b, pos] = found.logprobs
+            tail[b, pos] = found.tail_mass
+        target = SparseTarget(indices.to(self.device), logprobs.to(self.device),
+                              tail.to(self.device), self.temperature)  # fmt: skip
+        return ReferenceBatch(target=target, wait_seconds=time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def from_config(config: Any, roles: tuple[str, ...], device: torch.device) -> CacheReferences:
+    """`references: cache` for `deltakd train`: open `cache.dir` and check it fits the run.
+
+    Compared with the run: method, variant, α, τ, k, the tokenizer's fingerprint, the dataset
+    (spec, split, limit, max_length, truncation and, with `cache.verify_dataset`, the hash of
+    the encoded rows) and the fingerprint of every reference model the config names.
+    """
+    from deltakd.data.vocab import load_tokenizer
+    from deltakd.references.cache.build import (
+        check_cacheable,
+        encode_dataset,
+        expected_manifest,
+    )
+    from deltakd.references.cache.format import CacheSettings
+
+    check_cacheable(config)
+    settings = CacheSettings.from_config(config)
+    reader = CacheReader(settings.dir, verify=settings.verify)
+    tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
+    data = encode_dataset(config, tokenizer) if settings.verify_dataset else None
+    # Models the run does not name (training without the teachers on disk) are not compared.
+    named = tuple(r for r in roles if getattr(config, r, None))
+    missing = [r for r in roles if r not in named]
+    if missing:
+        logger.warning("cache %s: roles %s are not named in the config; their identity is not "
+                       "checked", settings.dir, ", ".join(missing))  # fmt: skip
+    expected = expected_manifest(config, settings, tokenizer, data, named)
+    return CacheReferences(reader, device=device, expected=expected)
