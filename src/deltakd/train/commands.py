@@ -17,7 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    # REMAINDER so that flags may also follow the overrides (`... max_steps=4 --print-config`).
+    p.add_argument(
+        "overrides", nargs=argparse.REMAINDER, metavar="key=value", help="config overrides"
+    )
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
@@ -31,7 +34,10 @@ def _run(args: argparse.Namespace) -> int:
 
     from deltakd.train.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    overrides = [o for o in args.overrides if o != "--print-config"]
+    if len(overrides) != len(args.overrides):
+        args.print_config = True
+    config = load_config(args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0

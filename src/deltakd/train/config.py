@@ -469,6 +469,10 @@ class TrainConfig:
                 self.max_prompt_length,
                 f"an integer below max_length ({self.max_length})",
             )
+        # Method-specific checks (e.g. parallelogram's `variant`) live with the method.
+        from deltakd.train.methods import get_method
+
+        get_method(self.method).validate(self)
         if self.references == "local" and self.method_needs_roles():
             for role in self.method_needs_roles():
                 if not getattr(self, role):
@@ -478,10 +482,6 @@ class TrainConfig:
                         f"a model path: method {self.method!r} needs the "
                         f"{role} reference (set {role}=PATH)",
                     )
-        # Method-specific checks (e.g. parallelogram's `variant`) live with the method.
-        from deltakd.train.methods import get_method
-
-        get_method(self.method).validate(self)
 
     # -- helpers ------------------------------------------------------------------------------
     @property

@@ -91,13 +91,20 @@ class Method:
     #: whether the trainer may draw the next step's micro-batches early to prefetch their
     #: references (False for methods whose `prepare_batch` depends on the current weights)
     prefetch_ahead: ClassVar[bool] = True
+    #: whether `on_policy_ratio > 0` is implemented for this method
+    supports_on_policy: ClassVar[bool] = False
 
     def reference_roles(self, config: TrainConfig) -> tuple[str, ...]:
         """Frozen roles this method needs (from `REFERENCE_ROLES`)."""
         return ("teacher_ft",)
 
     def validate(self, config: TrainConfig) -> None:
-        """Raise ConfigError for settings this method cannot use."""
+        """Raise ConfigError for settings this method cannot use (call super() when overriding)."""
+        if config.on_policy_ratio > 0 and not self.supports_on_policy:
+            raise ConfigError(
+                f"config field 'on_policy_ratio' = {config.on_policy_ratio!r} is not allowed: "
+                f"method {self.name!r} has no on-policy mode in this build; set on_policy_ratio=0."
+            )
 
     def prepare_rows(self, rows: list[dict], trainer_ctx: Any) -> list[dict]:
         """Rewrite the training rows once before tokenisation (default: unchanged)."""
@@ -258,6 +265,7 @@ class Parallelogram(Method):
     def validate(self, config: TrainConfig) -> None:
         from deltakd.losses import PARALLELOGRAM_VARIANTS
 
+        super().validate(config)
         if config.variant not in PARALLELOGRAM_VARIANTS:
             raise ConfigError(
                 f"config field 'variant' = {config.variant!r} is not allowed: method "
