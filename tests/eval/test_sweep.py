@@ -144,3 +144,43 @@ def test_tiny_grid_through_the_real_trainer_and_report(sweep_setup, tmp_path) ->
         "training_loss.png",
         "grad_norm.png",
     }
+
+
+def test_diverged_runs_are_recorded_and_the_sweep_goes_on(
+    tiny_world, sweep_setup, tmp_path
+) -> None:
+    from deltakd.errors import NonFiniteError
+
+    config, out = sweep_setup
+    calls: list[dict[str, Any]] = []
+    ok = _fake_train(tiny_world, calls)
+
+    def train(config_path: str, overrides: dict[str, Any]) -> None:
+        if overrides["alpha"] == 1:
+            calls.append(dict(overrides))
+            with open(Path(overrides["output_dir"]) / "history.jsonl", "w") as f:
+                for step in (1, 2):
+                    f.write(json.dumps({"step": step, "loss": 1.0, "grad_norm": 10.0**step}) + "\n")
+            raise NonFiniteError("the gradient norm is inf at optimizer step 3")
+        ok(config_path, overrides)
+
+    kw = dict(
+        out_dir=out, train_fn=train, settings=GenerationSettings(max_new_tokens=2), progress=False
+    )
+    res = run_sweep(config, {"alpha": [1, 0]}, **kw)
+    assert [r["status"] for r in res] == ["failed", "trained"]
+    assert "inf" in res[0]["error"]
+    assert json.loads((out / "alpha-1" / "failed.json").read_text())["kind"] == "NonFiniteError"
+    assert not (out / "alpha-1" / "eval.json").exists()
+
+    assert [r["status"] for r in run_sweep(config, {"alpha": [1, 0]}, **kw)] == ["failed", "done"]
+    assert len(calls) == 2  # the diverged run is not retrained by default...
+    run_sweep(config, {"alpha": [1]}, retry_failed=True, **kw)
+    assert len(calls) == 3  # ...only when asked
+
+    rep = build_report([out], out_dir=tmp_path / "rep")
+    by_alpha = {g["params"]["alpha"]: g for g in rep.groups}
+    assert by_alpha[1]["diverged"] == 1 and "rouge1" not in by_alpha[1]["metrics"]
+    assert by_alpha[1]["metrics"]["max_grad_norm"]["mean"] == pytest.approx(100.0)
+    assert by_alpha[0]["diverged"] == 0
+    assert "diverged runs" in rep.markdown and "1 diverged" in rep.markdown

@@ -133,6 +133,11 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-split", default=None, help="split to evaluate on (spec's test split)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate N examples per run")
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="train again the runs that diverged in an earlier sweep (default: skip them)",
+    )
     p.add_argument("--json", action="store_true", help="end with one line of JSON")
     _add_generation_args(p)
     p.set_defaults(func=_run_sweep)
@@ -153,11 +158,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit,
         settings=_settings(args),
         dry_run=args.dry_run,
+        retry_failed=args.retry_failed,
     )
     for r in results:
         m = r.get("metrics") or {}
-        score = f"ROUGE-1 {100 * m['rouge1']:.2f}" if "rouge1" in m else ""
-        print(f"{r['status']:>8}  {r['name']}  {score}")
+        note = f"ROUGE-1 {100 * m['rouge1']:.2f}" if "rouge1" in m else r.get("error", "")
+        print(f"{r['status']:>9}  {r['name']}  {note}")
+    failed = [r["name"] for r in results if r["status"] == "failed"]
+    if failed:
+        print(f"{len(failed)} run(s) diverged: {', '.join(failed)} (see <run>/failed.json)")
     if args.json:
         print(json.dumps({"out": args.out, "runs": results}))
     return 0

@@ -59,6 +59,7 @@ class Run:
     metrics: dict[str, Any] | None
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_only: bool = False  # a `deltakd eval --out` directory: a model scored, no training
+    failed: str | None = None  # the error of a run that diverged (`failed.json` of a sweep)
 
     @property
     def name(self) -> str:
@@ -154,13 +155,22 @@ def load_run(run_dir: str | Path) -> Run:
         if not params:
             eval_only = True
             params["model"] = metrics.get("meta", {}).get("model", path.name)
+    failed = None
+    if metrics is None and (path / "failed.json").is_file():
+        failed = str(_read_json(path / "failed.json").get("error", "failed"))
     return Run(
-        path=path, params=params, metrics=metrics, history=_read_history(path), eval_only=eval_only
+        path=path,
+        params=params,
+        metrics=metrics,
+        history=_read_history(path),
+        eval_only=eval_only,
+        failed=failed,
     )
 
 
 RUN_MARKERS: tuple[str, ...] = (
-    "eval.json", "metrics.json", "final", "history.jsonl", "trainer_state.json", *CONFIG_FILES,
+    "eval.json", "metrics.json", "failed.json", "final", "history.jsonl", "trainer_state.json",
+    *CONFIG_FILES,
 )  # fmt: skip
 
 
@@ -241,6 +251,7 @@ def summarise(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "params": params,
             "runs": [str(r.path) for r in members],
             "seeds": [r.params.get("seed") for r in scored],
+            "diverged": sum(r.failed is not None for r in members),
             "metrics": {},
         }
         for key in METRIC_KEYS:
@@ -272,12 +283,17 @@ def markdown_table(groups: Sequence[Mapping[str, Any]]) -> str:
     extra = [k for k in ("final_loss", "max_grad_norm") if any(k in g["metrics"] for g in groups)]
     head = ["run group", "seeds", *(METRIC_TITLES[k] for k in present)]
     head += [{"final_loss": "final loss", "max_grad_norm": "max grad norm"}[k] for k in extra]
+    diverged = any(g.get("diverged") for g in groups)
+    if diverged:
+        head.append("diverged runs")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         n = max((g["metrics"][k]["n"] for k in present if k in g["metrics"]), default=0)
         cells = [g["label"], str(n)]
         cells += [_pm(g["metrics"].get(k), 100.0) for k in present]
         cells += [_pm(g["metrics"].get(k), 1.0, 3) for k in extra]
+        if diverged:
+            cells.append(str(g.get("diverged", 0)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -399,10 +415,12 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path = "report")
         plots.append(str(out / "grad_norm.png"))
 
     scored = sum(r.metrics is not None for r in runs)
+    diverged = sum(r.failed is not None for r in runs)
     md = [
         "# deltakd report",
         "",
-        f"{len(runs)} run(s), {scored} with eval results, in {len(groups)} group(s). "
+        f"{len(runs)} run(s), {scored} with eval results, {diverged} diverged, in "
+        f"{len(groups)} group(s). "
         "ROUGE-1/2/L F1 and exact match ×100; mean ± sample std (ddof=1) over seeds.",
         "",
         markdown_table(groups),

@@ -9,9 +9,13 @@ Layout of a sweep directory::
         sweep.json               this run's overrides (what the report groups on)
         eval/                    predictions.jsonl, summary.md, metrics.json
         eval.json                the run's scores; its presence marks the run finished
+        failed.json              instead of eval.json when training diverged (NaN/inf)
 
 Re-running the same command skips finished runs, evaluates runs that trained but were not
-evaluated, and lets the trainer resume unfinished ones from their last checkpoint.
+evaluated, and lets the trainer resume unfinished ones from their last checkpoint. A run that
+diverged (`NonFiniteError`, e.g. a parallelogram variant whose gradient norm blows up) is
+recorded in `failed.json`, the sweep goes on with the next run, and later sweeps skip it
+unless asked to retry (`retry_failed`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ TrainFn = Callable[[str, dict[str, Any]], Any]
 
 FINAL_DIR = "final"
 EVAL_FILE = "eval.json"
+FAILED_FILE = "failed.json"
 RUN_META = "sweep.json"
 
 
@@ -149,14 +154,17 @@ def run_sweep(
     settings: GenerationSettings | None = None,
     train_fn: TrainFn | None = None,
     dry_run: bool = False,
+    retry_failed: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every grid point into `out_dir/<run-name>`; skip finished runs.
 
     Returns one record per run: `name`, `dir`, `overrides`, `status` (`done` = skipped as
     finished, `trained` = trained and evaluated now, `evaluated` = only evaluated now,
-    `planned` in a dry run) and `metrics` (the `eval.json` scores).
+    `failed` = training diverged (now or in an earlier sweep; see `error`), `planned` in a dry
+    run) and `metrics` (the `eval.json` scores).
     """
+    from deltakd.errors import NonFiniteError
     from deltakd.eval.evaluate import evaluate_spec
 
     config = str(config)
@@ -201,6 +209,12 @@ def run_sweep(
             record["metrics"] = json.loads((run_dir / EVAL_FILE).read_text(encoding="utf-8"))
             results.append(record)
             continue
+        failed_file = run_dir / FAILED_FILE
+        if failed_file.is_file() and not retry_failed:
+            record["status"] = "failed"
+            record["error"] = json.loads(failed_file.read_text(encoding="utf-8")).get("error")
+            results.append(record)
+            continue
         if dry_run:
             record["status"] = "planned"
             results.append(record)
@@ -215,7 +229,20 @@ def run_sweep(
         )
         status = "evaluated"
         if not is_trained(run_dir):
-            train_fn(config, overrides)
+            failed_file.unlink(missing_ok=True)
+            try:
+                train_fn(config, overrides)
+            except NonFiniteError as exc:
+                # Divergence is a result (the paper's unstable variants), not a crash: keep
+                # it, with the history logged so far, and go on with the grid.
+                failed_file.write_text(
+                    json.dumps({"error": str(exc), "kind": type(exc).__name__}, indent=2) + "\n",
+                    encoding="utf-8",
+                )
+                record["status"] = "failed"
+                record["error"] = str(exc)
+                results.append(record)
+                continue
             status = "trained"
             if not is_trained(run_dir):
                 raise ConfigError(
