@@ -1,0 +1,252 @@
+"""`deltakd bench cache`: what the offline target cache costs and saves, per k.
+
+For each k (default 8, 32, 64, 128, V) on the mini world's training rows:
+
+- ``bytes_per_token``: shard bytes (headers and row tables included) per cached response
+  position, as written by `deltakd cache build` (fp16 log-probabilities by default).
+- ``kl_nats``: mean over response positions of KL(p ‖ q) in nats, where p = softmax(z*/τ) is
+  the dense Delta-KD target computed from the three models in float32, and q is the sparse
+  target read back from the cache: q_i = exp(stored logprob_i) on the k stored tokens, and the
+  stored tail mass spread uniformly over the other V − k tokens (q renormalised to sum to 1,
+  which only undoes fp16 rounding). At k = V only the value rounding remains.
+- ``throughput_vs_sft`` / ``throughput_vs_local``: training tokens/s of `deltakd train` with
+  `references: cache` at that k, divided by plain SFT (no references) and by Delta-KD with local
+  references, all measured in this process on the same rows, seed and steps. Step times skip
+  the first step (warm-up); every run sees the same batches, so the tokens/s ratio is the
+  steps/s ratio.
+
+Uses the shipped mini world when present, else freshly initialised models of its shapes (then
+the KL figures describe untrained models, whose distributions are flatter: say so when
+quoting them; the command prints which world it used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_KS = "8,32,64,128,V"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--world",
+        default=None,
+        help="directory with tokenizer/, teacher_ft/, teacher_raw/, student_raw/ (default: the "
+        "shipped mini world, else untrained models of its shapes)",
+    )
+    parser.add_argument("--dataset", default="mini:instruct", help="training rows (a dataset spec)")
+    parser.add_argument("--rows", type=int, default=64, help="training rows used")
+    parser.add_argument("--ks", default=DEFAULT_KS, help="comma-separated k values; V = all")
+    parser.add_argument("--alpha", type=float, default=1.0, help="Delta-KD α")
+    parser.add_argument("--temperature", type=float, default=1.0, help="τ")
+    parser.add_argument("--value-dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per timed run")
+    parser.add_argument("--batch", type=int, default=8, help="rows per step")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per row")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def _world(arg: str | None, tmp: Path) -> tuple[Path, str]:
+    if arg:
+        return Path(arg), f"world {arg}"
+    try:
+        from deltakd.data.mini import mini_world_dir
+
+        return mini_world_dir(), "shipped mini world"
+    except Exception:
+        pass
+    from deltakd.data.mini.corpus import make_corpus
+    from deltakd.data.mini.models import STUDENT, TEACHER, make_model
+    from deltakd.data.mini.tokenizer import train_tokenizer
+
+    root = tmp / "world"
+    tok = train_tokenizer(make_corpus(seed=0, n_docs=300), root / "tokenizer")
+    for role, shape, seed in (("teacher_raw", TEACHER, 1), ("teacher_ft", TEACHER, 2),
+                              ("student_raw", STUDENT, 3)):  # fmt: skip
+        make_model(shape, tok, seed=seed).save_pretrained(root / role)
+        tok.save_pretrained(root / role)
+    return root, "UNTRAINED models of the mini world's shapes (the mini world is not shipped)"
+
+
+def _step_timer() -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def _steps_per_s(config: Any) -> float:
+    from deltakd.train.api import train
+
+    timer = _step_timer()
+    train(config, callbacks=[timer])
+    ends = timer.ends
+    if len(ends) < 2:
+        raise RuntimeError("too few steps to time; use --steps >= 2")
+    return (len(ends) - 1) / (ends[-1] - ends[0])
+
+
+def sparse_kl(dense_logp: Any, target: Any) -> Any:
+    """KL(p ‖ q) per position, nats. `dense_logp` (n, V) log-probabilities of p; `target` a
+    SparseTarget of leading shape (n,): q = stored top-k probabilities and the tail mass spread
+    uniformly over the other V − k tokens, renormalised."""
+    import torch
+
+    v = dense_logp.shape[-1]
+    k = target.k
+    idx = target.indices.long()
+    q = torch.empty_like(dense_logp)
+    others = max(v - k, 1)
+    q[:] = (target.tail_mass.float().clamp_min(1e-38) / others).unsqueeze(-1)
+    q.scatter_(-1, idx, target.logprobs.float().exp())
+    logq = (q / q.sum(-1, keepdim=True)).log()
+    p = dense_logp.exp()
+    return (p * (dense_logp - logq)).sum(-1)  # (n,)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="deltakd-bench-cache-"))
+    try:
+        return _run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, tmp: Path) -> int:
+    import torch
+
+    from deltakd.losses import delta_target
+    from deltakd.references.cache.build import build_cache, encode_dataset
+    from deltakd.references.cache.source import CacheReferences
+    from deltakd.references.local import LocalReferences
+    from deltakd.train.config import load_config
+
+    root, world_note = _world(args.world, tmp)
+    base: dict[str, Any] = {
+        "student_raw": str(root / "student_raw"),
+        "teacher_ft": str(root / "teacher_ft"),
+        "teacher_raw": str(root / "teacher_raw"),
+        "tokenizer": str(root / "tokenizer"),
+        "dataset": args.dataset,
+        "limit": args.rows,
+        "max_length": args.max_length,
+        "max_prompt_length": max(1, args.max_length // 2),
+        "per_device_batch_size": args.batch,
+        "alpha": args.alpha,
+        "temperature": args.temperature,
+        "learning_rate": 1e-4,
+        "lr_scheduler": "constant",
+        "max_steps": max(args.steps, 2),
+        "logging_steps": 1,
+        "save_steps": 0,
+        "resume": "never",
+        "progress": False,
+        "device": "cpu",
+        "seed": 0,
+    }
+
+    def config(name: str, **extra: Any) -> Any:
+        return load_config(None, {**base, "output_dir": str(tmp / "runs" / name), **extra})
+
+    local_cfg = config("local", method="delta_kd")
+    from deltakd.data.vocab import load_tokenizer
+
+    tok = load_tokenizer(local_cfg.tokenizer_path)
+    v = len(tok)
+    ks = [v if s.strip().upper() == "V" else min(int(s), v) for s in args.ks.split(",")]
+    roles = ("teacher_ft", "teacher_raw", "student_raw")
+    local = LocalReferences({r: getattr(local_cfg, r) for r in roles})
+
+    # Dense targets at every response position, in the order the cache is read back.
+    from deltakd.data.tokenize import ChatCollator
+
+    data = encode_dataset(local_cfg, tok)
+    collate = ChatCollator(pad_token_id=tok.pad_token_id)
+    feats = [{"input_ids": i, "assistant_mask": m, "row_index": r}
+             for i, m, r in zip(data.ids, data.masks, data.row_indices)]  # fmt: skip
+    batches = [collate(feats[j:j + args.batch]) for j in range(0, len(feats), args.batch)]  # fmt: skip
+    dense: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    for key, batch in enumerate(batches):
+        ref = local.fetch(key, batch).logits
+        z = delta_target(*(ref[r][:, :-1, :v] for r in roles), alpha=args.alpha)
+        mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
+        dense.append(torch.log_softmax(z[mask].float() / args.temperature, dim=-1))  # (n, V)
+        masks.append(mask)
+    n_positions = sum(int(m.sum()) for m in masks)
+
+    rows: list[dict[str, Any]] = []
+    cache_cfgs: dict[int, Any] = {}
+    for k in ks:
+        cfg = config(f"cache-{k}", method="delta_kd", references="cache",
+                     cache={"dir": str(tmp / f"cache-{k}"), "k": k,
+                            "value_dtype": args.value_dtype})  # fmt: skip
+        cache_cfgs[k] = cfg
+        manifest = build_cache(cfg, references=local, progress=False).manifest
+        source = CacheReferences(cfg.cache["dir"])
+        kls = []
+        for key, (batch, mask, logp) in enumerate(zip(batches, masks, dense)):
+            t = source.fetch(key, batch).target
+            from deltakd.losses import SparseTarget
+
+            sel = SparseTarget(t.indices[:, :-1][mask], t.logprobs[:, :-1][mask],
+                               t.tail_mass[:, :-1][mask], t.temperature)  # fmt: skip
+            kls.append(sparse_kl(logp, sel))
+        source.close()
+        rows.append({"k": k, "bytes_per_token": manifest.bytes_per_token(),
+                     "kl_nats": float(torch.cat(kls).mean()),
+                     "bytes_per_position": manifest.encoding["bytes_per_position"]})  # fmt: skip
+    local.close()
+
+    tps: dict[str, float] = {}
+    if args.steps >= 2:
+        tps["sft"] = _steps_per_s(config("sft", method="sft"))
+        tps["local"] = _steps_per_s(local_cfg)
+        for k in ks:
+            tps[f"cache-{k}"] = _steps_per_s(cache_cfgs[k])
+    mean_tokens = sum(len(x) for x in data.ids) / len(data.ids) * args.batch
+    for row in rows:
+        s = tps.get(f"cache-{row['k']}")
+        row["tokens_per_s"] = s * mean_tokens if s else None
+        row["throughput_vs_sft"] = s / tps["sft"] if s else None
+        row["throughput_vs_local"] = s / tps["local"] if s else None
+
+    print(f"deltakd bench cache: {world_note}; {args.dataset} {len(data.ids)} rows, "
+          f"{n_positions} response positions, V={v}, α={args.alpha}, τ={args.temperature}, "
+          f"{args.value_dtype} log-probs, {args.steps} steps × {args.batch} rows, "
+          f"{args.threads} thread(s)")  # fmt: skip
+    if tps:
+        print(f"  sft {tps['sft'] * mean_tokens:.0f} tok/s, delta_kd local "
+              f"{tps['local'] * mean_tokens:.0f} tok/s (mean {mean_tokens:.0f} tokens/step)")  # fmt: skip
+    print(
+        f"  {'k':>6} {'bytes/token':>12} {'KL nats':>10} {'tok/s':>8} {'vs sft':>7} {'vs local':>8}"
+    )
+    for row in rows:
+        t = row["tokens_per_s"]
+        print(f"  {row['k']:>6} {row['bytes_per_token']:>12.1f} {row['kl_nats']:>10.2e} "
+              f"{(f'{t:.0f}' if t else '-'):>8} "
+              f"{_fmt(row['throughput_vs_sft']):>7} {_fmt(row['throughput_vs_local']):>8}")  # fmt: skip
+    if args.json:
+        keys = ("k", "bytes_per_token", "kl_nats", "throughput_vs_sft", "throughput_vs_local")
+        print(json.dumps([{key: row[key] for key in keys} for row in rows]))
+    return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.2f}"

@@ -1,0 +1,57 @@
+"""`deltakd bench cache --json` on the tiny world: one row per k with the agreed keys."""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+def test_bench_cache_json(tiny_world, tmp_path, capsys):
+    from deltakd.cli import main
+
+    world = tiny_world["tokenizer"].parent
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": p, "response": r}) + "\n"
+            for p, r in [
+                ("what colour is the fox?", "the fox is red."),
+                ("seven plus six?", "seven plus six is thirteen."),
+                ("what sings?", "the blue whale sings at night."),
+            ]
+        )
+    )
+    argv = ["bench", "cache", "--json", "--world", str(world), "--dataset", str(data),
+            "--rows", "3", "--ks", "8,V", "--steps", "2", "--batch", "2", "--max-length", "48"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert [r["k"] for r in rows] == [8, tiny_world["vocab_size"]]
+    for r in rows:
+        assert set(r) == {"k", "bytes_per_token", "kl_nats", "throughput_vs_sft",
+                          "throughput_vs_local"}  # fmt: skip
+        assert r["throughput_vs_sft"] > 0 and r["throughput_vs_local"] > 0
+    # uint16 ids + fp16 values: 4 bytes per entry plus 8 per position (+ headers, row tables).
+    assert 8 * 4 + 8 < rows[0]["bytes_per_token"] < rows[1]["bytes_per_token"]
+    # Truncating to k = 8 of 320 tokens loses information; k = V only rounds to fp16.
+    assert rows[0]["kl_nats"] > 1e-3
+    assert -1e-6 <= rows[1]["kl_nats"] < 1e-4
+    assert "tok/s" in out and "world" in out
+
+
+def test_sparse_kl_definition():
+    import torch
+
+    from deltakd.bench.cache import sparse_kl
+    from deltakd.losses import SparseTarget
+
+    torch.manual_seed(0)
+    z = torch.randn(5, 50) * 3
+    logp = torch.log_softmax(z, -1)
+    assert sparse_kl(logp, SparseTarget.from_logits(z, 50)).abs().max() < 1e-5
+    t = SparseTarget.from_logits(z, 10)
+    q = torch.full_like(logp, 0.0) + (t.tail_mass / 40).unsqueeze(-1)
+    q.scatter_(-1, t.indices, t.logprobs.exp())
+    want = (logp.exp() * (logp - q.log())).sum(-1)
+    torch.testing.assert_close(sparse_kl(logp, t), want, atol=1e-5, rtol=1e-4)
+    assert math.isfinite(float(want.mean())) and float(want.mean()) > 0
