@@ -114,14 +114,24 @@ def test_pipelined_fetch_matches_the_model_exactly(
         assert shm.segments(run) == []
 
 
-def test_reply_for_another_batch_is_refused(tiny_world: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("wrong_fp", r"refused the reply.*fingerprint.*answered for another batch"),
+        ("malformed", r"malformed message header"),
+    ],
+)
+def test_reply_for_another_batch_or_malformed_is_refused(
+    tiny_world: dict, tmp_path: Path, fault: str, message: str
+) -> None:
     ep = _ep(tmp_path, "w")
     with (
-        running(_server(tiny_world, "teacher_ft", ep, fault="wrong_fp")),
+        running(_server(tiny_world, "teacher_ft", ep, fault=fault)),
         ServerReferences([ServerSpec("teacher_ft", endpoint=ep)], timeout=10) as refs,
-        pytest.raises(ReferenceServerError, match=r"refused the reply.*fingerprint"),
+        pytest.raises(ReferenceServerError, match=message) as err,
     ):
         refs.fetch(0, _batch(0, tiny_world["vocab_size"]))
+    assert "'teacher_ft'" in str(err.value) and ep in str(err.value)
 
 
 def _fake_server(endpoint: str, stop: threading.Event, rid_shift: int, info: dict) -> None:
@@ -253,3 +263,70 @@ def test_killed_server_is_detected_then_restarted_with_identical_outputs(
         refs.close()
     assert new_proc.poll() is not None  # close stopped the launched server
     assert shm.segments(refs.run_id) == []
+
+
+def test_servers_settings_are_checked(tiny_world: dict) -> None:
+    from deltakd.references.client import from_settings
+
+    models = {"teacher_ft": str(tiny_world["teacher_ft"])}
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['timeuot'\]"):
+        from_settings({"timeuot": 3}, models)
+    with pytest.raises(ConfigError, match=r"roles \['teacher_raw'\] are not needed"):
+        from_settings({"roles": {"teacher_raw": {"device": "cpu"}}}, models)
+    with pytest.raises(ConfigError, match="neither a model path"):
+        from_settings({}, {"teacher_ft": None})
+    with pytest.raises(ConfigError, match="bf16, fp16, fp32"):
+        from_settings({"dtype": "int8"}, models)
+    with pytest.raises(ConfigError, match="transport"):
+        from_settings({"transport": "carrier-pigeon"}, models)
+
+
+@pytest.mark.slow
+def test_training_with_servers_matches_local_references(tiny_world: dict, tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from deltakd.train import load_config, train
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"it is {2 * i}."} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {
+        "method": "delta_kd",
+        "student_raw": str(tiny_world["student_raw"]),
+        "teacher_ft": str(tiny_world["teacher_ft"]),
+        "teacher_raw": str(tiny_world["teacher_raw"]),
+        "tokenizer": str(tiny_world["tokenizer"]),
+        "dataset": str(data),
+        "max_length": 64,
+        "per_device_batch_size": 4,
+        "max_steps": 3,
+        "learning_rate": 1e-2,
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "save_steps": 0,
+        "progress": False,
+        "device": "cpu",
+        "resume": "never",
+        "shuffle": False,
+    }
+    local = train(load_config(None, {**base, "output_dir": str(tmp_path / "local")}))
+    servers = train(
+        load_config(
+            None,
+            {
+                **base,
+                "output_dir": str(tmp_path / "servers"),
+                "references": "servers",
+                "servers": {"dtype": "fp32", "threads": 1, "restart": True},
+            },
+        )
+    )
+    a = load_file(str(local.final_dir / "model.safetensors"))
+    b = load_file(str(servers.final_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    waits = [h["ref_wait_s"] for h in servers.history if "ref_wait_s" in h]
+    assert len(waits) == 3

@@ -221,6 +221,8 @@ class ServerReferences(ReferenceSource):
                 for p in [p for p in conn.pending.values() if p.key == key]:
                     self._abandon(conn, p)
                 pend = self._send(conn, key, batch, fp)
+            for p in [p for p in conn.pending.values() if p.key == key and p is not pend]:
+                self._abandon(conn, p)  # an older batch prefetched under the same key
             tensor = self._result(conn, pend)
             if conn.spec.output == "hidden":
                 out.hidden[role] = tensor
@@ -482,7 +484,8 @@ class ServerReferences(ReferenceSource):
                 self._recv(conn, self.timeout, want=lambda h, rid=rid: h.get("rid") == rid)
             except _NoReply as exc:
                 self._restart(conn, str(exc))  # raises unless restarting
-                pend = next(p for p in conn.pending.values() if p.key == pend.key)
+                key, fp = pend.key, pend.fp
+                pend = next(p for p in conn.pending.values() if p.key == key and p.fp == fp)
         conn.pending.pop(pend.rid, None)
         header, frames = pend.reply
         spec = header["tensors"][0]

@@ -254,6 +254,8 @@ class TeacherServer:
         self._apply_fault_before()
         out = self.compute(ids.to(self.device), mask.to(self.device))  # (B, T, X)
         self._served += 1
+        if self.fault.get("malformed"):
+            return [b"\xc1 not msgpack", b""]
         if self.fault.get("wrong_fp"):
             fp = "0" * 32
         reply = {"op": "result", "rid": rid, "fp": fp, "role": self.role}
@@ -305,7 +307,8 @@ class TeacherServer:
 
 
 def _parse_fault(spec: str | None) -> dict[str, Any]:
-    """``die_after=N``, ``hang_after=N``, ``slow=SECONDS``, ``wrong_fp``; comma-separated."""
+    """``die_after=N``, ``hang_after=N``, ``slow=SECONDS``, ``wrong_fp``, ``malformed``;
+    comma-separated."""
     out: dict[str, Any] = {}
     for part in (spec or "").split(","):
         part = part.strip()
@@ -316,11 +319,12 @@ def _parse_fault(spec: str | None) -> dict[str, Any]:
             out[key] = int(value)
         elif key == "slow":
             out[key] = float(value)
-        elif key == "wrong_fp":
+        elif key in ("wrong_fp", "malformed"):
             out[key] = True
         else:
             raise ConfigError(
-                f"unknown fault {part!r}; use die_after=N, hang_after=N, slow=S or wrong_fp"
+                f"unknown fault {part!r}; use die_after=N, hang_after=N, slow=S, wrong_fp or "
+                "malformed"
             )
     return out
 
