@@ -156,3 +156,42 @@ def test_nan_reference_logits_skipped_when_configured(base_overrides, tiny_world
     assert result.metrics["skipped_batches"] == 1
     assert [h.get("skipped_batches") for h in result.history if "loss" in h] == [None, 1, None]
     assert all(torch.isfinite(w).all() for w in _weights(result.output_dir).values())
+
+
+@pytest.fixture(scope="module")
+def padded_world(tmp_path_factory, tiny_world):
+    """The tiny world's roles with embeddings padded beyond the tokenizer, differently per role
+    (as Qwen2.5-7B's 152064 rows vs 1.5B's 151936 vs the tokenizer's 151665)."""
+    from deltakd.data.vocab import load_tokenizer
+    from tests.conftest import make_model
+
+    root = tmp_path_factory.mktemp("padded_world")
+    v = tiny_world["vocab_size"]
+    tok = load_tokenizer(str(tiny_world["tokenizer"]))
+    out = {}
+    for role, rows, hidden, seed in (("teacher_ft", v + 13, 32, 2), ("teacher_raw", v + 13, 32, 1),
+                                     ("student_raw", v + 7, 16, 3)):  # fmt: skip
+        out[role] = str(make_model(root / role, rows, hidden=hidden, layers=1, seed=seed))
+        tok.save_pretrained(out[role])
+    return out
+
+
+def test_padded_vocabularies_are_sliced_to_the_tokenizer(base_overrides, padded_world, tiny_world,
+                                                         tmp_path):  # fmt: skip
+    from deltakd.train.trainer import RoleLogits
+
+    v = tiny_world["vocab_size"]
+    src = LocalReferences(padded_world)
+    ids = torch.randint(3, v, (2, 6))
+    ref = src.fetch(0, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert ref.logits["teacher_ft"].shape[-1] == v + 13
+    role_logits = RoleLogits(ref, {}, v, torch.device("cpu"))
+    sliced = role_logits.logits("teacher_ft")
+    assert sliced.shape == (2, 5, v)
+    assert torch.equal(sliced, ref.logits["teacher_ft"][:, :-1, :v])
+
+    result = _run({**base_overrides, **padded_world}, tmp_path / "r", method="delta_kd",
+                  max_steps=3, shuffle=False, limit=4)  # fmt: skip
+    losses = [v for _, v in result.losses("kd_loss")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert _weights(result.output_dir)["lm_head.weight"].shape[0] == v + 7  # padding kept
