@@ -84,7 +84,7 @@ def test_non_utf8_and_empty_files(tmp_path):
         + b"\n"
         + '{"prompt": "caf\xe9", "response": "r"}\n'.encode("latin-1")
     )
-    with pytest.raises(DataError, match="line 2 is not UTF-8.*re-encode"):
+    with pytest.raises(DataError, match=r"line 2 is not UTF-8.*re-encode"):
         load_rows(str(path))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -38,9 +38,10 @@ def test_prefix_rendering_mask_matches_generation_tags(tok):
     # A template without {% generation %} (like Qwen2.5's) uses prefix rendering instead.
     plain = load_tokenizer(tok.name_or_path)
     plain.chat_template = tok.chat_template.replace("{% generation %}", "").replace(
-        "{% endgeneration %}", "")  # fmt: skip
+        "{% endgeneration %}", ""
+    )
     ids, mask = encode_chat(plain, CHAT)
-    ids_g, mask_g = encode_chat(tok, CHAT)
+    ids_g, _ = encode_chat(tok, CHAT)
     assert ids == ids_g
     text = _assistant_text(plain, ids, mask)
     # The prefix method also counts the newline after <|im_end|> (part of the turn's text).

@@ -18,7 +18,7 @@ def test_fetch_returns_frozen_logits_of_each_role(tiny_world):
         src.prefetch(0, batch)  # a no-op for local models
         out = src.fetch(0, batch)
         assert set(out.logits) == set(paths) and out.wait_seconds >= 0
-        for role, logits in out.logits.items():
+        for logits in out.logits.values():
             assert logits.shape == (2, 7, tiny_world["vocab_size"]) and not logits.requires_grad
         # The references are frozen: same batch, same logits; no parameter wants a gradient.
         again = src.fetch(1, batch)
