@@ -118,3 +118,15 @@ def test_eval_only_dirs_are_reference_rows(sweep_dir, tmp_path) -> None:
     assert rep.groups[1]["metrics"]["rouge1"]["mean"] == pytest.approx(0.6)
     assert rep.groups[1]["metrics"]["rouge1"]["n"] == 1
     assert "| model=mini:teacher_ft | 1 | 60.00 ± 0.00 |" in rep.markdown
+
+
+def test_int_and_float_config_values_group_together(tmp_path) -> None:
+    a = _make_run(tmp_path / "x", 0.0, 0, 0.2)  # alpha: 0.0 in config.yaml
+    b = tmp_path / "y" / "run"
+    b.mkdir(parents=True)
+    (b / "sweep.json").write_text(json.dumps({"overrides": {"alpha": 0, "lr": 0.001, "seed": 1}}))
+    (b / "config.yaml").write_text("method: delta_kd\nlr: 0.001\nseed: 1\n")  # no alpha saved
+    (b / "eval.json").write_text(json.dumps({"rouge1": 0.4, "rouge2": 0.0, "rougeL": 0.4}))
+    rep = build_report([a, b], out_dir=tmp_path / "rep")
+    assert len(rep.groups) == 1
+    assert rep.groups[0]["metrics"]["rouge1"]["mean"] == pytest.approx(0.3)

@@ -50,10 +50,16 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
             "exact match of the final answer when the rows carry an `answer`."
         ),
     )
-    p.add_argument("--model", required=True, help="model directory (save_pretrained)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (save_pretrained), mini:<role> or a Hub name",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument(
-        "--data", required=True, help="data spec: mini:instruct, mini:math, or a .jsonl file"
+        "--data",
+        required=True,
+        help="data spec: mini:instruct, mini:math, a .jsonl file, ultrachat:..., openmath:...",
     )
     p.add_argument(
         "--split", default=None, help="data split (default: the spec's test split, e.g. test)"

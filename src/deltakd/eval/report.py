@@ -143,7 +143,10 @@ def load_run(run_dir: str | Path) -> Run:
             break
     if (path / "sweep.json").is_file():
         meta = _read_json(path / "sweep.json")
-        params.update(_flatten(meta.get("overrides", {})))
+        # The saved config holds the resolved, typed values; the sweep's overrides only fill
+        # in what it lacks (e.g. a run whose trainer saved no config).
+        for k, v in _flatten(meta.get("overrides", {})).items():
+            params.setdefault(k, v)
     metrics = None
     eval_only = False
     if (path / "eval.json").is_file():
@@ -206,10 +209,17 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
     return (1, 0.0, str(value))
 
 
+def _ident(value: Any) -> str:
+    """Identity of a config value for grouping: 1 and 1.0 (YAML int vs float) are one value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(float(value))
+    return repr(value)
+
+
 def grouping_keys(runs: Sequence[Run]) -> list[str]:
     """Config fields that take more than one value across the runs (seed excluded)."""
     keys = sorted({k for r in runs for k in r.params} - NON_GROUPING)
-    return [k for k in keys if len({repr(r.params.get(k)) for r in runs}) > 1]
+    return [k for k in keys if len({_ident(r.params.get(k)) for r in runs}) > 1]
 
 
 def _label(params: Mapping[str, Any]) -> str:
@@ -230,7 +240,7 @@ def group_runs(runs: Sequence[Run]) -> list[tuple[dict[str, Any], list[Run]]]:
     groups: dict[tuple[str, ...], tuple[dict[str, Any], list[Run]]] = {}
     for r in trained:
         params = {k: r.params.get(k) for k in keys}
-        ident = tuple(repr(params[k]) for k in keys)
+        ident = tuple(_ident(params[k]) for k in keys)
         groups.setdefault(ident, (params, []))[1].append(r)
     ordered = sorted(groups.values(), key=lambda g: [_sort_key(g[0][k]) for k in keys])
     return [reference[m] for m in sorted(reference)] + ordered
@@ -360,7 +370,7 @@ def _plot_alpha(runs: Sequence[Run], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     scored = [r for r in runs if r.metrics and not r.eval_only and "alpha" in r.params]
-    if len({repr(r.params["alpha"]) for r in scored}) < 2:
+    if len({_ident(r.params["alpha"]) for r in scored}) < 2:
         return False
     others = [k for k in grouping_keys(scored) if k != "alpha"]
     lines: dict[str, dict[float, list[float]]] = {}
