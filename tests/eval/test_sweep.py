@@ -184,3 +184,23 @@ def test_diverged_runs_are_recorded_and_the_sweep_goes_on(
     assert by_alpha[1]["metrics"]["max_grad_norm"]["mean"] == pytest.approx(100.0)
     assert by_alpha[0]["diverged"] == 0
     assert "diverged runs" in rep.markdown and "1 diverged" in rep.markdown
+
+
+def test_several_configs_prefix_run_names(tiny_world, sweep_setup, tmp_path) -> None:
+    config, out = sweep_setup
+    other = tmp_path / "kd.yaml"
+    other.write_text(config.read_text().replace("method: delta_kd", "method: kd"))
+    calls: list[dict[str, Any]] = []
+    seen: list[str] = []
+    fake = _fake_train(tiny_world, calls)
+
+    def train(config_path: str, overrides: dict[str, Any]) -> None:
+        seen.append(Path(config_path).name)
+        fake(config_path, {**overrides, "alpha": 0})
+
+    res = run_sweep([config, other], {"seed": [0]}, out_dir=out, train_fn=train,
+                    settings=GenerationSettings(max_new_tokens=2), progress=False)  # fmt: skip
+    assert [r["name"] for r in res] == ["cfg_seed-0", "kd_seed-0"]
+    assert seen == ["cfg.yaml", "kd.yaml"]
+    rep = build_report([out], out_dir=tmp_path / "rep")
+    assert [g["label"] for g in rep.groups] == ["config=cfg", "config=kd"]

@@ -116,10 +116,17 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
         description=(
             "Expand --grid into the cartesian product of overrides, run `deltakd train CONFIG "
             "key=value ...` for each into OUT/<run-name>, evaluate each run and write "
-            "OUT/<run-name>/eval.json. Finished runs are skipped, so re-running resumes."
+            "OUT/<run-name>/eval.json. Finished runs are skipped, so re-running resumes; runs "
+            "that diverge (NaN/inf) are recorded in OUT/<run-name>/failed.json and skipped "
+            "later unless --retry-failed."
         ),
     )
-    p.add_argument("config", help="training config (YAML)")
+    p.add_argument(
+        "config",
+        nargs="+",
+        help="training config(s) (YAML); with several, the grid runs for each and run names "
+        "start with the config's file name",
+    )
     p.add_argument(
         "--grid",
         nargs="+",

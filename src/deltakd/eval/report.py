@@ -136,10 +136,12 @@ def load_run(run_dir: str | Path) -> Run:
     """Read a run directory's parameters, eval scores and history."""
     path = Path(run_dir)
     params: dict[str, Any] = {}
+    has_config = False
     for name in CONFIG_FILES:
         if (path / name).is_file():
             loaded = yaml.safe_load((path / name).read_text(encoding="utf-8")) or {}
             params.update(_flatten(loaded))
+            has_config = True
             break
     if (path / "sweep.json").is_file():
         meta = _read_json(path / "sweep.json")
@@ -147,6 +149,8 @@ def load_run(run_dir: str | Path) -> Run:
         # in what it lacks (e.g. a run whose trainer saved no config).
         for k, v in _flatten(meta.get("overrides", {})).items():
             params.setdefault(k, v)
+        if not has_config and meta.get("config"):
+            params["config"] = Path(meta["config"]).stem  # which base config the run came from
     metrics = None
     eval_only = False
     if (path / "eval.json").is_file():

@@ -139,11 +139,11 @@ def _eval_defaults(config_path: str, overrides: Mapping[str, Any]) -> tuple[str,
     from deltakd.train.config import load_config
 
     cfg = load_config(config_path, _override_strings(overrides))
-    return cfg.dataset, cfg.tokenizer_path() if callable(cfg.tokenizer_path) else cfg.tokenizer_path
+    return cfg.dataset, cfg.tokenizer_path
 
 
 def run_sweep(
-    config: str | Path,
+    config: str | Path | Sequence[str | Path],
     grid: Mapping[str, Sequence[Any]],
     *,
     out_dir: str | Path = "runs/sweep",
@@ -159,6 +159,9 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Train and evaluate every grid point into `out_dir/<run-name>`; skip finished runs.
 
+    With several configs (e.g. one per method for a Table-1 comparison) the grid is run for
+    each, and run names start with the config's file stem (`kd_seed-0`).
+
     Returns one record per run: `name`, `dir`, `overrides`, `status` (`done` = skipped as
     finished, `trained` = trained and evaluated now, `evaluated` = only evaluated now,
     `failed` = training diverged (now or in an earlier sweep; see `error`), `planned` in a dry
@@ -167,9 +170,12 @@ def run_sweep(
     from deltakd.errors import NonFiniteError
     from deltakd.eval.evaluate import evaluate_spec
 
-    config = str(config)
-    if not Path(config).is_file():
-        raise ConfigError(f"sweep config {config} does not exist; pass a YAML training config.")
+    configs = [str(config)] if isinstance(config, (str, Path)) else [str(c) for c in config]
+    if not configs:
+        raise ConfigError("no sweep config given; pass at least one YAML training config.")
+    for c in configs:
+        if not Path(c).is_file():
+            raise ConfigError(f"sweep config {c} does not exist; pass a YAML training config.")
     out = Path(out_dir)
     fixed = dict(fixed or {})
     clash = sorted(set(fixed) & set(grid))
@@ -177,11 +183,15 @@ def run_sweep(
         raise ConfigError(f"{clash[0]!r} is both a grid axis and a fixed override; keep one.")
     if "output_dir" in grid or "output_dir" in fixed:
         raise ConfigError("output_dir is set by the sweep (OUT/<run-name>); pass --out instead.")
-    points = expand_grid(grid)
-    names = [run_name(p) for p in points]
+    jobs = [(c, p) for c in configs for p in expand_grid(grid)]
+    if len(configs) > 1:
+        names = [f"{Path(c).stem}_{run_name(p)}" for c, p in jobs]
+    else:
+        names = [run_name(p) for _, p in jobs]
     if len(set(names)) != len(names):
         raise ConfigError(
-            "two grid points map to the same run name; make the grid values distinct as text."
+            "two runs map to the same run name; make the grid values distinct as text and "
+            "give the configs distinct file names."
         )
     train_fn = train_fn or default_train_fn
     settings = settings or GenerationSettings()
@@ -189,19 +199,20 @@ def run_sweep(
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_META).write_text(
             json.dumps(
-                {"config": config, "grid": dict(grid), "fixed": fixed, "runs": names}, indent=2
+                {"configs": configs, "grid": dict(grid), "fixed": fixed, "runs": names}, indent=2
             )
             + "\n",
             encoding="utf-8",
         )
 
     results: list[dict[str, Any]] = []
-    for point, name in zip(points, names):
+    for (config, point), name in zip(jobs, names):
         run_dir = out / name
         overrides = {**fixed, **point, "output_dir": str(run_dir)}
         record: dict[str, Any] = {
             "name": name,
             "dir": str(run_dir),
+            "config": config,
             "overrides": {**fixed, **point},
         }
         if is_finished(run_dir):
