@@ -62,10 +62,11 @@ class StudentBatch:
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
-    student_logits: torch.Tensor  # (B, T-1, V)
+    student_logits: torch.Tensor  # (B, T-1, V); None when `fused_loss` computes from hidden states
     labels: torch.Tensor  # (B, T-1) next tokens
     mask: torch.Tensor  # (B, T-1) bool: True where the next token is a response token
     inputs: dict[str, Any]  # the raw micro-batch (row_index, ...)
+    student_hidden: torch.Tensor | None = None  # (B, T-1, H) with `fused_loss`
 
 
 @dataclass
@@ -100,6 +101,11 @@ class Method:
 
     def validate(self, config: TrainConfig) -> None:
         """Raise ConfigError for settings this method cannot use (call super() when overriding)."""
+        if config.fused_loss and self.uses_kd and self.fused_args(config) is None:
+            raise ConfigError(
+                f"config field 'fused_loss' = True is not allowed: method {self.name!r} has no "
+                "fused form; set fused_loss=false."
+            )
         if config.on_policy_ratio > 0 and not self.supports_on_policy:
             raise ConfigError(
                 f"config field 'on_policy_ratio' = {config.on_policy_ratio!r} is not allowed: "
@@ -124,6 +130,12 @@ class Method:
     def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
         """Σ over counted positions of the divergence term. Scalar."""
         raise NotImplementedError
+
+    def fused_args(self, config: TrainConfig) -> dict[str, Any] | None:
+        """Arguments of `deltakd.losses.fused.fused_distill_loss` (`variant`, `target_role`,
+        `divergence`) computing this method's loss from hidden states, or None when the
+        method has no fused form (`fused_loss: true` is then refused)."""
+        return None
 
     def compute(
         self, batch: StudentBatch, refs: RoleLogits | None, config: TrainConfig
@@ -219,6 +231,9 @@ class KD(Method):
             reduction="sum",
         )
 
+    def fused_args(self, config: TrainConfig) -> dict[str, Any] | None:
+        return {"variant": None, "target_role": "teacher_ft", "divergence": config.divergence}
+
 
 @register_method
 class DeltaKD(Method):
@@ -254,6 +269,11 @@ class DeltaKD(Method):
             alpha=config.alpha,
             **common,
         )
+
+    def fused_args(self, config: TrainConfig) -> dict[str, Any] | None:
+        if config.alpha == 0.0:
+            return {"variant": None, "target_role": "teacher_ft", "divergence": config.divergence}
+        return {"variant": "delta", "divergence": config.divergence}
 
 
 @register_method
@@ -295,6 +315,9 @@ class Parallelogram(Method):
             chunk_size=config.chunk_size,
             reduction="sum",
         )
+
+    def fused_args(self, config: TrainConfig) -> dict[str, Any] | None:
+        return {"variant": config.variant, "divergence": _variant_divergence(config)}
 
 
 def _variant_divergence(config: TrainConfig) -> str | None:

@@ -200,27 +200,46 @@ class DistillTrainer(Trainer):
             refs = RoleLogits(
                 ref, self.references.lm_heads(), self.vocab_size, inputs["input_ids"].device
             )
-        outputs = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-        )
+        fused = self.config.fused_loss and refs is not None
+        if fused:
+            # Only the last hidden states: the fused loss makes logits one chunk at a time.
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+        else:
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+            )
         batch = StudentBatch(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
-            student_logits=outputs.logits[:, :-1, : self.vocab_size],
+            student_logits=None if fused else outputs.logits[:, :-1, : self.vocab_size],
             labels=inputs["input_ids"][:, 1:],
             mask=inputs["assistant_mask"][:, 1:].bool() & inputs["attention_mask"][:, 1:].bool(),
             inputs=inputs,
+            student_hidden=outputs.hidden_states[-1][:, :-1] if fused else None,
         )
         skip_reason = None
         if refs is not None:
             skip_reason = self._check_refs(refs, batch, key)
         terms: LossTerms | None = None
         if skip_reason is None:
-            terms = self.method.compute(batch, refs, self.config)
+            if fused:
+                assert refs is not None
+                terms = self._fused_terms(batch, refs)
+            else:
+                terms = self.method.compute(batch, refs, self.config)
             if not torch.isfinite(terms.total.detach()).all():
+                student = batch.student_logits if not fused else batch.student_hidden
                 skip_reason = self._nonfinite(
-                    f"the {self.method.name} loss is {terms.total.item()} (student logits "
-                    f"finite: {bool(torch.isfinite(batch.student_logits.detach()).all())})",
+                    f"the {self.method.name} loss is {terms.total.item()} (student outputs "
+                    f"finite: {bool(torch.isfinite(student.detach()).all())})",
                     inputs,
                     key,
                 )
@@ -230,7 +249,8 @@ class DistillTrainer(Trainer):
             self._m["skipped"] += 1
             self.skipped_batches += 1
             # Zero loss through the student keeps every parameter in the graph (DDP needs that).
-            loss = batch.student_logits.sum() * 0.0
+            student = batch.student_logits if not fused else batch.student_hidden
+            loss = student.sum() * 0.0
             return (loss, outputs) if return_outputs else loss
         n_counted = float(batch.mask.sum())
         self._m["resp_tokens"] += n_counted
@@ -247,33 +267,82 @@ class DistillTrainer(Trainer):
         loss = terms.total / denom * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _fused_terms(self, batch: StudentBatch, refs: RoleLogits) -> LossTerms:
+        """λ·SFT + (1−λ)·KD sums straight from the student's hidden states (`fused_loss`)."""
+        from deltakd.losses.fused import fused_distill_loss
+
+        cfg = self.config
+        args = dict(self.method.fused_args(cfg) or {})
+        device = batch.input_ids.device
+        ref_inputs: dict[str, Any] = {}
+        if refs.target is not None:
+            # A cached target is the whole z*: plain KD against it.
+            args.update(variant=None, target_role="teacher_ft")
+            ref_inputs["teacher_ft"] = refs.target
+        else:
+            heads = refs.heads
+            for role in self.needed_roles:
+                if role in refs.ref.logits:
+                    ref_inputs[role] = refs.ref.logits[role][:, :-1].to(device)
+                elif role in refs.ref.hidden:
+                    ref_inputs[role] = (
+                        refs.ref.hidden[role][:, :-1].to(device),
+                        heads[role].to(device),
+                    )
+                else:
+                    refs.logits(role)  # raises the "no output for role" error
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        lam = cfg.lam
+        labels = batch.labels.masked_fill(~batch.mask, -100)
+        loss, parts = fused_distill_loss(
+            batch.student_hidden,
+            head.weight,
+            ref_inputs,
+            student_bias=head.bias,
+            alpha=cfg.alpha,
+            temperature=cfg.temperature,
+            beta=cfg.beta,
+            mask=batch.mask,
+            chunk_size=cfg.chunk_size,
+            reduction="sum",
+            sft_weight=lam,
+            labels=labels if lam > 0 else None,
+            vocab_size=self.vocab_size,
+            return_components=True,
+            **args,
+        )
+        return LossTerms(total=loss, sft=parts.get("sft"), kd=parts.get("kd"))
+
     def _check_refs(self, refs: RoleLogits, batch: StudentBatch, key: int) -> str | None:
-        for role in self.needed_roles:
-            if refs.target is not None:
-                break
-            x = refs.logits(role)
-            bad = ~torch.isfinite(x).all(dim=-1) & batch.mask  # (B, T-1)
-            if bool(bad.any()):
-                rows = batch.inputs.get("row_index")
-                bad_rows = (
-                    sorted({int(rows[i]) for i in bad.any(dim=1).nonzero().flatten()})
-                    if rows is not None
-                    else []
-                )
-                return self._nonfinite(
-                    f"the {role} logits contain NaN/inf at {int(bad.sum())} counted positions "
-                    f"(dataset rows {bad_rows})",
-                    batch.inputs,
-                    key,
-                )
+        mask = batch.mask
         if refs.target is not None:
             t = refs.target
             if not (
-                torch.isfinite(t.logprobs[batch.mask]).all()
-                and torch.isfinite(t.tail_mass[batch.mask]).all()
+                torch.isfinite(t.logprobs[mask]).all() and torch.isfinite(t.tail_mass[mask]).all()
             ):
                 return self._nonfinite(
                     "the cached sparse target contains NaN/inf", batch.inputs, key
+                )
+            return None
+        for role in self.needed_roles:
+            # Hidden states are checked as sent: making logits here would defeat fused_loss.
+            if role in refs.ref.logits:
+                x, what = refs.ref.logits[role][:, :-1, : self.vocab_size], "logits"
+            elif role in refs.ref.hidden:
+                x, what = refs.ref.hidden[role][:, :-1], "hidden states"
+            else:
+                continue
+            bad = ~torch.isfinite(x).all(dim=-1) & mask.to(x.device)  # (B, T-1)
+            if bool(bad.any()):
+                rows = batch.inputs.get("row_index")
+                bad_rows = []
+                if rows is not None:
+                    bad_rows = sorted({int(rows[i]) for i in bad.any(dim=1).nonzero().flatten()})
+                return self._nonfinite(
+                    f"the {role} {what} contain NaN/inf at {int(bad.sum())} counted positions "
+                    f"(dataset rows {bad_rows})",
+                    batch.inputs,
+                    key,
                 )
         return None
 
