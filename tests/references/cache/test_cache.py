@@ -53,7 +53,10 @@ def test_round_trip_equals_direct_sparse_target(built_cache):
     source = from_config(config, ("teacher_ft", "teacher_raw", "student_raw"), torch.device("cpu"))
     local = _local(config)
     checked = 0
-    for key, batch in enumerate(_batches(config)):
+    batches = _batches(config)
+    for key, batch in enumerate(batches):
+        if key % 2 == 0:  # even batches through the background worker
+            source.prefetch(key, batch)
         got = source.fetch(key, batch).target
         ref = local.fetch(key, batch).logits
         z = delta_target(ref["teacher_ft"], ref["teacher_raw"], ref["student_raw"], alpha=0.7)
@@ -73,40 +76,39 @@ def test_round_trip_equals_direct_sparse_target(built_cache):
     dup = sum(int(_mask(b)[i].sum()) for b in _batches(config)
               for i in range(len(b["row_index"])) if int(b["row_index"][i]) == 10)  # fmt: skip
     assert dup > 0 and checked == m.dataset["response_tokens"] + dup  # the duplicate is served too
+    # A key prefetched for one batch and fetched with another gives the other's targets.
+    source.prefetch(99, batches[0])
+    again = source.fetch(99, batches[1]).target
+    assert torch.equal(again.indices, source.fetch(100, batches[1]).target.indices)
+    source.close()
 
 
-def test_fp16_cache_is_close_and_smaller(cache_overrides, built_cache, tmp_path):
-    from deltakd.references.cache import CacheReferences, build_cache
+@pytest.fixture(scope="module")
+def full_vocab_cache(cache_overrides, tmp_path_factory):
+    """A k = V fp32 cache (batch size 4, so the trainer test uses it too)."""
+    from deltakd.references.cache import build_cache
 
-    config16 = make_config(cache_overrides, tmp_path)  # default value_dtype fp16
-    m16 = build_cache(config16, progress=False).manifest
-    config32, r32 = built_cache
-    assert m16.encoding["bytes_per_position"] == 8 * (2 + 2) + 8
-    assert m16.bytes_per_token() < r32.manifest.bytes_per_token()
-    a, b = CacheReferences(config16.cache["dir"]), CacheReferences(config32.cache["dir"])
-    batch = _batches(config16)[0]
-    ta, tb = a.fetch(0, batch).target, b.fetch(0, batch).target
-    assert torch.equal(ta.indices, tb.indices)
-    torch.testing.assert_close(ta.logprobs, tb.logprobs, atol=2e-2, rtol=1e-3)
+    out = tmp_path_factory.mktemp("full_vocab")
+    config = make_config(cache_overrides, out, cache={"k": "V", "value_dtype": "fp32"},
+                         per_device_batch_size=4)  # fmt: skip
+    return config, build_cache(config, progress=False).manifest
 
 
-def test_k_equal_V_cache_gives_exactly_the_dense_loss(cache_overrides, tiny_world, tmp_path):
+def test_k_equal_V_cache_gives_exactly_the_dense_loss(full_vocab_cache, tiny_world):
     from transformers import AutoModelForCausalLM
 
     from deltakd.losses import delta_kd_loss, kd_loss
-    from deltakd.references.cache import CacheReferences, build_cache
+    from deltakd.references.cache import CacheReferences
 
-    config = make_config(cache_overrides, tmp_path, cache={"k": "V", "value_dtype": "fp32"})
-    manifest = build_cache(config, progress=False).manifest
+    config, manifest = full_vocab_cache
     assert manifest.target["k"] == tiny_world["vocab_size"]
     source, local = CacheReferences(config.cache["dir"]), _local(config)
     student = AutoModelForCausalLM.from_pretrained(config.student_raw)
     torch.manual_seed(0)
     for key, batch in enumerate(_batches(config)[:2]):
-        logits = student(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
-        logits = logits[:, :-1] + torch.randn_like(logits[:, :-1])  # a student != student_raw
+        with torch.no_grad():
+            out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1] + torch.randn_like(out.logits[:, :-1])  # != student_raw
         target = source.fetch(key, batch).target
         ref = local.fetch(key, batch).logits
         mask = _mask(batch)
@@ -278,48 +280,56 @@ def _without_checksums(manifest: Any) -> dict:
     return d
 
 
-def test_build_refuses_a_cache_of_other_settings_without_overwrite(built_cache, tmp_path):
+def test_build_refuses_a_cache_of_other_settings_without_overwrite(cache_overrides, tmp_path):
     from deltakd.references.cache import build_cache
 
-    config = built_cache[0].replace(output_dir=str(tmp_path))
-    path = _copy(built_cache, tmp_path)
-    other = config.replace(alpha=0.2, cache={**config.cache, "dir": str(path)})
+    config = make_config(cache_overrides, tmp_path, limit=2)
+    assert build_cache(config, progress=False).built_shards == 1
+    other = config.replace(alpha=0.2)
     with pytest.raises(
         CacheError, match=r"target.alpha: 0.7 there, 0.2 in this config.*--overwrite"
     ):
         build_cache(other, progress=False)
     result = build_cache(other, progress=False, overwrite=True)
-    assert result.built_shards == 3 and result.manifest.target["alpha"] == 0.2
+    assert result.built_shards == 1 and result.manifest.target["alpha"] == 0.2
 
 
-def test_cli_cache_build(cache_overrides, tmp_path, capsys):
+def test_cli_cache_build_fp16(cache_overrides, built_cache, tmp_path, capsys):
+    """The command builds an fp16 cache: 4 bytes per entry, values within fp16 rounding of the
+    fp32 cache's."""
     import yaml
 
     from deltakd.cli import main
+    from deltakd.references.cache import CacheReferences
 
     cfg = {**cache_overrides, "output_dir": str(tmp_path / "run"), "references": "cache"}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["cache", "build", str(path), "cache.k=4", "cache.rows_per_shard=100"]) == 0
+    assert main(["cache", "build", str(path), "cache.k=8", "cache.rows_per_shard=100"]) == 0
     out = capsys.readouterr().out
-    assert "10 rows" in out and "k=4" in out and "bytes/token" in out and "1 built" in out
-    assert (tmp_path / "run" / "target_cache" / "shard-00000.safetensors").is_file()
-    assert main(["cache", "build", str(path), "cache.k=4", "cache.rows_per_shard=100",
-                 "cache.bogus=1"]) == 2  # fmt: skip
-    assert "cache.bogus" in capsys.readouterr().err
+    assert "10 rows" in out and "k=8, uint16/fp16" in out and "1 built" in out
+    cache_dir = tmp_path / "run" / "target_cache"
+    a, b = CacheReferences(cache_dir), CacheReferences(built_cache[0].cache["dir"])
+    assert a.manifest.encoding["bytes_per_position"] == 8 * (2 + 2) + 8
+    assert a.manifest.bytes_per_token() < b.manifest.bytes_per_token()
+    batch = _batches(built_cache[0])[0]
+    ta, tb = a.fetch(0, batch).target, b.fetch(0, batch).target
+    assert torch.equal(ta.indices, tb.indices)
+    torch.testing.assert_close(ta.logprobs, tb.logprobs, atol=1e-2, rtol=1e-3)
+    assert not torch.equal(ta.logprobs, tb.logprobs)
+    bad = ["cache", "build", str(path), "cache.k=8", "cache.bogus=1"]
+    assert main(bad) == 2
+    assert "unknown config key 'cache.bogus'" in capsys.readouterr().err
 
 
-def test_trainer_from_cache_matches_local_at_k_V(cache_overrides, tmp_path):
+def test_trainer_from_cache_matches_local_at_k_V(full_vocab_cache, cache_overrides, tmp_path):
     """`references: cache` through `deltakd.train.train`: first-step loss equals local's."""
-    from deltakd.references.cache import build_cache
     from deltakd.train.api import train
 
+    config, _ = full_vocab_cache
     common = dict(max_steps=1, logging_steps=1, save_steps=0, resume="never", learning_rate=1e-3,
                   per_device_batch_size=4)  # fmt: skip
-    config = make_config(cache_overrides, tmp_path / "c", cache={"k": "V", "value_dtype": "fp32"},
-                         references="cache", **common)  # fmt: skip
-    build_cache(config, progress=False)
-    from_cache = train(config)
+    from_cache = train(config.replace(references="cache", output_dir=str(tmp_path / "c"), **common))
     local = train(make_config(cache_overrides, tmp_path / "l", **common))
     a, b = from_cache.losses()[0][1], local.losses()[0][1]
     assert a > 1e-3

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +93,39 @@ class CacheReferences(ReferenceSource):
         self.k = self.reader.k
         self.temperature = float(self.manifest.target["temperature"])
         self._fill_idx, self._fill_lp, self._fill_tail = self.reader.filler()
+        # One worker assembles prefetched batches while the student trains (torch ops and
+        # safetensors reads release the GIL); fetch then only waits for what is left.
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, tuple[torch.Tensor, Future]] = {}
+
+    def prefetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> None:
+        """Start assembling the target of `batch` in the background."""
+        if key in self._pending:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakd-cache")
+        view = {n: batch[n] for n in ("input_ids", "attention_mask", "assistant_mask", "row_index")
+                if n in batch}  # fmt: skip
+        self._pending[key] = (batch["input_ids"], self._pool.submit(self._assemble, view))
 
     def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
         """`ReferenceBatch(target=SparseTarget)` of leading shape [B, T] for `batch`."""
+        start = time.perf_counter()
+        pending = self._pending.pop(key, None)
+        target = None
+        if pending is not None:
+            ids, future = pending
+            result = future.result()  # re-raises the worker's CacheError here
+            # A key reused for another batch must not get the old batch's targets.
+            if ids is batch["input_ids"] or torch.equal(ids.cpu(), batch["input_ids"].cpu()):
+                target = result
+        if target is None:
+            target = self._assemble(batch)
+        return ReferenceBatch(target=target, wait_seconds=time.perf_counter() - start)
+
+    def _assemble(self, batch: Mapping[str, torch.Tensor]) -> Any:
         from deltakd.losses import SparseTarget
 
-        start = time.perf_counter()
         ids = batch["input_ids"].cpu()
         attn = batch["attention_mask"].cpu().bool()
         amask = batch.get("assistant_mask")
@@ -135,11 +163,14 @@ class CacheReferences(ReferenceSource):
             indices[b, pos] = found.indices
             logprobs[b, pos] = found.logprobs
             tail[b, pos] = found.tail_mass
-        target = SparseTarget(indices.to(self.device), logprobs.to(self.device),
-                              tail.to(self.device), self.temperature)  # fmt: skip
-        return ReferenceBatch(target=target, wait_seconds=time.perf_counter() - start)
+        return SparseTarget(indices.to(self.device), logprobs.to(self.device),
+                            tail.to(self.device), self.temperature)  # fmt: skip
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
         self.reader.close()
 
 
