@@ -73,9 +73,11 @@ def test_groups_by_config_without_seed_and_computes_mean_std(sweep_dir, tmp_path
 
 def test_report_cli_json(sweep_dir, tmp_path, capsys) -> None:
     run_dirs = [str(d) for d in sorted(sweep_dir.iterdir())]
-    assert main(["report", *run_dirs, "--out", str(tmp_path / "r2"), "--json"]) == 0
+    assert main(["report", *run_dirs, "--out", str(tmp_path / "r2"), "--json", "--no-plots"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(last["groups"]) == 2 and len(last["plots"]) == 3
+    assert len(last["groups"]) == 2 and last["plots"] == []
+    assert not list((tmp_path / "r2").glob("*.png"))
+    assert (tmp_path / "r2" / "report.md").read_text().count("| alpha=") == 2
 
 
 def test_single_group_and_no_alpha_plot(tmp_path) -> None:
@@ -112,7 +114,7 @@ def test_eval_only_dirs_are_reference_rows(sweep_dir, tmp_path) -> None:
                          meta={"model": model})  # fmt: skip
         res.save(tmp_path / "evals" / model.split(":")[1])
     evals = sorted((tmp_path / "evals").iterdir())
-    rep = build_report([*evals, sweep_dir], out_dir=tmp_path / "rep")
+    rep = build_report([*evals, sweep_dir], out_dir=tmp_path / "rep", plots=False)
     labels = [g["label"] for g in rep.groups]
     assert labels == ["model=mini:student_raw", "model=mini:teacher_ft", "alpha=0.0", "alpha=1.0"]
     assert rep.groups[1]["metrics"]["rouge1"]["mean"] == pytest.approx(0.6)
@@ -127,6 +129,6 @@ def test_int_and_float_config_values_group_together(tmp_path) -> None:
     (b / "sweep.json").write_text(json.dumps({"overrides": {"alpha": 0, "lr": 0.001, "seed": 1}}))
     (b / "config.yaml").write_text("method: delta_kd\nlr: 0.001\nseed: 1\n")  # no alpha saved
     (b / "eval.json").write_text(json.dumps({"rouge1": 0.4, "rouge2": 0.0, "rougeL": 0.4}))
-    rep = build_report([a, b], out_dir=tmp_path / "rep")
+    rep = build_report([a, b], out_dir=tmp_path / "rep", plots=False)
     assert len(rep.groups) == 1
     assert rep.groups[0]["metrics"]["rouge1"]["mean"] == pytest.approx(0.3)

@@ -178,7 +178,7 @@ def test_diverged_runs_are_recorded_and_the_sweep_goes_on(
     run_sweep(config, {"alpha": [1]}, retry_failed=True, **kw)
     assert len(calls) == 3  # ...only when asked
 
-    rep = build_report([out], out_dir=tmp_path / "rep")
+    rep = build_report([out], out_dir=tmp_path / "rep", plots=False)
     by_alpha = {g["params"]["alpha"]: g for g in rep.groups}
     assert by_alpha[1]["diverged"] == 1 and "rouge1" not in by_alpha[1]["metrics"]
     assert by_alpha[1]["metrics"]["max_grad_norm"]["mean"] == pytest.approx(100.0)
@@ -202,5 +202,5 @@ def test_several_configs_prefix_run_names(tiny_world, sweep_setup, tmp_path) -> 
                     settings=GenerationSettings(max_new_tokens=2), progress=False)  # fmt: skip
     assert [r["name"] for r in res] == ["cfg_seed-0", "kd_seed-0"]
     assert seen == ["cfg.yaml", "kd.yaml"]
-    rep = build_report([out], out_dir=tmp_path / "rep")
+    rep = build_report([out], out_dir=tmp_path / "rep", plots=False)
     assert [g["label"] for g in rep.groups] == ["config=cfg", "config=kd"]

@@ -200,6 +200,7 @@ def _register_report(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("runs", nargs="+", help="run directories (or sweep directories holding runs)")
     p.add_argument("--out", default="report", help="where to write report.md/json and PNGs")
+    p.add_argument("--no-plots", action="store_true", help="tables only, no PNG plots")
     p.add_argument("--json", action="store_true", help="end with one line of JSON")
     p.set_defaults(func=_run_report)
 
@@ -207,7 +208,7 @@ def _register_report(sub: argparse._SubParsersAction) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     from deltakd.eval.report import build_report
 
-    rep = build_report(args.runs, out_dir=args.out)
+    rep = build_report(args.runs, out_dir=args.out, plots=not args.no_plots)
     print(rep.markdown)
     print(f"wrote {args.out}/report.md, report.json and {len(rep.plots)} plot(s)")
     if args.json:

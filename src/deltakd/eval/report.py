@@ -403,8 +403,29 @@ def _plot_alpha(runs: Sequence[Run], path: Path) -> bool:
     return True
 
 
-def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path = "report") -> Report:
-    """Write `report.md`, `report.json` and PNG plots under out_dir; return what was written."""
+def _draw_plots(
+    runs: Sequence[Run], grouped: Sequence[tuple[dict[str, Any], list[Run]]], out: Path
+) -> list[str]:
+    """Draw every plot the runs have data for; returns the written paths."""
+    drawn: list[str] = []
+    if _plot_alpha(runs, out / "rouge1_vs_alpha.png"):
+        drawn.append(str(out / "rouge1_vs_alpha.png"))
+    if _plot_curves(grouped, LOSS_KEYS, "training loss", "Training loss (mean, min–max over seeds)",
+                    out / "training_loss.png"):  # fmt: skip
+        drawn.append(str(out / "training_loss.png"))
+    # Gradient norms on a log axis: the parallelogram variants that put the gradient inside
+    # the shift grow by orders of magnitude, and every other group is drawn beside them.
+    if _plot_curves(grouped, GRAD_KEYS, "gradient norm (log scale)",
+                    "Gradient norm (mean, min–max over seeds)", out / "grad_norm.png",
+                    log_y=True):  # fmt: skip
+        drawn.append(str(out / "grad_norm.png"))
+    return drawn
+
+
+def build_report(
+    run_dirs: Iterable[str | Path], out_dir: str | Path = "report", *, plots: bool = True
+) -> Report:
+    """Write `report.md`, `report.json` and (unless `plots=False`) PNG plots under out_dir."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -413,20 +434,7 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path = "report")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = summarise(runs)
-    grouped = group_runs(runs)
-
-    plots: list[str] = []
-    if _plot_alpha(runs, out / "rouge1_vs_alpha.png"):
-        plots.append(str(out / "rouge1_vs_alpha.png"))
-    if _plot_curves(grouped, LOSS_KEYS, "training loss", "Training loss (mean, min–max over seeds)",
-                    out / "training_loss.png"):  # fmt: skip
-        plots.append(str(out / "training_loss.png"))
-    # The parallelogram variants are the point of this plot (some blow up); when the runs
-    # include any, the plain methods are drawn beside them for scale.
-    if _plot_curves(grouped, GRAD_KEYS, "gradient norm (log scale)",
-                    "Gradient norm (mean, min–max over seeds)", out / "grad_norm.png",
-                    log_y=True):  # fmt: skip
-        plots.append(str(out / "grad_norm.png"))
+    drawn = _draw_plots(runs, group_runs(runs), out) if plots else []
 
     scored = sum(r.metrics is not None for r in runs)
     diverged = sum(r.failed is not None for r in runs)
@@ -440,11 +448,11 @@ def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path = "report")
         markdown_table(groups),
         "",
     ]
-    md += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    md += [f"![{Path(p).stem}]({Path(p).name})" for p in drawn]
     markdown = "\n".join(md).rstrip() + "\n"
     (out / "report.md").write_text(markdown, encoding="utf-8")
     (out / "report.json").write_text(
-        json.dumps({"groups": groups, "plots": plots}, indent=2, default=str) + "\n",
+        json.dumps({"groups": groups, "plots": drawn}, indent=2, default=str) + "\n",
         encoding="utf-8",
     )
-    return Report(markdown=markdown, groups=groups, plots=plots)
+    return Report(markdown=markdown, groups=groups, plots=drawn)
