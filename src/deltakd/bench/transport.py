@@ -15,8 +15,11 @@ Paths, all measured in one run on the same payload (default 4 × 1024 × 151936 
 - ``zmq_pickle``: the naive baseline, ``send_pyobj(tensor)`` / ``recv_pyobj()``.
 
 Every timed transfer starts when the receiver asks and ends when it holds a usable tensor;
-the median over ``--repeats`` (after one warm-up) is reported. A checksum of the received
-bytes is compared with the sender's once per path, outside the timed region.
+the median over ``--repeats`` (after one warm-up) is reported. memcpy and the two shm paths
+are timed in turns (memcpy, shm, shm_copy_out, memcpy, ...) so that load from other
+processes hits them alike. Each side copies with ``--threads`` torch threads (default 1). A
+checksum of the received bytes is compared with the sender's once per path, outside the
+timed region.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
@@ -40,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--repeats", type=int, default=5, help="timed transfers per path")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per transfer")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads copying on each side (default 1: both processes and memcpy get "
+        "the same single copy thread; 0 = torch's default)",
+    )
 
 
 def _checksum(t: Any) -> int:
@@ -53,7 +64,9 @@ def _checksum(t: Any) -> int:
     )
 
 
-def _sender(endpoint: str, shape: tuple[int, ...], dtype_name: str, timeout_ms: int) -> None:
+def _sender(
+    endpoint: str, shape: tuple[int, ...], dtype_name: str, timeout_ms: int, threads: int | None
+) -> None:
     """The other process: makes the payload, then answers transfer requests until `stop`."""
     import pickle  # noqa: F401  (send_pyobj pickles; see the note in _receive_pickle)
 
@@ -63,6 +76,8 @@ def _sender(endpoint: str, shape: tuple[int, ...], dtype_name: str, timeout_ms: 
     from deltakd.references import wire
     from deltakd.references.shm import AttachedSegments
 
+    if threads:
+        torch.set_num_threads(threads)
     dtype = wire.dtype_from_name(dtype_name)
     g = torch.Generator().manual_seed(0)
     payload = torch.empty(shape, dtype=dtype)
@@ -98,26 +113,29 @@ def _sender(endpoint: str, shape: tuple[int, ...], dtype_name: str, timeout_ms: 
         sock.close(linger=0)
 
 
-def _median_seconds(fn: Any, repeats: int) -> float:
-    fn()  # warm-up (first-touch page faults, mappings); the result is dropped at once
-    times = []
+def _interleaved_medians(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timing them in turns (A B C A B C ...) so that load
+    from other processes on the machine hits every path alike."""
+    for fn in fns.values():
+        fn()  # warm-up (first-touch page faults, mappings); the result is dropped at once
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        del out  # frees the shared-memory slot for the next transfer
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out = fn()
+            times[name].append(time.perf_counter() - t0)
+            del out  # frees the shared-memory slot for the next transfer
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _memcpy_seconds(shape: tuple[int, ...], dtype: Any, repeats: int) -> float:
+def _memcpy(shape: tuple[int, ...], dtype: Any) -> Any:
     """The physical limit: one copy inside this process into an already-touched buffer."""
     import torch
 
     src = torch.empty(shape, dtype=dtype)
-    src.fill_(1)
+    src.reshape(-1).view(torch.uint8).fill_(7)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    return _median_seconds(lambda: dst.copy_(src), repeats)
+    return lambda: dst.copy_(src)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,22 +147,26 @@ def run(args: argparse.Namespace) -> int:
     from deltakd.references import wire
     from deltakd.references.shm import ShmRing, new_run_id
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = wire.wire_dtype(args.dtype)
     shape = (args.batch, args.seq, args.vocab)
     nbytes = wire.nbytes_of(dtype, shape)
     repeats = max(1, args.repeats)
+    pickle_repeats = min(repeats, 3)  # the naive path is ~100x slower; 3 are plenty
     timeout_ms = int(args.timeout * 1000)
     print(
         f"payload: {args.batch} x {args.seq} x {args.vocab} {wire.dtype_name(dtype)} = "
-        f"{nbytes / 1e9:.3f} GB; median of {repeats} transfers after 1 warm-up; "
-        f"torch threads: {torch.get_num_threads()}",
+        f"{nbytes / 1e9:.3f} GB; median of {repeats} transfers after 1 warm-up "
+        f"({pickle_repeats} for pickle); "
+        f"torch threads: {torch.get_num_threads()}; {os.cpu_count()} CPU core(s), load average "
+        f"{os.getloadavg()[0]:.1f} (other processes slow the two-process paths most)",
         flush=True,
     )
 
     results: dict[str, float] = {}
 
-    results["memcpy"] = _memcpy_seconds(shape, dtype, repeats)
-    gc.collect()
+    memcpy = _memcpy(shape, dtype)
 
     tmp = Path(tempfile.mkdtemp(prefix="deltakd-bench-"))
     endpoint = f"ipc://{tmp}/transport.sock"
@@ -153,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
     sock.bind(endpoint)
     proc = mp.get_context("spawn").Process(
-        target=_sender, args=(endpoint, shape, wire.dtype_name(dtype), timeout_ms), daemon=True
+        target=_sender,
+        args=(endpoint, shape, wire.dtype_name(dtype), timeout_ms, args.threads),
+        daemon=True,
     )
     proc.start()
     ring = ShmRing(new_run_id(), max_slots=1)
@@ -189,19 +213,31 @@ def run(args: argparse.Namespace) -> int:
             # deltakd's transports never unpickle anything received.
             return sock.recv_pyobj()
 
-        for name, fn in (
-            ("shm", lambda: via_shm(False)),
-            ("shm_copy_out", lambda: via_shm(True)),
-            ("zmq_zero_copy", via_frame),
-            ("zmq_pickle", via_pickle),
-        ):
-            got = fn()
+        def check(name: str, got: Any) -> None:
             if _checksum(got) != expected or got.shape != shape or got.dtype != dtype:
                 raise RuntimeError(f"{name}: received bytes differ from the sent payload")
-            del got
-            gc.collect()
-            results[name] = _median_seconds(fn, repeats)
-            gc.collect()
+
+        check("shm", via_shm(False))
+        check("shm_copy_out", via_shm(True))
+        # memcpy and the shm paths in turns: the comparison that matters is between them.
+        results.update(
+            _interleaved_medians(
+                {
+                    "memcpy": memcpy,
+                    "shm": lambda: via_shm(False),
+                    "shm_copy_out": lambda: via_shm(True),
+                },
+                repeats,
+            )
+        )
+        del memcpy
+        gc.collect()
+        check("zmq_zero_copy", via_frame())
+        results.update(_interleaved_medians({"zmq_zero_copy": via_frame}, repeats))
+        gc.collect()
+        check("zmq_pickle", via_pickle())
+        gc.collect()
+        results.update(_interleaved_medians({"zmq_pickle": via_pickle}, pickle_repeats))
         sock.send_multipart(wire.encode({"op": "stop"}))
     finally:
         ring.close()
@@ -226,6 +262,9 @@ def run(args: argparse.Namespace) -> int:
             "shape": list(shape),
             "dtype": wire.dtype_name(dtype),
             "repeats": repeats,
+            "pickle_repeats": pickle_repeats,
+            "threads": torch.get_num_threads(),
+            "load_average": round(os.getloadavg()[0], 2),
             "memcpy_gbps": round(gbps["memcpy"], 3),
             "shm_gbps": round(gbps["shm"], 3),
             "shm_copy_out_gbps": round(gbps["shm_copy_out"], 3),
