@@ -1,0 +1,267 @@
+"""SeqKD (Kim & Rush 2016, "Sequence-Level Knowledge Distillation", arXiv 1606.07947).
+
+The finetuned teacher answers every training prompt once; the student is then trained with
+plain SFT (cross-entropy on the assistant tokens) on those answers instead of the dataset's.
+
+- Prompts are each row's messages before its last assistant message; the teacher's reply
+  replaces that message (later messages are dropped). Generation goes through
+  `deltakd.eval.generate` (batched, left-padded, stopping at eos / `<|im_end|>`), greedy by
+  default, at most `max_new_tokens` tokens.
+- The generations are cached as JSONL in `output_dir/seqkd_generations.jsonl` (or
+  `method_args.cache_file`), one line per prompt keyed by a SHA-256 of the rendered prompt, the
+  teacher's identity (resolved path and the size / mtime of its weight files) and the
+  generation settings. A rerun or resume reuses every cached answer and generates only missing
+  ones; lines are appended in chunks, so a killed generation resumes where it stopped.
+- In multi-process runs the main process generates first; the others then read the cache.
+- The teacher sees each whole prompt (`max_prompt_length` does not cut it); rows longer than
+  `max_length` after the reply is added are truncated or dropped as configured (`truncation`).
+
+`method_args` (all optional): `do_sample` (false = greedy), `temperature` (1.0), `top_p` (1.0),
+`seed` (the run's `seed`; sampling only), `batch_size` (generation batch, 16), `cache_file`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import deltakd.eval.generate as generation
+from deltakd.errors import CacheError, ConfigError, DataError
+from deltakd.train.methods import SFT, register_method
+from deltakd.train.on_policy import check_method_args
+
+if TYPE_CHECKING:
+    from deltakd.train.config import TrainConfig
+
+logger = logging.getLogger("deltakd.train")
+
+SEQKD_ARGS: tuple[str, ...] = (
+    "do_sample",
+    "temperature",
+    "top_p",
+    "seed",
+    "batch_size",
+    "cache_file",
+)
+CACHE_NAME = "seqkd_generations.jsonl"
+#: prompts generated between two appends to the cache file
+CHUNK = 64
+
+
+def generation_settings(config: TrainConfig) -> generation.GenerationSettings:
+    """The teacher's decoding settings from `max_new_tokens` and `method_args`."""
+    check_method_args("seqkd", config.method_args, SEQKD_ARGS)
+    a = config.method_args
+    try:
+        return generation.GenerationSettings(
+            max_new_tokens=config.max_new_tokens,
+            batch_size=int(a.get("batch_size", 16)),
+            do_sample=bool(a.get("do_sample", False)),
+            temperature=float(a.get("temperature", 1.0)),
+            top_p=float(a.get("top_p", 1.0)),
+            seed=int(a.get("seed", config.seed)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"config field 'method_args' = {dict(a)!r} is not allowed for seqkd: {exc}. "
+            "Expected do_sample (bool), temperature / top_p (numbers), seed / batch_size (ints)."
+        ) from exc
+    except ConfigError as exc:
+        raise ConfigError(f"seqkd method_args: {exc}") from exc
+
+
+def teacher_identity(path: str) -> str:
+    """Resolved model path plus the size and mtime of its weight files (a retrained teacher
+    at the same path gets new cache keys)."""
+    from deltakd.data.vocab import resolve_model_path
+
+    resolved = resolve_model_path(path)
+    p = Path(resolved)
+    parts = [str(p.resolve()) if p.exists() else resolved]
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def cache_key(prompt_text: str, teacher: str, settings: generation.GenerationSettings) -> str:
+    """SHA-256 of the rendered prompt, the teacher identity and the decoding settings."""
+    s = settings
+    # batch_size does not change greedy outputs (generate sorts by length), so it is left out.
+    decoding = (
+        {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
+        if s.do_sample
+        else {"do_sample": False}
+    )
+    blob = json.dumps(
+        {"prompt": prompt_text, "teacher": teacher, "max_new_tokens": s.max_new_tokens, **decoding},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def read_cache(path: Path) -> dict[str, str]:
+    """key -> response of a cache file; a torn last line (killed write) is ignored."""
+    out: dict[str, str] = {}
+    if not path.is_file():
+        return out
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[str(row["key"])] = str(row["response"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            if i == len(lines) - 1 or (i == len(lines) - 2 and not lines[-1]):
+                logger.warning("seqkd cache %s: ignoring a torn last line", path)
+                continue
+            raise CacheError(
+                f"seqkd cache {path} line {i + 1} is not a cache record ({exc}); delete the "
+                "file to regenerate the teacher's answers."
+            ) from exc
+    return out
+
+
+def _append(path: Path, records: Sequence[dict[str, str]]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def split_prompt(row: dict[str, Any], index: int) -> list[dict[str, str]]:
+    """The messages before the row's last assistant message."""
+    messages = row["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        raise DataError(
+            f"row {index + 1} has no prompt before an assistant message; seqkd needs "
+            "rows with a user turn followed by an assistant turn."
+        )
+    return [dict(m) for m in messages[:last]]
+
+
+def teacher_generations(
+    rows: Sequence[dict[str, Any]], config: TrainConfig, tokenizer: Any, device: Any = None
+) -> list[str]:
+    """teacher_ft's reply to each row's prompt, from the cache or generated (then cached)."""
+    from tqdm.auto import tqdm
+
+    if not config.teacher_ft:
+        raise ConfigError(
+            "config field 'teacher_ft' = None is not allowed: method 'seqkd' needs the "
+            "finetuned teacher that writes the training responses (set teacher_ft=PATH)."
+        )
+    settings = generation_settings(config)
+    prompts = [split_prompt(r, i) for i, r in enumerate(rows)]
+    texts = generation.render_prompts(tokenizer, prompts)
+    identity = teacher_identity(config.teacher_ft)
+    keys = [cache_key(t, identity, settings) for t in texts]
+    path = Path(config.method_args.get("cache_file") or Path(config.output_dir) / CACHE_NAME)
+    cached = read_cache(path)
+    todo: dict[str, int] = {}  # key -> first row with that prompt
+    for i, k in enumerate(keys):
+        if k not in cached and k not in todo:
+            todo[k] = i
+    logger.info(
+        "seqkd: %d prompts, %d cached answers in %s, %d to generate",
+        len(set(keys)),
+        len(set(keys)) - len(todo),
+        path,
+        len(todo),
+    )
+    if todo:
+        model = _load_teacher(config, device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        items = list(todo.items())
+        bar = tqdm(
+            total=len(items), desc="seqkd: teacher generations", unit="prompt",
+            disable=not config.progress,
+        )  # fmt: skip
+        try:
+            for start in range(0, len(items), CHUNK):
+                chunk = items[start : start + CHUNK]
+                replies = generation.generate(
+                    model, tokenizer, [prompts[i] for _, i in chunk], settings, progress=False
+                )
+                records = [
+                    {"key": k, "prompt": texts[i], "response": reply}
+                    for (k, i), reply in zip(chunk, replies, strict=True)
+                ]
+                _append(path, records)
+                cached.update({r["key"]: r["response"] for r in records})
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        del model
+    return [cached[k] for k in keys]
+
+
+def _load_teacher(config: TrainConfig, device: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deltakd.data.vocab import resolve_model_path
+
+    dtype_name = config.reference_dtype if config.reference_dtype != "auto" else config.precision
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(config.teacher_ft or ""),
+            dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load the teacher_ft model from {config.teacher_ft!r}: {exc}. Set "
+            "`teacher_ft` to a model directory or Hub name."
+        ) from exc
+    if device is None:
+        device = "cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu"
+    return model.to(device).eval().requires_grad_(False)
+
+
+@register_method
+class SeqKD(SFT):
+    """SFT on teacher_ft's (cached) responses to the training prompts."""
+
+    name = "seqkd"
+
+    def validate(self, config: TrainConfig) -> None:
+        super().validate(config)
+        if not config.teacher_ft:
+            raise ConfigError(
+                "config field 'teacher_ft' = None is not allowed: method 'seqkd' needs the "
+                "finetuned teacher that writes the training responses (set teacher_ft=PATH)."
+            )
+        generation_settings(config)
+
+    def prepare_rows(self, rows: list[dict], trainer_ctx: Any) -> list[dict]:
+        from deltakd.data.vocab import check_vocabulary
+        from deltakd.train.api import training_arguments
+
+        config: TrainConfig = trainer_ctx["config"]
+        tokenizer = trainer_ctx["tokenizer"]
+        check_vocabulary(
+            tokenizer, {"teacher_ft": config.teacher_ft or ""},
+            trust_remote_code=config.trust_remote_code,
+        )  # fmt: skip
+        args = training_arguments(config)
+        # The main process generates and fills the cache; the others then only read it.
+        with args.main_process_first(local=False, desc="seqkd teacher generations"):
+            replies = teacher_generations(rows, config, tokenizer, device=args.device)
+        out = []
+        for i, (row, reply) in enumerate(zip(rows, replies, strict=True)):
+            new = dict(row)
+            new["messages"] = [*split_prompt(row, i), {"role": "assistant", "content": reply}]
+            out.append(new)
+        return out
