@@ -210,3 +210,38 @@ def test_fused_loss_matches_unfused(base_overrides, tmp_path, method, extra):
     for k in wa:
         # Adam divides by √v: a 1e-7 gradient difference on a near-zero gradient shows.
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)
+
+
+class _PoisonGrad:
+    """Callback: makes the lm_head gradient NaN during optimizer step `step` (0-based)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __getattr__(self, name: str):  # every other TrainerCallback event: do nothing
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        def hook(grad):
+            return grad * float("nan") if state.global_step == self.step else grad
+
+        model.lm_head.weight.register_hook(hook)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_gradients_stop_or_skip_the_step(base_overrides, tmp_path, mode):
+    cfg = load_config(None, {**base_overrides, "output_dir": str(tmp_path / "r"), "method": "sft",
+                             "max_steps": 3, "nonfinite": mode, "report_to": "csv"})  # fmt: skip
+    if mode == "stop":
+        with pytest.raises(
+            NonFiniteError, match=r"gradient norm is nan at optimizer step 1.*nonfinite=skip"
+        ):
+            train(cfg, callbacks=[_PoisonGrad(1)])
+        return
+    result = train(cfg, callbacks=[_PoisonGrad(1)])
+    assert result.metrics["skipped_steps"] == 1 and result.global_step == 3
+    assert all(torch.isfinite(w).all() for w in _weights(result.output_dir).values())
+    header = (result.output_dir / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("step,epoch,loss,sft_loss,kd_loss,grad_norm")
