@@ -65,7 +65,7 @@ def _fake_train(tiny_world: dict, calls: list[dict[str, Any]]):
     return train
 
 
-def test_sweep_runs_grid_and_resumes(tiny_world, sweep_setup) -> None:
+def test_sweep_runs_grid_and_resumes(tiny_world, sweep_setup, caplog) -> None:
     config, out = sweep_setup
     calls: list[dict[str, Any]] = []
     grid = parse_grid(["alpha=0.5", "seed=0,1"])
@@ -73,8 +73,11 @@ def test_sweep_runs_grid_and_resumes(tiny_world, sweep_setup) -> None:
     train = _fake_train(tiny_world, calls)
     kwargs = dict(out_dir=out, settings=settings, train_fn=train, progress=False)
 
-    res = run_sweep(config, grid, fixed={"lam": 0.1}, **kwargs)
+    with caplog.at_level("WARNING", logger="deltakd.eval"):
+        res = run_sweep(config, grid, fixed={"lam": 0.1}, **kwargs)
     assert [r["status"] for r in res] == ["trained", "trained"]
+    # the config's JSONL file has no splits: the runs are scored on their training rows
+    assert "training rows" in caplog.text and "--eval-data" in caplog.text
     assert calls == [
         {"lam": 0.1, "alpha": 0.5, "seed": 0, "output_dir": str(out / "alpha-0.5_seed-0")},
         {"lam": 0.1, "alpha": 0.5, "seed": 1, "output_dir": str(out / "alpha-0.5_seed-1")},

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,8 @@ from deltakd.eval.generate import GenerationSettings
 # train_fn(config_path, overrides) runs one training run to completion; overrides hold
 # `output_dir`. It is the trainer's Python API by default and injectable for tests.
 TrainFn = Callable[[str, dict[str, Any]], Any]
+
+logger = logging.getLogger("deltakd.eval")
 
 FINAL_DIR = "final"
 EVAL_FILE = "eval.json"
@@ -134,12 +137,22 @@ def default_train_fn(config_path: str, overrides: dict[str, Any]) -> Any:
     return train(load_config(config_path, _override_strings(overrides)))
 
 
-def _eval_defaults(config_path: str, overrides: Mapping[str, Any]) -> tuple[str, str | None]:
-    """(dataset spec, tokenizer path) of the run, read from the training config."""
+def _eval_defaults(
+    config_path: str, overrides: Mapping[str, Any], eval_data: str | None, eval_split: str | None
+) -> tuple[str, str, bool]:
+    """(data spec, tokenizer path, whether the eval rows are the training rows) of a run."""
+    from deltakd.data.specs import parse_spec
     from deltakd.train.config import load_config
 
     cfg = load_config(config_path, _override_strings(overrides))
-    return cfg.dataset, cfg.tokenizer_path
+    data = eval_data or cfg.dataset
+    same = False
+    if data == cfg.dataset:
+        spec = parse_spec(data)
+        train_split = cfg.train_split or spec.default_train_split
+        test_split = eval_split or spec.default_eval_split
+        same = test_split == train_split or (spec.kind == "jsonl" and "{split}" not in data)
+    return data, cfg.tokenizer_path, same
 
 
 def run_sweep(
@@ -260,11 +273,14 @@ def run_sweep(
                     f"run {name}: training returned but {run_dir / FINAL_DIR} holds no model; "
                     "the trainer must save the final student there (save_pretrained)."
                 )
-        data, tokenizer = eval_data, None
-        if data is None or tokenizer is None:
-            cfg_data, cfg_tok = _eval_defaults(config, overrides)
-            data = data or cfg_data
-            tokenizer = cfg_tok
+        data, tokenizer, on_train_rows = _eval_defaults(config, overrides, eval_data, eval_split)
+        if on_train_rows:
+            logger.warning(
+                "run %s: evaluating on the training rows of %s; pass --eval-data (and "
+                "--eval-split) with held-out rows for a fair score.",
+                name,
+                data,
+            )
         final = run_dir / FINAL_DIR
         if (final / "tokenizer_config.json").is_file():
             tokenizer = str(final)
@@ -287,4 +303,18 @@ def run_sweep(
         record["status"] = status
         record["metrics"] = metrics
         results.append(record)
+        _release_memory()
     return results
+
+
+def _release_memory() -> None:
+    """Free the finished run's tensors before the next run loads its models."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
