@@ -51,7 +51,11 @@ def test_yaml_and_overrides(tmp_path):
         ({"report_to": "mlflow"}, "report_to", "none, tensorboard, wandb, csv"),
         ({"teacher_raw": None}, "teacher_raw", "needs the teacher_raw"),
         ({"output_dir": ""}, "output_dir", "required"),
-        ({"on_policy_ratio": 0.5}, "on_policy_ratio", "on_policy_ratio=0"),
+        (
+            {"method": "parallelogram", "variant": "delta", "on_policy_ratio": 0.5},
+            "on_policy_ratio",
+            "on_policy_ratio=0",
+        ),
         ({"max_prompt_length": 2048}, "max_prompt_length", "below max_length"),
     ],
 )
