@@ -334,3 +334,21 @@ def test_trainer_from_cache_matches_local_at_k_V(full_vocab_cache, cache_overrid
     a, b = from_cache.losses()[0][1], local.losses()[0][1]
     assert a > 1e-3
     assert a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_build_through_teacher_servers_matches_local(built_cache, tmp_path):
+    """`cache.source: servers` (one `deltakd serve` process per role, fp32 replies) stores the
+    same targets as local models."""
+    from deltakd.references.cache import CacheReferences, build_cache
+
+    config, _ = built_cache
+    cache = {**config.cache, "dir": str(tmp_path / "srv"), "source": "servers"}
+    srv = config.replace(output_dir=str(tmp_path), cache=cache, servers={"dtype": "fp32"})
+    manifest = build_cache(srv, progress=False).manifest
+    assert manifest.references["source"] == "servers"
+    a, b = CacheReferences(cache["dir"]), CacheReferences(config.cache["dir"])
+    for key, batch in enumerate(_batches(config)):
+        ta, tb = a.fetch(key, batch).target, b.fetch(key, batch).target
+        assert torch.equal(ta.indices, tb.indices)
+        torch.testing.assert_close(ta.logprobs, tb.logprobs, atol=1e-4, rtol=0)

@@ -183,6 +183,11 @@ def expected_manifest(config: Any, settings: CacheSettings, tokenizer: Any,
             "bytes_per_position": bytes_per_position(k, index_dtype, settings.value_dtype),
         },
         rows_per_shard=settings.rows_per_shard,
+        references={
+            "source": settings.source,
+            "dtype": str(_reference_dtype(config)).removeprefix("torch."),
+            "servers": dict(config.servers) if settings.source == "servers" else None,
+        },
         created_by=f"deltakd {__version__}",
     )
 
@@ -380,7 +385,7 @@ def _build_source(config: Any, settings: CacheSettings, roles: Sequence[str]) ->
 
 
 def _first_difference(old: CacheManifest, new: CacheManifest) -> tuple[str, Any, Any]:
-    for section in ("target", "tokenizer", "dataset", "models", "encoding"):
+    for section in ("target", "tokenizer", "dataset", "models", "encoding", "references"):
         a, b = getattr(old, section), getattr(new, section)
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):

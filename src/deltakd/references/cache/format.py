@@ -241,7 +241,9 @@ class CacheManifest:
     `target`: method, variant, alpha, temperature, k, formula. `models`: role -> {path,
     fingerprint}. `tokenizer`: {path, fingerprint, vocab_size}. `dataset`: {spec, split, limit,
     max_length, truncation, rows, unique_rows, response_tokens, hash}. `encoding`: index and
-    value dtypes, bytes per position.
+    value dtypes, bytes per position. `references`: the source (local / servers) and the dtype
+    the frozen models ran in (recorded, not compared with a run: a cache built in fp32 serves a
+    bf16 run).
     """
 
     target: dict[str, Any]
@@ -250,6 +252,8 @@ class CacheManifest:
     dataset: dict[str, Any]
     encoding: dict[str, Any]
     rows_per_shard: int
+    #: how the frozen models' outputs were produced: {source, dtype, servers}
+    references: dict[str, Any] = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
     complete: bool = False
     format: str = FORMAT_NAME
@@ -259,7 +263,7 @@ class CacheManifest:
     def settings_hash(self) -> str:
         """Hash of everything except the shard list: shards built under another hash are stale."""
         d = {k: getattr(self, k) for k in ("target", "models", "tokenizer", "dataset", "encoding",
-                                           "rows_per_shard", "format", "version")}  # fmt: skip
+                                           "rows_per_shard", "references", "format", "version")}  # fmt: skip
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:
