@@ -252,7 +252,13 @@ def group_runs(runs: Sequence[Run]) -> list[tuple[dict[str, Any], list[Run]]]:
 
 def _stats(values: list[float]) -> dict[str, Any]:
     mean, std = mean_std(values)
-    return {"mean": mean, "std": std, "n": len(values), "values": values}
+    # One seed has no spread to report: null, not a reassuring 0.
+    return {
+        "mean": mean,
+        "std": std if len(values) > 1 else None,
+        "n": len(values),
+        "values": values,
+    }
 
 
 def summarise(runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -285,10 +291,12 @@ def summarise(runs: Sequence[Run]) -> list[dict[str, Any]]:
 def _pm(stat: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 2) -> str:
     if stat is None:
         return "–"
-    mean, std = stat["mean"] * scale, stat["std"] * scale
+    mean = stat["mean"] * scale
     if not math.isfinite(mean):
         return str(mean)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if stat["std"] is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
 def markdown_table(groups: Sequence[Mapping[str, Any]]) -> str:
@@ -443,7 +451,8 @@ def build_report(
         "",
         f"{len(runs)} run(s), {scored} with eval results, {diverged} diverged, in "
         f"{len(groups)} group(s). "
-        "ROUGE-1/2/L F1 and exact match ×100; mean ± sample std (ddof=1) over seeds.",
+        "ROUGE-1/2/L F1 and exact match ×100; mean ± sample std (ddof=1) over seeds "
+        "(a lone value is one seed).",
         "",
         markdown_table(groups),
         "",
