@@ -300,6 +300,7 @@ def test_training_with_servers_matches_local_references(tiny_world: dict, tmp_pa
         "tokenizer": str(tiny_world["tokenizer"]),
         "dataset": str(data),
         "max_length": 64,
+        "max_prompt_length": 32,
         "per_device_batch_size": 4,
         "max_steps": 3,
         "learning_rate": 1e-2,
@@ -330,3 +331,22 @@ def test_training_with_servers_matches_local_references(tiny_world: dict, tmp_pa
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
     waits = [h["ref_wait_s"] for h in servers.history if "ref_wait_s" in h]
     assert len(waits) == 3
+
+
+@pytest.mark.slow
+def test_hung_server_sigstop_is_killed_and_restarted(tiny_world: dict, models: dict) -> None:
+    spec = ServerSpec("teacher_ft", model=str(tiny_world["teacher_ft"]))
+    with ServerReferences([spec], timeout=3, restart=True, threads=1) as refs:
+        batch = _batch(5, tiny_world["vocab_size"])
+        assert torch.equal(
+            refs.fetch(0, batch).logits["teacher_ft"], _expected(models["teacher_ft"], batch)
+        )
+        old = refs._conns["teacher_ft"].proc
+        assert old is not None
+        os.kill(old.pid, signal.SIGSTOP)  # hung: alive but never answers
+        t0 = time.monotonic()
+        out = refs.fetch(1, batch).logits["teacher_ft"]
+        assert torch.equal(out, _expected(models["teacher_ft"], batch))
+        assert refs._conns["teacher_ft"].restarts == 1
+        assert old.poll() is not None  # the hung process was killed, not left behind
+        assert time.monotonic() - t0 < 3 + 120  # timeout + one model start
