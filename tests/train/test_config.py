@@ -100,3 +100,16 @@ def test_usage_doc_embeds_the_generated_reference():
     assert config_reference_markdown() in doc, (
         "docs/USAGE.md is out of date: run `python -m deltakd.train.docs` to regenerate it"
     )
+
+
+@pytest.mark.parametrize("reporter", ["tensorboard", "wandb"])
+def test_report_to_without_its_package_says_what_to_install(reporter):
+    import importlib.util
+
+    from deltakd.train.api import training_arguments
+
+    cfg = load_config(None, {**MINIMAL, "report_to": reporter})
+    if importlib.util.find_spec(reporter) is not None:
+        pytest.skip(f"{reporter} is installed")
+    with pytest.raises(ConfigError, match=f"pip install {reporter}`, or use report_to=csv"):
+        training_arguments(cfg)

@@ -107,7 +107,11 @@ def encode_rows(
     stats = EncodeStats(rows=len(rows))
     encoded: list[EncodedRow] = []
     kept: list[int] = []
-    for i, row in enumerate(rows):
+    from tqdm.auto import tqdm
+
+    # Rendering a template is ~1 ms per row: show progress on real datasets, not on tiny ones.
+    progress = tqdm(rows, desc="tokenizing", unit="row", disable=len(rows) < 5000)
+    for i, row in enumerate(progress):
         ids, mask = encode_chat(tokenizer, row["messages"])
         truncated = len(ids) > max_length
         if truncated:
