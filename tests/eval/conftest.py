@@ -22,15 +22,3 @@ def loaded_chat_model(tiny_chat_model: Path) -> tuple[Any, Any]:
         AutoModelForCausalLM.from_pretrained(tiny_chat_model),
         AutoTokenizer.from_pretrained(tiny_chat_model),
     )
-
-
-PROMPTS: list[Any] = [
-    [{"role": "user", "content": "what colour is the fox?"}],
-    "hi",
-    [
-        {"role": "system", "content": "answer briefly"},
-        {"role": "user", "content": "alice has three apples and bob has five apples"},
-    ],
-    "sort the list: pear, apple, fig.",
-    [{"role": "user", "content": "seven plus six"}],
-]

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from deltakd.errors import ConfigError, DataError
 from deltakd.eval import generate as gen_mod
 from deltakd.eval.generate import GenerationSettings, generate, render_prompts, stop_token_ids
 
-from .conftest import PROMPTS
+PROMPTS: list[Any] = [
+    [{"role": "user", "content": "what colour is the fox?"}],
+    "hi",
+    [
+        {"role": "system", "content": "answer briefly"},
+        {"role": "user", "content": "alice has three apples and bob has five apples"},
+    ],
+    "sort the list: pear, apple, fig.",
+    [{"role": "user", "content": "seven plus six"}],
+]
 
 
 def test_left_padded_batches_match_batch_size_one(loaded_chat_model) -> None:
