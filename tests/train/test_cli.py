@@ -56,7 +56,9 @@ def test_mini_delta_kd_config_runs_unchanged(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _mini_world_built(), reason="the mini world is not built yet")
-@pytest.mark.parametrize("name", ["sft", "kd", "parallelogram", "seqkd", "minillm", "on_policy"])
+@pytest.mark.parametrize(
+    "name", ["sft", "kd", "delta_kd", "parallelogram", "seqkd", "minillm", "on_policy"]
+)
 def test_every_mini_config_runs_unchanged(tmp_path, name):
     out = tmp_path / name
     assert main(["train", str(REPO / f"configs/mini/{name}.yaml"), f"output_dir={out}",

@@ -245,3 +245,31 @@ def test_nonfinite_gradients_stop_or_skip_the_step(base_overrides, tmp_path, mod
     assert all(torch.isfinite(w).all() for w in _weights(result.output_dir).values())
     header = (result.output_dir / "metrics.csv").read_text().splitlines()[0]
     assert header.startswith("step,epoch,loss,sft_loss,kd_loss,grad_norm")
+
+
+class _Recorder(ReferenceSource):
+    """Records the order of prefetch / fetch calls and checks fetch gets the prefetched batch."""
+
+    def __init__(self, inner: ReferenceSource) -> None:
+        self.inner, self.roles, self.events, self.seen = inner, inner.roles, [], {}
+
+    def prefetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> None:
+        self.events.append(("prefetch", key))
+        self.seen[key] = batch["input_ids"].clone()
+
+    def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
+        self.events.append(("fetch", key))
+        assert torch.equal(self.seen[key], batch["input_ids"])
+        return self.inner.fetch(key, batch)
+
+
+def test_references_are_prefetched_a_step_ahead(base_overrides, tiny_world, tmp_path):
+    paths = {r: str(tiny_world[r]) for r in ("teacher_ft", "teacher_raw", "student_raw")}
+    rec = _Recorder(LocalReferences(paths))
+    cfg = load_config(None, {**base_overrides, "output_dir": str(tmp_path / "r"),
+                             "method": "delta_kd", "max_steps": 2, "per_device_batch_size": 2,
+                             "gradient_accumulation_steps": 2})  # fmt: skip
+    train(cfg, references=rec)
+    # Step 1's two micro-batches, then step 2's (look-ahead), are requested before step 1 trains.
+    assert rec.events == [("prefetch", 0), ("prefetch", 1), ("prefetch", 2), ("prefetch", 3),
+                          ("fetch", 0), ("fetch", 1), ("fetch", 2), ("fetch", 3)]  # fmt: skip
