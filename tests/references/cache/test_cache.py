@@ -227,6 +227,20 @@ def test_corrupted_shard_is_reported_by_name(built_cache, tmp_path):
         CacheReferences(path)
 
 
+def test_cli_cache_verify(built_cache, tmp_path, capsys):
+    from deltakd.cli import main
+
+    path = _copy(built_cache, tmp_path)
+    assert main(["cache", "verify", str(path)]) == 0
+    assert "OK, 3 shards, 10 rows" in capsys.readouterr().out
+    shard = path / "shard-00002.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    assert main(["cache", "verify", str(path)]) == 2
+    assert "shard-00002.safetensors" in capsys.readouterr().err
+
+
 def test_missing_shard_is_reported_by_name(built_cache, tmp_path):
     from deltakd.references.cache import CacheReferences
 

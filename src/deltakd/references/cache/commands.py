@@ -30,6 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--overwrite", action="store_true",
                    help="replace a cache in cache.dir that was built for other settings")  # fmt: skip
     b.set_defaults(func=_build)
+    v = actions.add_parser(
+        "verify",
+        help="check a built cache: manifest, every shard's presence and sha256",
+        description="Read a cache's manifest and check every shard file's size and sha256.",
+    )
+    v.add_argument("cache_dir", help="directory written by `deltakd cache build`")
+    v.set_defaults(func=_verify)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -47,4 +54,18 @@ def _build(args: argparse.Namespace) -> int:
           f"{m.encoding['value_dtype']}, {m.bytes_per_token():.1f} bytes/token, "
           f"{m.total_bytes / 1e6:.2f} MB in {len(m.shards)} shards ({result.built_shards} built, "
           f"{result.kept_shards} kept) in {result.seconds:.1f}s")  # fmt: skip
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from deltakd.references.cache.reader import CacheReader
+
+    reader = CacheReader(args.cache_dir, verify=True)
+    reader.verify_all()
+    m = reader.manifest
+    t = m.target
+    print(f"cache {args.cache_dir}: OK, {len(m.shards)} shards, {len(reader)} rows, "
+          f"{m.response_tokens} response tokens, {m.bytes_per_token():.1f} bytes/token; "
+          f"{t['method']} alpha={t['alpha']} temperature={t['temperature']} k={t['k']}, "
+          f"dataset {m.dataset['spec']!r}")  # fmt: skip
     return 0
