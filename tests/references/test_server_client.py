@@ -350,3 +350,39 @@ def test_hung_server_sigstop_is_killed_and_restarted(tiny_world: dict, models: d
         assert refs._conns["teacher_ft"].restarts == 1
         assert old.poll() is not None  # the hung process was killed, not left behind
         assert time.monotonic() - t0 < 3 + 120  # timeout + one model start
+
+
+def _free_port() -> int:
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        return sock.bind_to_random_port("tcp://127.0.0.1")
+    finally:
+        sock.close(linger=0)
+
+
+def test_curve_keys_admit_known_clients_and_reject_others(tiny_world: dict, tmp_path: Path) -> None:
+    import zmq.auth
+
+    for d in ("server", "keys", "allowed", "stranger"):
+        (tmp_path / d).mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(tmp_path / "server", "server")
+    client_public, good = zmq.auth.create_certificates(tmp_path / "keys", "trainer")
+    # the server admits the public keys in this directory, and only those
+    (tmp_path / "allowed" / "trainer.key").write_bytes(Path(client_public).read_bytes())
+    _, stranger = zmq.auth.create_certificates(tmp_path / "stranger", "stranger")
+    wire.require_safe_bind("tcp://0.0.0.0:5999", None, curve=True)  # CURVE alone is enough
+
+    ep = f"tcp://127.0.0.1:{_free_port()}"
+    server = _server(
+        tiny_world, "teacher_ft", ep, curve_secret_key=server_secret,
+        curve_clients=str(tmp_path / "allowed"),
+    )  # fmt: skip
+    spec = ServerSpec("teacher_ft", endpoint=ep, curve_server_key=server_public)
+    with running(server):
+        with ServerReferences([spec], curve_client_key=good, timeout=10) as refs:
+            out = refs.fetch(0, _batch(2, tiny_world["vocab_size"]))
+            assert out.logits["teacher_ft"].shape[-1] == tiny_world["vocab_size"]
+        with pytest.raises(ReferenceServerError, match=r"--curve-clients"):
+            ServerReferences([spec], curve_client_key=stranger, timeout=1.0)
+        with pytest.raises(ConfigError, match="curve_client_key"):
+            ServerReferences([spec], timeout=1.0)

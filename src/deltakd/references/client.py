@@ -58,6 +58,7 @@ class ServerSpec:
     dtype: str = "bf16"
     launch: bool | None = None
     fault: str | None = None  # fault injection for reliability tests only
+    curve_server_key: str | None = None  # the server's public .key file (CURVE)
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
@@ -67,6 +68,11 @@ class ServerSpec:
         wire.wire_dtype(self.dtype)
         if self.launch is None:
             self.launch = self.endpoint is None
+        if self.launch and self.curve_server_key:
+            raise ConfigError(
+                f"references: role {self.role}: curve_server_key is for servers started "
+                "elsewhere (give their endpoint); servers launched here bind ipc:// locally"
+            )
         if self.launch and not self.model:
             raise ConfigError(
                 f"references: role {self.role} has neither a model path to launch a server "
@@ -120,6 +126,8 @@ class ServerReferences(ReferenceSource):
         secret: shared HMAC secret (default: env DELTAKD_SERVER_SECRET).
         threads: torch CPU threads for launched servers.
         run_id: names shared memory and sockets of this run (default random).
+        curve_client_key: this client's CURVE ``.key_secret`` file, for servers whose spec has
+            ``curve_server_key`` (encrypted and authenticated connections across hosts).
     """
 
     def __init__(
@@ -137,6 +145,7 @@ class ServerReferences(ReferenceSource):
         threads: int | None = None,
         run_id: str | None = None,
         cuda_device: str | None = None,
+        curve_client_key: str | None = None,
     ) -> None:
         if isinstance(servers, Mapping):
             servers = [ServerSpec(role=r, **dict(s)) for r, s in servers.items()]
@@ -157,6 +166,13 @@ class ServerReferences(ReferenceSource):
         self.zero_copy = bool(zero_copy)
         self.threads = threads
         self.cuda_device = cuda_device
+        self.curve_client_key = curve_client_key
+        if any(s.curve_server_key for s in specs) and not curve_client_key:
+            raise ConfigError(
+                "references: a server has curve_server_key but no curve_client_key is set; give "
+                "this client's .key_secret file (its public key must be in the server's "
+                "--curve-clients directory)"
+            )
         self.run_id = run_id or new_run_id()
         if isinstance(secret, str):
             secret = secret.encode()
@@ -306,6 +322,13 @@ class ServerReferences(ReferenceSource):
     def _connect(self, conn: _Conn) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if conn.spec.curve_server_key:
+            assert self.curve_client_key is not None
+            server_public, _ = wire.load_curve_cert(conn.spec.curve_server_key, secret=False)
+            public, secret = wire.load_curve_cert(self.curve_client_key, secret=True)
+            sock.curve_secretkey = secret
+            sock.curve_publickey = public
+            sock.curve_serverkey = server_public
         sock.connect(conn.endpoint)
         conn.sock = sock
 
@@ -316,10 +339,16 @@ class ServerReferences(ReferenceSource):
         try:
             header, _ = self._recv(conn, limit, want=lambda h: h.get("rid") == rid, starting=True)
         except _NoReply as exc:
+            curve = (
+                "; with CURVE, check that this client's public key is in the server's "
+                "--curve-clients directory and curve_server_key is the server's public key"
+                if conn.spec.curve_server_key
+                else ""
+            )
             raise ReferenceServerError(
                 self._describe(conn, str(exc))
                 + f". Fix: check the server log{self._log_hint(conn)} and the endpoint, or raise "
-                "`start_timeout` for large models"
+                f"`start_timeout` for large models{curve}"
             ) from None
         if header.get("role") != conn.spec.role:
             raise ReferenceServerError(
@@ -635,9 +664,19 @@ CLIENT_KEYS = (
     "threads",
     "run_id",
     "cuda_device",
+    "curve_client_key",
 )
 #: Keys that set every role's server (a role's own entry under `roles:` overrides them).
-ROLE_KEYS = ("model", "endpoint", "device", "output", "dtype", "launch", "fault")
+ROLE_KEYS = (
+    "model",
+    "endpoint",
+    "device",
+    "output",
+    "dtype",
+    "launch",
+    "fault",
+    "curve_server_key",
+)
 
 
 def from_settings(

@@ -34,6 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="dtype to load the weights in (default: transformers' default)",
     )
     p.add_argument("--secret-file", default=None, help="file holding the shared HMAC secret")
+    p.add_argument(
+        "--curve-secret-key",
+        default=None,
+        help="CURVE: this server's .key_secret file (zmq.auth.create_certificates)",
+    )
+    p.add_argument(
+        "--curve-clients", default=None, help="CURVE: directory of the allowed clients' .key files"
+    )
     p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", type=int, default=None, help="stop when this process exits")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -69,8 +69,17 @@ class TeacherServer:
         secret: bytes | None = None,
         parent_pid: int | None = None,
         fault: str | None = None,
+        curve_secret_key: str | None = None,
+        curve_clients: str | None = None,
     ) -> None:
-        wire.require_safe_bind(endpoint, secret)
+        if bool(curve_secret_key) != bool(curve_clients):
+            raise ConfigError(
+                "CURVE needs both --curve-secret-key (the server's .key_secret file) and "
+                "--curve-clients (a directory of the allowed clients' .key files)"
+            )
+        wire.require_safe_bind(endpoint, secret, bool(curve_secret_key))
+        self.curve_secret_key = curve_secret_key
+        self.curve_clients = curve_clients
         self.role = role
         self.compute = compute
         self.endpoint = endpoint
@@ -158,10 +167,25 @@ class TeacherServer:
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        auth = None
+        if self.curve_secret_key:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            public, secret = wire.load_curve_cert(self.curve_secret_key, secret=True)
+            # ZAP: the handshake of a client whose public key is not in the directory fails,
+            # so unauthenticated peers never reach `handle`.
+            auth = ThreadAuthenticator(ctx)
+            auth.start()
+            auth.configure_curve(domain="*", location=str(self.curve_clients))
+            sock.curve_secretkey = secret
+            sock.curve_publickey = public
+            sock.curve_server = True
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close()
+            if auth is not None:
+                auth.stop()
             raise ConfigError(
                 f"role {self.role}: cannot bind {self.endpoint} ({exc}); the address is in "
                 "use or invalid. Pick another port / ipc path, or stop the process using it"
@@ -181,6 +205,8 @@ class TeacherServer:
                     break
         finally:
             sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
             self._segments.close()
             if self.endpoint.startswith("ipc://"):
                 Path(self.endpoint[len("ipc://") :]).unlink(missing_ok=True)
@@ -356,7 +382,8 @@ def run_server(args: Any) -> int:
     secret = wire.load_secret(args.secret_file)
     run_id = args.run_id or "serve"
     endpoint = args.endpoint or default_endpoint(args.role, run_id)
-    wire.require_safe_bind(endpoint, secret)  # before loading a multi-GB model
+    # before loading a multi-GB model
+    wire.require_safe_bind(endpoint, secret, bool(args.curve_secret_key))
     server = TeacherServer.from_pretrained(
         args.role,
         args.model,
@@ -368,6 +395,8 @@ def run_server(args: Any) -> int:
         secret=secret,
         parent_pid=args.parent_pid,
         fault=args.fault,
+        curve_secret_key=args.curve_secret_key,
+        curve_clients=args.curve_clients,
     )
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)

@@ -261,11 +261,30 @@ def load_secret(secret_file: str | os.PathLike[str] | None = None) -> bytes | No
     return env.encode() if env else None
 
 
-def require_safe_bind(endpoint: str, secret: bytes | None) -> None:
-    """Refuse to bind a non-loopback endpoint without a shared secret."""
-    if not is_local_endpoint(endpoint) and not secret:
+def require_safe_bind(endpoint: str, secret: bytes | None, curve: bool = False) -> None:
+    """Refuse to bind a non-loopback endpoint without a shared secret or CURVE keys."""
+    if not is_local_endpoint(endpoint) and not secret and not curve:
         raise ConfigError(
             f"refusing to bind {endpoint}: it is reachable from other hosts and no shared secret "
             f"is set, so anyone could query the model. Bind ipc:// or tcp://127.0.0.1, or set a "
-            f"secret on both sides (env {SECRET_ENV} or --secret-file FILE)"
+            f"secret on both sides (env {SECRET_ENV} or --secret-file FILE), or CURVE keys "
+            "(--curve-secret-key and --curve-clients)"
         )
+
+
+def load_curve_cert(path: str | os.PathLike[str], *, secret: bool) -> tuple[bytes, bytes | None]:
+    """(public, secret) keys of a ZeroMQ certificate file (``zmq.auth.create_certificates``)."""
+    import zmq.auth
+
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read the CURVE certificate {path} ({exc}); create key pairs with "
+            "`python -c \"import zmq.auth; zmq.auth.create_certificates('DIR', 'NAME')\"`"
+        ) from None
+    if secret and not secret_key:
+        raise ConfigError(
+            f"{path} holds only a public key; give the `.key_secret` file created next to it"
+        )
+    return public, secret_key
