@@ -213,10 +213,11 @@ def test_fused_loss_matches_unfused(base_overrides, tmp_path, method, extra):
 
 
 class _PoisonGrad:
-    """Callback: makes the lm_head gradient NaN during optimizer step `step` (0-based)."""
+    """Callback: multiplies the lm_head gradient by `factor` (NaN by default) at optimizer step
+    `step` (0-based)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, factor: float = float("nan")) -> None:
+        self.step, self.factor = step, factor
 
     def __getattr__(self, name: str):  # every other TrainerCallback event: do nothing
         if name.startswith("on_"):
@@ -225,7 +226,7 @@ class _PoisonGrad:
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         def hook(grad):
-            return grad * float("nan") if state.global_step == self.step else grad
+            return grad * self.factor if state.global_step == self.step else grad
 
         model.lm_head.weight.register_hook(hook)
 
@@ -273,3 +274,12 @@ def test_references_are_prefetched_a_step_ahead(base_overrides, tiny_world, tmp_
     # Step 1's two micro-batches, then step 2's (look-ahead), are requested before step 1 trains.
     assert rec.events == [("prefetch", 0), ("prefetch", 1), ("prefetch", 2), ("prefetch", 3),
                           ("fetch", 0), ("fetch", 1), ("fetch", 2), ("fetch", 3)]  # fmt: skip
+
+
+def test_gradient_norm_spikes_are_logged(base_overrides, tmp_path):
+    cfg = load_config(None, {**base_overrides, "output_dir": str(tmp_path / "r"), "method": "sft",
+                             "max_steps": 7, "max_grad_norm": 0.0, "learning_rate": 1e-4})  # fmt: skip
+    result = train(cfg, callbacks=[_PoisonGrad(6, factor=1e4)])
+    assert result.metrics["grad_norm_spikes"] == 1
+    logs = [h for h in result.history if "loss" in h]
+    assert "grad_norm_spikes" not in logs[5] and logs[6]["grad_norm_spikes"] == 1

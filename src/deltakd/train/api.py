@@ -254,6 +254,14 @@ def train(
             "`student_raw` (or `student`) to a model directory or Hub name."
         ) from exc
     student.config.use_cache = False
+    # The saved student generates with the run's tokenizer: align its special ids up front
+    # (the Trainer would otherwise do it with a warning on every run).
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(student.config, name, value)
+            if student.generation_config is not None:
+                setattr(student.generation_config, name, value)
 
     own_source = False
     if references is None and roles:
