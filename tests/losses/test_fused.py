@@ -71,9 +71,12 @@ def test_every_variant_and_divergence_matches_unfused(variant, divergence):
     hs, ws, bs, refs = world(bias=True)
     mask = randn(N, seed=5) > -0.5
     kw = dict(variant=variant, divergence=divergence, alpha=0.7, temperature=1.3, beta=0.3)
-    for m, chunk in ((None, 3), (mask, 2)):  # chunk sizes that do not divide the counted rows
+    # Chunk and softmax-slice sizes that do not divide the counted rows.
+    for m, chunk, rows in ((None, 5, 2), (mask, 2, None)):
         ref = unfused(hs, ws, bs, refs, mask=m, **kw)
-        fused = fused_distill_loss(hs, ws, refs, student_bias=bs, mask=m, chunk_size=chunk, **kw)
+        fused = fused_distill_loss(
+            hs, ws, refs, student_bias=bs, mask=m, chunk_size=chunk, softmax_chunk_size=rows, **kw
+        )
         assert_same(fused, ref, (hs, ws, bs))
 
 
@@ -142,7 +145,8 @@ def test_sparse_target_matches_kd_loss_and_needs_plain_kd():
         target_role="cache",
         temperature=1.5,
         mask=mask,
-        chunk_size=2,
+        chunk_size=3,
+        softmax_chunk_size=2,
     )
     assert_same(fused, ref, (hs, ws))
     with pytest.raises(ValueError, match=r"whole target distribution.*variant=None"):
@@ -207,6 +211,7 @@ def test_sft_term_in_the_same_pass():
         sft_weight=lam,
         labels=labels,
         chunk_size=4,
+        softmax_chunk_size=3,
         return_components=True,
     )
     assert_same(fused, lam * ce + (1 - lam) * kd, (hs, ws))
@@ -340,3 +345,34 @@ def test_no_tensor_larger_than_a_chunk_of_logits_is_allocated():
     with _LargestAllocation() as naive_mode:  # the detector does see a full [N, V] tensor
         unfused(hs, ws, None, refs).backward()
     assert naive_mode.largest >= n * v
+
+
+def test_trainer_style_call_on_a_tiny_qwen2_matches_full_logits():
+    # How the trainer calls it: the student's forward stops at the hidden states; positions are
+    # shifted by the caller (hidden at t scores token t+1); lm_head tied to the embeddings.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    student, teacher = Qwen2ForCausalLM(cfg).double(), Qwen2ForCausalLM(cfg).double()
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)[:, 1:]
+    with torch.no_grad():
+        t_hidden = teacher.model(input_ids=ids).last_hidden_state[:, :-1]
+    refs = {"teacher_ft": (t_hidden, teacher.lm_head.weight)}
+    hidden = student.model(input_ids=ids).last_hidden_state[:, :-1]  # (B, T-1, H)
+    fused = fused_distill_loss(
+        hidden, student.lm_head.weight, refs, variant=None, mask=mask, chunk_size=3,
+        sft_weight=0.5, labels=ids[:, 1:],
+    )  # fmt: skip
+    g_fused = torch.autograd.grad(fused, list(student.parameters()))
+    logits = student(input_ids=ids).logits[:, :-1]
+    ce = F.cross_entropy(logits[mask], ids[:, 1:][mask])
+    ref = 0.5 * ce + 0.5 * kd_loss(logits, teacher.lm_head(t_hidden), mask=mask)
+    g_ref = torch.autograd.grad(ref, list(student.parameters()))
+    torch.testing.assert_close(fused, ref)
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b)

@@ -47,9 +47,12 @@ LinearRef = (
 #: What a role may map to: dense logits `[..., V_r]`, a `SparseTarget`, or a `LinearRef`.
 RefInput = torch.Tensor | SparseTarget | LinearRef
 
-#: Rows per chunk when `chunk_size` is not given. On CPU, 256 rows keep one float32 chunk of a
-#: 152k vocabulary at 155 MB while the matmuls still run at full speed.
+#: Rows per chunk when `chunk_size` is not given: the matmuls run at full speed on a CPU from
+#: about 256 rows on, and two (256, 152k) float32 buffers take 311 MB.
 DEFAULT_CHUNK_SIZE = 256
+#: Logits per softmax / divergence slice when `softmax_chunk_size` is not given (2^23 = 32 MiB
+#: in float32; 55 rows of a 152k vocabulary): bounds the divergence's intermediates.
+DEFAULT_SOFTMAX_ELEMENTS = 1 << 23
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -105,6 +108,7 @@ class _Plan:
     vocab: int  # V
     dtype: torch.dtype  # compute dtype
     chunk_size: int
+    softmax_rows: int  # rows per softmax / divergence evaluation inside a chunk
     student: _Linear
     frozen: list[tuple[float, torch.Tensor | _Linear]]  # (weight, dense (N, V) or linear)
     live_weight: float  # weight of the live student (with gradient) inside the target
@@ -149,74 +153,83 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
     grad_b = torch.zeros(vocab, dtype=dtype, device=device) if need_b else None
     kd_total = torch.zeros((), dtype=dtype, device=device)
     sft_total = torch.zeros((), dtype=dtype, device=device)
-    # Two (C, V) buffers reused by every chunk: the student's logits and the target's.
+    # Two (C, V) buffers reused by every chunk: the student's logits, and the target's, whose
+    # rows are overwritten by dL/dz_student once their softmax slice has been consumed.
     cap = min(plan.chunk_size, max(plan.count, 1))
     zs_buf = torch.empty(cap, vocab, dtype=dtype, device=device)
-    target_buf = (
-        torch.empty(cap, vocab, dtype=dtype, device=device) if plan.sparse is None else None
-    )
+    work_buf = torch.empty(cap, vocab, dtype=dtype, device=device)
     for rows, c in _chunks(plan):
         zs = zs_buf[:c]
         h, z = s.logits(rows, out=zs)  # (c, H), (c, V)
         if z is not zs:
             zs.copy_(z)  # 16-bit logits, upcast
             del z
-        target = None
+        work = work_buf[:c]  # the target (c, V), then the gradient
         if plan.sparse is None:
-            target = target_buf[:c]
             first = True
             for w, ref in plan.frozen:
                 if isinstance(ref, _Linear):
-                    ref.logits_into(target, rows, w, first)
+                    ref.logits_into(work, rows, w, first)
                 elif first:
-                    torch.mul(_take(ref, rows).to(dtype), w, out=target)
+                    torch.mul(_take(ref, rows).to(dtype), w, out=work)
                 else:
-                    target.add_(_take(ref, rows).to(dtype), alpha=w)
+                    work.add_(_take(ref, rows).to(dtype), alpha=w)
                 first = False
             if first:
-                target.zero_()
+                work.zero_()
             if plan.sg_weight:
-                target.add_(zs, alpha=plan.sg_weight)
-        with torch.set_grad_enabled(any_grad):
-            leaf = zs.detach().requires_grad_(any_grad)
-            if plan.sparse is not None:
-                idx, logp, tail = (_take(t, rows) for t in plan.sparse)
-                per = sparse_fkl_per_position(leaf, idx, logp, tail, plan.temperature)
-            else:
-                if plan.live_weight:
-                    # The student's logits sit inside the target too; autograd sums both paths.
-                    target = target + plan.live_weight * leaf
-                per = per_position_divergence(
-                    leaf, target, plan.divergence, plan.temperature, plan.beta
-                )
-                del target
-            kd_sum = per.sum()
-            loss = plan.kd_scale * kd_sum
-            del per
-            if plan.labels is not None:
-                ce_sum = F.cross_entropy(
-                    leaf, _take(plan.labels, rows), ignore_index=plan.ignore_index, reduction="sum"
-                )
-                loss = loss + plan.sft_scale * ce_sum
-                sft_total += ce_sum.detach()
-            kd_total += kd_sum.detach()
-            if any_grad:
-                (g,) = torch.autograd.grad(loss, leaf)  # (c, V): dL/dz_student for this chunk
-            del loss, kd_sum, leaf
+                work.add_(zs, alpha=plan.sg_weight)
+            sparse = None
+        else:
+            sparse = [_take(t, rows) for t in plan.sparse]
+        labels = None if plan.labels is None else _take(plan.labels, rows)
+        # The softmax and divergence run on row slices of the chunk: their intermediates (a few
+        # (rows, V) arrays) stay small while the matmuls keep full chunks.
+        for a in range(0, c, plan.softmax_rows):
+            b = min(a + plan.softmax_rows, c)
+            with torch.set_grad_enabled(any_grad):
+                leaf = zs[a:b].detach().requires_grad_(any_grad)
+                if sparse is not None:
+                    idx, logp, tail = (t[a:b] for t in sparse)
+                    per = sparse_fkl_per_position(leaf, idx, logp, tail, plan.temperature)
+                else:
+                    target = work[a:b]
+                    if plan.live_weight:
+                        # The student's logits sit inside the target too; autograd sums both.
+                        target = target + plan.live_weight * leaf
+                    per = per_position_divergence(
+                        leaf, target, plan.divergence, plan.temperature, plan.beta
+                    )
+                    del target
+                kd_sum = per.sum()
+                loss = plan.kd_scale * kd_sum
+                del per
+                if labels is not None:
+                    ce_sum = F.cross_entropy(
+                        leaf, labels[a:b], ignore_index=plan.ignore_index, reduction="sum"
+                    )
+                    loss = loss + plan.sft_scale * ce_sum
+                    sft_total += ce_sum.detach()
+                kd_total += kd_sum.detach()
+                if any_grad:
+                    (g,) = torch.autograd.grad(loss, leaf)  # (b - a, V): dL/dz_student
+                    work[a:b].copy_(g)  # these target rows are consumed
+                    del g
+                del loss, kd_sum, leaf
         if not any_grad:
             continue
-        g_mm = g.to(s.weight.dtype)
+        g = work if s.weight.dtype == dtype else work.to(s.weight.dtype)  # (c, V)
         if need_h:
-            gh = g_mm @ s.weight  # (c, H)
+            gh = g @ s.weight  # (c, H)
             if isinstance(rows, slice):
                 grad_h[rows] = gh
             else:
                 grad_h.index_copy_(0, rows, gh)
         if need_w:
-            grad_w.addmm_(g.t(), h.to(dtype))  # (V, H) += (V, c) @ (c, H), compute dtype
+            grad_w.addmm_(work.t(), h.to(dtype))  # (V, H) += (V, c) @ (c, H), compute dtype
         if need_b:
-            grad_b += g.sum(0)
-        del g, g_mm
+            grad_b += work.sum(0)
+        del g
     plan.parts["kd_sum"] = kd_total
     plan.parts["sft_sum"] = sft_total
     plan.parts["grads"] = (grad_h, grad_w, grad_b)
@@ -322,6 +335,7 @@ def fused_distill_loss(
     beta: float = 0.5,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    softmax_chunk_size: int | None = None,
     reduction: Reduction = "mean",
     sft_weight: float = 0.0,
     labels: torch.Tensor | None = None,
@@ -360,7 +374,11 @@ def fused_distill_loss(
         beta: β of `jsd` and the skew of `skl` / `srkl`.
         mask: bool `[...]`, True counts; None counts every position. Nothing counted gives 0.0
             with zero gradients.
-        chunk_size: positions per chunk (default `DEFAULT_CHUNK_SIZE`); same value for any.
+        chunk_size: positions per chunk (default `DEFAULT_CHUNK_SIZE`): rows of every logits
+            matmul. Any value gives the same loss.
+        softmax_chunk_size: rows per softmax / divergence evaluation inside a chunk (default:
+            `DEFAULT_SOFTMAX_ELEMENTS // V`, at least 1); bounds the divergence's intermediates
+            without shrinking the matmuls.
         reduction: "mean" over counted positions or "sum".
         sft_weight: λ; with λ > 0, `labels` is required and the cross-entropy of the student's
             logits against `labels` is computed in the same pass, over counted positions whose
@@ -377,10 +395,13 @@ def fused_distill_loss(
         computed in float32). Backward gives `student_hidden` a `[..., H]` gradient,
         `student_head` a `[V_s, H]` one (zero on padded rows) and `student_bias` a `[V_s]` one.
 
-    Memory: two `(chunk_size, V)` logit buffers plus the divergence's per-chunk intermediates,
-    one `[V, H]` head gradient, one `[N, H]` hidden gradient; heads that are not in the compute
-    dtype (bf16) are converted once, `[V, H]` each. Backward scales the stored gradients in
-    place; it may be repeated (retain_graph) but not differentiated again.
+    Memory: two `(chunk_size, V)` buffers (the student's logits; the target, overwritten by the
+    logits' gradient), the divergence's intermediates for `softmax_chunk_size` rows, one
+    `[V, H]` head gradient (compute dtype) and one `[N, H]` hidden gradient. 16-bit hidden
+    states and heads are multiplied in their own dtype, as the model's lm_head would, and the
+    logits upcast per chunk; mixed dtypes are converted to the compute dtype (a `[V, H]` copy).
+    Backward scales the stored gradients in place; it may be repeated (retain_graph) but not
+    differentiated again.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -388,6 +409,14 @@ def fused_distill_loss(
         chunk_size = DEFAULT_CHUNK_SIZE
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if softmax_chunk_size is not None and (
+        isinstance(softmax_chunk_size, bool)
+        or not isinstance(softmax_chunk_size, int)
+        or softmax_chunk_size < 1
+    ):
+        raise ValueError(
+            f"softmax_chunk_size must be a positive int or None, got {softmax_chunk_size!r}"
+        )
     if not 0.0 <= sft_weight <= 1.0:
         raise ValueError(f"sft_weight (λ) must be in [0, 1], got {sft_weight!r}")
     if not student_hidden.dtype.is_floating_point or student_hidden.dim() < 1:
@@ -536,6 +565,12 @@ def fused_distill_loss(
         vocab=vocab,
         dtype=dtype,
         chunk_size=chunk_size,
+        softmax_rows=min(
+            chunk_size,
+            max(1, DEFAULT_SOFTMAX_ELEMENTS // vocab)
+            if softmax_chunk_size is None
+            else softmax_chunk_size,
+        ),
         student=student,
         frozen=frozen,
         live_weight=live_weight,
@@ -564,4 +599,4 @@ def fused_distill_loss(
     return loss, parts
 
 
-__all__: Sequence[str] = ("DEFAULT_CHUNK_SIZE", "fused_distill_loss")
+__all__: Sequence[str] = ("DEFAULT_CHUNK_SIZE", "DEFAULT_SOFTMAX_ELEMENTS", "fused_distill_loss")
