@@ -1,0 +1,124 @@
+"""SeqKD: SFT on teacher_ft's generations, generated once and reused from the JSONL cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import deltakd.eval.generate as generation
+from deltakd.cli import main
+from deltakd.errors import CacheError, ConfigError
+from deltakd.train import load_config, train
+from deltakd.train.seqkd import CACHE_NAME, cache_key, generation_settings, read_cache
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+#: the real `generate`, kept before any test patches it
+_GENERATE = generation.generate
+
+
+@pytest.fixture
+def generate_calls(monkeypatch) -> list[int]:
+    """Counts the prompts passed to `deltakd.eval.generate.generate` (still generating)."""
+    calls: list[int] = []
+
+    def counting(model, tokenizer, prompts, settings=None, **kw):
+        calls.append(len(prompts))
+        return _GENERATE(model, tokenizer, prompts, settings, **kw)
+
+    monkeypatch.setattr(generation, "generate", counting)
+    return calls
+
+
+def _config(base: dict, out: Path, **over):
+    return load_config(None, {**base, "output_dir": str(out), "method": "seqkd",
+                              "max_new_tokens": 10, **over})  # fmt: skip
+
+
+def test_seqkd_trains_on_cached_teacher_generations(base_overrides, tiny_world, tmp_path,
+                                                    generate_calls):  # fmt: skip
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    common = dict(limit=4, shuffle=False, resume="auto", save_steps=5)
+    first = train(_config(base_overrides, out, max_steps=5, **common))
+    # 4 distinct prompts, generated once.
+    assert generate_calls == [4]
+    losses = [v for _, v in first.losses()]
+    assert losses[-1] < 0.9 * losses[0], losses
+    records = [json.loads(x) for x in (out / CACHE_NAME).read_text().splitlines()]
+    assert len(records) == 4
+    # The cached replies are what teacher_ft writes greedily for those prompts.
+    tok = AutoTokenizer.from_pretrained(tiny_world["tokenizer"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_world["teacher_ft"])
+    from deltakd.data.specs import load_rows
+
+    rows = load_rows(base_overrides["dataset"], None, limit=4)
+    prompts = [r["messages"][:-1] for r in rows]
+    settings = generation.GenerationSettings(max_new_tokens=10)
+    direct = _GENERATE(teacher, tok, prompts, settings, progress=False)
+    by_prompt = {r["prompt"]: r["response"] for r in records}
+    texts = generation.render_prompts(tok, prompts)
+    assert [by_prompt[t] for t in texts] == direct
+    assert any(direct)  # the tiny teacher says something, so the SFT target is its text
+
+    # Resume (more steps, same output_dir): the cache answers everything, nothing is generated.
+    generate_calls.clear()
+    second = train(_config(base_overrides, out, max_steps=6, **common))
+    assert second.resumed_from is not None
+    assert generate_calls == []
+    # A different decoding setting is a different key: only then does the teacher run again.
+    third = _config(base_overrides, tmp_path / "other", max_steps=1, limit=4,
+                    method_args={"cache_file": str(out / CACHE_NAME), "batch_size": 2})  # fmt: skip
+    train(third)
+    assert generate_calls == []  # batch_size does not change greedy outputs: same keys
+    train(third.replace(output_dir=str(tmp_path / "o2"), max_new_tokens=11))
+    assert generate_calls == [4]
+
+
+def test_cache_keys_follow_prompt_teacher_and_settings(base_overrides, tmp_path):
+    cfg = _config(base_overrides, tmp_path)
+    s = generation_settings(cfg)
+    k = cache_key("p", "teacher@1", s)
+    assert k == cache_key("p", "teacher@1", s)
+    assert k != cache_key("q", "teacher@1", s)
+    assert k != cache_key("p", "teacher@2", s)
+    sampled = generation_settings(cfg.replace(method_args={"do_sample": True}))
+    assert k != cache_key("p", "teacher@1", sampled)
+    assert cache_key("p", "t", sampled) != cache_key(
+        "p", "t", generation_settings(cfg.replace(method_args={"do_sample": True, "seed": 5}))
+    )
+
+
+def test_torn_last_line_is_ignored_and_a_corrupt_line_is_refused(tmp_path):
+    path = tmp_path / CACHE_NAME
+    path.write_text('{"key": "a", "response": "x"}\n{"key": "b", "resp')
+    assert read_cache(path) == {"a": "x"}
+    path.write_text('{"key": "a", "response": "x"}\nnot json\n{"key": "b", "response": "y"}\n')
+    with pytest.raises(CacheError, match=r"line 2 .*delete the file"):
+        read_cache(path)
+
+
+def test_bad_seqkd_settings_are_refused(base_overrides, tmp_path):
+    with pytest.raises(ConfigError, match=r"method_args.beam.*allowed keys are do_sample"):
+        _config(base_overrides, tmp_path, method_args={"beam": 4})
+    with pytest.raises(ConfigError, match="temperature"):
+        _config(base_overrides, tmp_path, method_args={"do_sample": True, "temperature": 0})
+    with pytest.raises(ConfigError, match=r"'teacher_ft' = None .*seqkd"):
+        _config(base_overrides, tmp_path, teacher_ft=None)
+
+
+def test_mini_seqkd_config_runs(base_overrides, tmp_path, capsys):
+    out = tmp_path / "run"
+    keys = ("student_raw", "teacher_ft", "teacher_raw", "tokenizer", "dataset", "max_length",
+            "max_prompt_length", "device", "progress")  # fmt: skip
+    world = [f"{k}={base_overrides[k]}" for k in keys]
+    code = main(["train", str(REPO / "configs/mini/seqkd.yaml"), f"output_dir={out}",
+                 "max_steps=2", *world, "per_device_batch_size=2", "max_new_tokens=8"])  # fmt: skip
+    assert code == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert (out / CACHE_NAME).is_file()
+    assert (out / "final" / "model.safetensors").is_file()
