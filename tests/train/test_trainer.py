@@ -283,3 +283,34 @@ def test_gradient_norm_spikes_are_logged(base_overrides, tmp_path):
     assert result.metrics["grad_norm_spikes"] == 1
     logs = [h for h in result.history if "loss" in h]
     assert "grad_norm_spikes" not in logs[5] and logs[6]["grad_norm_spikes"] == 1
+
+
+class _HiddenStates(ReferenceSource):
+    """Answers with last hidden states + lm_heads, as a teacher server may."""
+
+    def __init__(self, local: LocalReferences) -> None:
+        self.local, self.roles = local, local.roles
+
+    @torch.no_grad()
+    def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
+        hidden = {}
+        for role, model in self.local.models.items():
+            out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hidden[role] = out.last_hidden_state
+        return ReferenceBatch(hidden=hidden)
+
+    def lm_heads(self) -> dict[str, torch.Tensor]:
+        return {r: m.lm_head.weight.detach() for r, m in self.local.models.items()}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_hidden_state_references_equal_logits(base_overrides, tiny_world, tmp_path, fused):
+    paths = {r: str(tiny_world[r]) for r in ("teacher_ft", "teacher_raw", "student_raw")}
+    over = {**base_overrides, "method": "delta_kd", "max_steps": 2, "shuffle": False, "limit": 4,
+            "fused_loss": fused}  # fmt: skip
+    a = train(load_config(None, {**over, "output_dir": str(tmp_path / "a")}),
+              references=LocalReferences(paths))  # fmt: skip
+    b = train(load_config(None, {**over, "output_dir": str(tmp_path / "b")}),
+              references=_HiddenStates(LocalReferences(paths)))  # fmt: skip
+    for (_, x), (_, y) in zip(a.losses("kd_loss"), b.losses("kd_loss"), strict=True):
+        assert x == pytest.approx(y, rel=1e-5)
