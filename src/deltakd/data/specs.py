@@ -9,6 +9,9 @@ Specs (one string, as in a config's `dataset:`):
   `test_sft`, ...), e.g. `ultrachat:HuggingFaceH4/ultrachat_200k`.
 - `openmath:<hub name or path>`: OpenMathReasoning rows (`problem`, `generated_solution`,
   optional `expected_answer`; splits `cot`, `tir`, ...), e.g. `openmath:nvidia/OpenMathReasoning`.
+- a mixture `SPEC+SPEC[+...]`, e.g. `mini:instruct+mini:math`: the parts' rows interleaved
+  round-robin (so every batch sees every task); each part uses its own default split unless a
+  split is given.
 
 Hub names and directories go through `datasets.load_dataset` (or `load_from_disk` for a
 directory written by `save_to_disk`); `.jsonl` files are read line by line so a bad line is
@@ -17,6 +20,7 @@ reported with its number.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -38,20 +42,39 @@ DEFAULT_TRAIN_SPLIT = {
 DEFAULT_EVAL_SPLIT = {"mini": "test", "ultrachat": "test_sft", "openmath": "cot", "jsonl": "test"}
 
 
+MIX_SEPARATOR = "+"
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A parsed dataset spec: `kind` in mini / jsonl / ultrachat / openmath, and its target."""
+    """A parsed dataset spec: `kind` in mini / jsonl / ultrachat / openmath / mix, its target,
+    and for a mixture its parts."""
 
     kind: str
     target: str
+    parts: tuple[DatasetSpec, ...] = ()
 
     @property
-    def default_train_split(self) -> str:
+    def text(self) -> str:
+        """The spec string this was parsed from (normalised)."""
+        return self.target if self.kind in ("jsonl", "mix") else f"{self.kind}:{self.target}"
+
+    @property
+    def default_train_split(self) -> str | None:
+        """The default training split; for a mixture, the parts' common one (None: each its own)."""
+        if self.kind == "mix":
+            return _common({p.default_train_split for p in self.parts})
         return DEFAULT_TRAIN_SPLIT[self.kind]
 
     @property
-    def default_eval_split(self) -> str:
+    def default_eval_split(self) -> str | None:
+        if self.kind == "mix":
+            return _common({p.default_eval_split for p in self.parts})
         return DEFAULT_EVAL_SPLIT[self.kind]
+
+
+def _common(values: set[str | None]) -> str | None:
+    return next(iter(values)) if len(values) == 1 else None
 
 
 def parse_spec(spec: str) -> DatasetSpec:
@@ -61,6 +84,14 @@ def parse_spec(spec: str) -> DatasetSpec:
             f"dataset spec {spec!r} is empty: use e.g. `mini:instruct` or a .jsonl path."
         )
     spec = spec.strip()
+    if MIX_SEPARATOR in spec and not Path(spec).exists():
+        pieces = [p.strip() for p in spec.split(MIX_SEPARATOR)]
+        if any(not p for p in pieces):
+            raise DataError(
+                f"dataset spec {spec!r} has an empty part around {MIX_SEPARATOR!r}: write a "
+                "mixture as e.g. `mini:instruct+mini:math`."
+            )
+        return DatasetSpec("mix", spec, tuple(parse_spec(p) for p in pieces))
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("mini", "ultrachat", "openmath"):
         if not rest:
@@ -108,6 +139,11 @@ def load_rows(
     empty datasets, unreadable files and missing splits.
     """
     parsed = parse_spec(spec)
+    if parsed.kind == "mix":
+        groups = [load_rows(part.text, split, seed=seed) for part in parsed.parts]
+        # Round-robin, so that a prefix (`limit`, a short run) still holds every part.
+        mixed = [row for tier in itertools.zip_longest(*groups) for row in tier if row is not None]
+        return mixed[:limit] if limit is not None else mixed
     split = split or parsed.default_train_split
     if parsed.kind == "mini":
         from deltakd.data.mini import load_task
