@@ -235,6 +235,9 @@ def test_bad_on_policy_settings_are_refused(base_overrides, tmp_path):
     with pytest.raises(ConfigError, match=r"sample_temperature.*> 0"):
         load_config(None, {**base, "method": "kd", "on_policy_ratio": 0.5,
                            "method_args": {"sample_temperature": 0}})  # fmt: skip
+    with pytest.raises(ConfigError, match="references: cache: the cache holds targets"):
+        load_config(None, {**base, "method": "delta_kd", "on_policy_ratio": 0.5,
+                           "references": "cache"})  # fmt: skip
     with pytest.raises(ConfigError, match="'sft' has no on-policy mode"):
         load_config(None, {**base, "method": "sft", "on_policy_ratio": 0.5})
 

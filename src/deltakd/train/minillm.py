@@ -169,6 +169,13 @@ class MiniLLM(Method):
                 "with method 'minillm': it always trains on the student's own samples; set "
                 "on_policy_ratio=0 (the default)."
             )
+        super().validate(config)
+        if config.references == "cache":
+            raise ConfigError(
+                "config field 'references' = 'cache' is not allowed with method 'minillm': "
+                "the cache holds targets for the dataset's fixed sequences, not for the "
+                "student's fresh samples; use references: local or servers."
+            )
         if config.lam != 0.0:
             raise ConfigError(
                 f"config field 'lam' = {config.lam!r} is not allowed with method 'minillm': "

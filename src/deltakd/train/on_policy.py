@@ -308,6 +308,13 @@ class _OnPolicyMixin:
     def validate(self, config: TrainConfig) -> None:
         super().validate(config)  # type: ignore[misc]
         if config.on_policy_ratio > 0:
+            if config.references == "cache":
+                raise ConfigError(
+                    f"config field 'on_policy_ratio' = {config.on_policy_ratio!r} is not "
+                    "allowed with references: cache: the cache holds targets for the dataset's "
+                    "fixed sequences, not for the student's samples; use references: local or "
+                    "servers, or on_policy_ratio=0."
+                )
             check_method_args(self.name, config.method_args, ON_POLICY_ARGS)
             _sample_temperature(config)
 
