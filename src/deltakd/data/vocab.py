@@ -36,7 +36,9 @@ def resolve_model_path(path: str) -> str:
             )
         return str(resolved)
     local = Path(path).expanduser()
-    if path.startswith((".", "/", "~")) and not local.exists():
+    # A Hub id is `name` or `namespace/name`: a missing path with more parts can only be local,
+    # so say so now instead of after the Hub client's retries.
+    if not local.exists() and (path.startswith((".", "/", "~")) or len(Path(path).parts) > 2):
         raise ConfigError(f"model path {path!r} does not exist: check the path in the config.")
     return str(local) if local.exists() else path
 
