@@ -11,7 +11,13 @@ import deltakd.eval.generate as generation
 from deltakd.cli import main
 from deltakd.errors import CacheError, ConfigError
 from deltakd.train import load_config, train
-from deltakd.train.seqkd import CACHE_NAME, cache_key, generation_settings, read_cache
+from deltakd.train.seqkd import (
+    CACHE_NAME,
+    _drop_torn_tail,
+    cache_key,
+    generation_settings,
+    read_cache,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,6 +103,8 @@ def test_torn_last_line_is_ignored_and_a_corrupt_line_is_refused(tmp_path):
     path = tmp_path / CACHE_NAME
     path.write_text('{"key": "a", "response": "x"}\n{"key": "b", "resp')
     assert read_cache(path) == {"a": "x"}
+    _drop_torn_tail(path)  # what a generation run does before appending
+    assert path.read_text() == '{"key": "a", "response": "x"}\n'
     path.write_text('{"key": "a", "response": "x"}\nnot json\n{"key": "b", "response": "y"}\n')
     with pytest.raises(CacheError, match=r"line 2 .*delete the file"):
         read_cache(path)

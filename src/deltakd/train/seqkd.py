@@ -130,6 +130,16 @@ def read_cache(path: Path) -> dict[str, str]:
     return out
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a write killed mid-line) so appended records start clean."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
 def _append(path: Path, records: Sequence[dict[str, str]]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         for r in records:
@@ -182,6 +192,7 @@ def teacher_generations(
     if todo:
         model = _load_teacher(config, device)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(path)
         items = list(todo.items())
         bar = tqdm(
             total=len(items), desc="seqkd: teacher generations", unit="prompt",
