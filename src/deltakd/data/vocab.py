@@ -78,9 +78,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _has_tokenizer_files(path: str) -> bool:
+def _role_tokenizer(path: str, trust_remote_code: bool) -> Any | None:
+    """The tokenizer stored with a role's model, or None when it has none.
+
+    A local directory without tokenizer files has none; a Hub name is asked for its tokenizer
+    (small files) and counts as having none when it cannot be fetched.
+    """
     p = Path(path)
-    return p.is_dir() and any((p / f).is_file() for f in _TOKENIZER_FILES)
+    if p.exists():
+        if p.is_dir() and any((p / f).is_file() for f in _TOKENIZER_FILES):
+            return load_tokenizer(path, trust_remote_code=trust_remote_code)
+        return None
+    try:
+        return load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except ConfigError:
+        return None
 
 
 def _embedding_rows(path: str, trust_remote_code: bool) -> int | None:
@@ -116,15 +128,14 @@ def check_vocabulary(
     rows: dict[str, int] = {}
     for role, raw_path in role_paths.items():
         path = resolve_model_path(raw_path)
-        if _has_tokenizer_files(path):
-            other = load_tokenizer(path, trust_remote_code=trust_remote_code)
-            if tokenizer_fingerprint(other) != fp:
-                raise VocabularyError(
-                    f"role {role!r} ({raw_path}) has a different tokenizer from the run's "
-                    f"({len(other)} vs {v} tokens, or different merges/ids): Delta-KD combines "
-                    "logits token by token, so all roles must share one tokenizer. Use models "
-                    "of one family (e.g. Qwen2.5-7B and Qwen2.5-1.5B)."
-                )
+        other = _role_tokenizer(path, trust_remote_code)
+        if other is not None and tokenizer_fingerprint(other) != fp:
+            raise VocabularyError(
+                f"role {role!r} ({raw_path}) has a different tokenizer from the run's "
+                f"({len(other)} vs {v} tokens, or different merges/ids): Delta-KD combines "
+                "logits token by token, so all roles must share one tokenizer. Use models "
+                "of one family (e.g. Qwen2.5-7B and Qwen2.5-1.5B)."
+            )
         n = _embedding_rows(path, trust_remote_code)
         if n is not None:
             if n < v:
