@@ -386,3 +386,16 @@ def test_curve_keys_admit_known_clients_and_reject_others(tiny_world: dict, tmp_
             ServerReferences([spec], curve_client_key=stranger, timeout=1.0)
         with pytest.raises(ConfigError, match="curve_client_key"):
             ServerReferences([spec], timeout=1.0)
+
+
+def test_port_already_in_use_gives_clear_error() -> None:
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        server = TeacherServer(
+            "teacher_ft", lambda ids, mask: ids, info={}, endpoint=f"tcp://127.0.0.1:{port}"
+        )
+        with pytest.raises(ConfigError, match=r"cannot bind .*in use.*another port"):
+            server.serve_forever()
+    finally:
+        sock.close(linger=0)
