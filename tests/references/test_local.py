@@ -38,3 +38,17 @@ def test_bf16_and_bad_inputs(tiny_world):
         LocalReferences({}, dtype="fp8")
     with pytest.raises(ConfigError, match="cannot load the teacher_raw model"):
         LocalReferences({"teacher_raw": str(tiny_world["tokenizer"])})
+
+
+def test_hidden_state_mode_matches_logits(tiny_world):
+    paths = {r: str(tiny_world[r]) for r in ("teacher_ft", "student_raw")}
+    ids = torch.randint(3, tiny_world["vocab_size"], (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dense = LocalReferences(paths).fetch(0, batch)
+    src = LocalReferences(paths, hidden_states=True)
+    out = src.fetch(0, batch)
+    heads = src.lm_heads()
+    assert not out.logits and set(out.hidden) == set(heads) == set(paths)
+    for role in paths:
+        assert out.hidden[role].shape == (2, 6, heads[role].shape[1])
+        torch.testing.assert_close(out.hidden[role] @ heads[role].T, dense.logits[role])

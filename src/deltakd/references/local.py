@@ -38,6 +38,10 @@ class LocalReferences(ReferenceSource):
         device: where the models run (the student's device).
         models: already-loaded models to use instead of loading (role -> module), for tests and
             for sharing one model between roles.
+        hidden_states: answer with last hidden states ([B, T, H]) and `lm_heads()` instead of
+            logits, for the fused loss, which makes logits one chunk at a time (a hidden state is
+            ~40× smaller than a 152k-vocabulary logit row). Models whose output layer has a
+            bias still answer with logits.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class LocalReferences(ReferenceSource):
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
         models: Mapping[str, torch.nn.Module] | None = None,
+        hidden_states: bool = False,
     ) -> None:
         from deltakd.data.vocab import resolve_model_path
 
@@ -67,6 +72,12 @@ class LocalReferences(ReferenceSource):
             model.eval()
             model.requires_grad_(False)
         self.roles = tuple(self.models)
+        self._heads: dict[str, torch.Tensor] = {}
+        if hidden_states:
+            for role, model in self.models.items():
+                head = model.get_output_embeddings()
+                if isinstance(head, torch.nn.Linear) and head.bias is None:
+                    self._heads[role] = head.weight
 
     def _load(self, role: str, path: str, trust_remote_code: bool) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -87,12 +98,23 @@ class LocalReferences(ReferenceSource):
         start = time.perf_counter()
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
-        logits = {}
+        logits, hidden = {}, {}
         for role, model in self.models.items():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            logits[role] = out.logits
+            if role in self._heads:
+                out = model.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                )
+                hidden[role] = out.last_hidden_state
+            else:
+                out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                logits[role] = out.logits
         # Local references compute inside fetch, so all of it is time the trainer waited.
-        return ReferenceBatch(logits=logits, wait_seconds=time.perf_counter() - start)
+        return ReferenceBatch(
+            logits=logits, hidden=hidden, wait_seconds=time.perf_counter() - start
+        )
+
+    def lm_heads(self) -> dict[str, torch.Tensor]:
+        return dict(self._heads)
 
     def close(self) -> None:
         self.models.clear()

@@ -101,7 +101,11 @@ def build_reference_source(
 
         paths = {r: getattr(config, r) for r in roles}
         return LocalReferences(
-            paths, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code
+            paths,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=config.trust_remote_code,
+            hidden_states=config.fused_loss,
         )
     target = SOURCE_FACTORIES[config.references]
     module_name, _, fn_name = target.partition(":")
