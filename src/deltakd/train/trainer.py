@@ -249,8 +249,11 @@ class DistillTrainer(Trainer):
             self._m["skipped"] += 1
             self.skipped_batches += 1
             # Zero loss through the student keeps every parameter in the graph (DDP needs that).
-            student = batch.student_logits if not fused else batch.student_hidden
-            loss = student.sum() * 0.0
+            if fused:  # the output layer is not in the graph of the hidden states
+                head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+                loss = batch.student_hidden.sum() * 0.0 + head.sum() * 0.0
+            else:
+                loss = batch.student_logits.sum() * 0.0
             return (loss, outputs) if return_outputs else loss
         n_counted = float(batch.mask.sum())
         self._m["resp_tokens"] += n_counted
