@@ -148,10 +148,11 @@ def test_nan_reference_logits_stop_with_role_and_batch(base_overrides, tiny_worl
     assert "dataset rows [2]" in msg  # row 3 in the file, 0-based index 2 (first of batch 1)
 
 
-def test_nan_reference_logits_skipped_when_configured(base_overrides, tiny_world, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_reference_logits_skipped_when_configured(base_overrides, tiny_world, tmp_path, fused):
     cfg = load_config(None, {**base_overrides, "output_dir": str(tmp_path / "r"),
                              "method": "delta_kd", "max_steps": 3, "shuffle": False,
-                             "per_device_batch_size": 2, "nonfinite": "skip"})  # fmt: skip
+                             "per_device_batch_size": 2, "nonfinite": "skip", "fused_loss": fused})  # fmt: skip
     result = train(cfg, references=_poisoned(tiny_world))
     assert result.metrics["skipped_batches"] == 1
     assert [h.get("skipped_batches") for h in result.history if "loss" in h] == [None, 1, None]
