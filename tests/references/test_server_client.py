@@ -185,7 +185,7 @@ def test_hung_server_detected_within_timeout_with_clear_message(
 ) -> None:
     ep = _ep(tmp_path, "h")
     with (
-        running(_server(tiny_world, "teacher_ft", ep, fault="slow=3")),
+        running(_server(tiny_world, "teacher_ft", ep, fault="slow=1.5")),
         ServerReferences([ServerSpec("teacher_ft", endpoint=ep)], timeout=0.5) as refs,
     ):
         t0 = time.monotonic()
