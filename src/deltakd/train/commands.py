@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     import yaml
 
@@ -45,6 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     from deltakd.train.api import train
 
     result = train(config)
+    if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate: one summary line, not N
+        return 0
     loss = result.metrics.get("train_loss")
     print(
         f"trained {result.global_step} steps (mean loss {loss:.4f}); student saved to "
