@@ -309,8 +309,8 @@ def test_build_refuses_a_cache_of_other_settings_without_overwrite(cache_overrid
 
 
 def test_cli_cache_build_fp16(cache_overrides, built_cache, tmp_path, capsys):
-    """The command builds an fp16 cache: 4 bytes per entry, values within fp16 rounding of the
-    fp32 cache's."""
+    """The command builds an fp16 cache with 3-byte ids: 5 bytes per entry, the same ids as the
+    uint16/fp32 cache and values within fp16 rounding of its values."""
     import yaml
 
     from deltakd.cli import main
@@ -319,12 +319,14 @@ def test_cli_cache_build_fp16(cache_overrides, built_cache, tmp_path, capsys):
     cfg = {**cache_overrides, "output_dir": str(tmp_path / "run"), "references": "cache"}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["cache", "build", str(path), "cache.k=8", "cache.rows_per_shard=100"]) == 0
+    argv = ["cache", "build", str(path), "cache.k=8", "cache.rows_per_shard=100",
+            "cache.index_dtype=uint24"]  # fmt: skip
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "10 rows" in out and "k=8, uint16/fp16" in out and "1 built" in out
+    assert "10 rows" in out and "k=8, uint24/fp16" in out and "1 built" in out
     cache_dir = tmp_path / "run" / "target_cache"
     a, b = CacheReferences(cache_dir), CacheReferences(built_cache[0].cache["dir"])
-    assert a.manifest.encoding["bytes_per_position"] == 8 * (2 + 2) + 8
+    assert a.manifest.encoding["bytes_per_position"] == 8 * (3 + 2) + 8
     assert a.manifest.bytes_per_token() < b.manifest.bytes_per_token()
     batch = _batches(built_cache[0])[0]
     ta, tb = a.fetch(0, batch).target, b.fetch(0, batch).target

@@ -19,20 +19,25 @@ from deltakd.references.cache.format import (
 def test_index_dtype_follows_the_vocabulary():
     assert resolve_index_dtype("auto", 1024) == "uint16"
     assert resolve_index_dtype("auto", 65536) == "uint16"
-    assert resolve_index_dtype("auto", 151665) == "int32"  # Qwen2.5
+    assert resolve_index_dtype("auto", 151665) == "uint24"  # Qwen2.5
+    assert resolve_index_dtype("auto", (1 << 24) + 1) == "int32"
+    assert resolve_index_dtype("int32", 1024) == "int32"
     with pytest.raises(ConfigError, match=r"cannot hold token ids of a 151665-token"):
         resolve_index_dtype("uint16", 151665)
     # k = 64: 64 × (2 + 2) + 4 (tail) + 4 (position) bytes; int32 ids for large vocabularies.
     assert bytes_per_position(64, "uint16", "fp16") == 264
+    assert bytes_per_position(64, "uint24", "fp16") == 328
     assert bytes_per_position(64, "int32", "fp16") == 392
     assert bytes_per_position(64, "uint16", "fp32") == 392
 
 
-@pytest.mark.parametrize(("index_dtype", "top"), [("uint16", 65535), ("int32", 151664)])
+@pytest.mark.parametrize(
+    ("index_dtype", "top"), [("uint16", 65535), ("uint24", (1 << 24) - 1), ("int32", 151664)]
+)
 def test_shard_round_trip_is_exact_for_every_id(tmp_path, index_dtype, top):
     from safetensors.torch import load_file
 
-    from deltakd.references.cache.writer import CachedRow, encode_rows, write_shard
+    from deltakd.references.cache.writer import CachedRow, decode_indices, encode_rows, write_shard
 
     ids = torch.tensor([[top, 0, 1, top - 1]])
     row = CachedRow(row_key([5, 6]), 3, torch.tensor([1]), ids,
@@ -44,7 +49,7 @@ def test_shard_round_trip_is_exact_for_every_id(tmp_path, index_dtype, top):
     assert size == (tmp_path / "s.safetensors").stat().st_size
     assert not (tmp_path / ".tmp-s.safetensors").exists()
     back = load_file(tmp_path / "s.safetensors")
-    assert torch.equal(back["indices"].to(torch.int64), ids)
+    assert torch.equal(decode_indices(back["indices"]), ids)
     assert back["row_offsets"].tolist() == [0, 1, 1]
     assert back["row_keys"][1].numpy().tobytes() == row_key([7])
 

@@ -14,7 +14,8 @@ target distribution `softmax(z / τ)` plus the tail mass `1 − Σ top-k`:
     row_index    int64   (R,)      the row's index in the loaded dataset (for messages)
     row_offsets  int64   (R + 1,)  row r owns positions [row_offsets[r], row_offsets[r + 1])
     positions    int32   (N,)      t within the row (the target at t scores token t + 1)
-    indices      uint16 / int32 (N, k)  token ids of the top-k, most probable first
+    indices      uint16 (N, k) / uint8 (N, k, 3) / int32 (N, k)  token ids of the top-k, most
+                 probable first (uint24 = 3 little-endian bytes, for vocabularies up to 2^24)
     logprobs     fp16 / bf16 / fp32 (N, k)  their log-probabilities at temperature τ
     tail_mass    fp32    (N,)      1 − Σ exp(logprobs), computed in float32 before rounding
 
@@ -45,8 +46,9 @@ ROW_KEY_BYTES = 16
 
 #: value dtypes the cache can store the log-probabilities in -> bytes per value
 VALUE_DTYPES: dict[str, int] = {"fp16": 2, "bf16": 2, "fp32": 4}
-#: index dtypes -> bytes per index; `auto` picks uint16 when V <= 65536, else int32
-INDEX_DTYPES: dict[str, int] = {"uint16": 2, "int32": 4}
+#: index dtypes -> bytes per index; `auto` picks the narrowest that holds every id of V
+INDEX_DTYPES: dict[str, int] = {"uint16": 2, "uint24": 3, "int32": 4}
+_INDEX_LIMITS: dict[str, int] = {"uint16": 1 << 16, "uint24": 1 << 24, "int32": 1 << 31}
 #: methods whose target is a fixed function of the frozen models (so it can be cached)
 CACHEABLE_METHODS: tuple[str, ...] = ("kd", "delta_kd", "parallelogram")
 
@@ -59,12 +61,14 @@ def _torch_dtype(name: str) -> Any:
 
 
 def resolve_index_dtype(name: str, vocab_size: int) -> str:
-    """`auto` -> `uint16` when every id fits in 16 bits, else `int32`."""
+    """`auto` -> uint16 for V <= 65536, uint24 (3 bytes, e.g. Qwen's 151665) up to 2^24, else
+    int32; an explicit choice too narrow for V is refused."""
     if name == "auto":
-        return "uint16" if vocab_size <= 1 << 16 else "int32"
-    if name == "uint16" and vocab_size > 1 << 16:
-        raise ConfigError(f"config field 'cache.index_dtype' = 'uint16' cannot hold token ids of a "
-                          f"{vocab_size}-token vocabulary (max 65536): use int32 or auto.")  # fmt: skip
+        return next(n for n, limit in _INDEX_LIMITS.items() if vocab_size <= limit)
+    if vocab_size > _INDEX_LIMITS[name]:
+        raise ConfigError(f"config field 'cache.index_dtype' = {name!r} cannot hold token ids of a "
+                          f"{vocab_size}-token vocabulary (max {_INDEX_LIMITS[name]}): use a wider "
+                          "one or auto.")  # fmt: skip
     return name
 
 
@@ -84,7 +88,8 @@ class CacheSettings:
         dir: cache directory. Default `<output_dir>/target_cache`.
         k: top-k entries kept per position (`V` or `0` = the whole vocabulary).
         value_dtype: fp16 (default), bf16 or fp32 log-probabilities.
-        index_dtype: auto (uint16 when V <= 65536, else int32), uint16 or int32.
+        index_dtype: auto (uint16 when V <= 65536, uint24 up to 2^24, else int32), uint16,
+            uint24 or int32.
         rows_per_shard: rows per shard file (the unit of resume).
         batch_size: rows per reference forward pass while building (default: the config's
             per_device_batch_size).
@@ -131,7 +136,7 @@ class CacheSettings:
                               f"expected one of {', '.join(VALUE_DTYPES)}.")  # fmt: skip
         if s.index_dtype not in ("auto", *INDEX_DTYPES):
             raise ConfigError(f"config field 'cache.index_dtype' = {s.index_dtype!r} is not allowed: "
-                              "expected auto, uint16 or int32.")  # fmt: skip
+                              "expected auto, uint16, uint24 or int32.")  # fmt: skip
         if s.source not in ("local", "servers"):
             raise ConfigError(f"config field 'cache.source' = {s.source!r} is not allowed: expected "
                               "local or servers (where `deltakd cache build` gets the frozen "

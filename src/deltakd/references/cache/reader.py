@@ -20,6 +20,7 @@ from deltakd.references.cache.format import (
     file_sha256,
     read_manifest,
 )
+from deltakd.references.cache.writer import decode_indices
 
 _REQUIRED = ("row_keys", "row_index", "row_offsets", "positions", "indices", "logprobs",
              "tail_mass")  # fmt: skip
@@ -124,7 +125,7 @@ class CacheReader:
         try:
             out = RowTargets(
                 positions=handle.get_slice("positions")[a:b].long(),
-                indices=handle.get_slice("indices")[a:b].long(),
+                indices=decode_indices(handle.get_slice("indices")[a:b]),
                 logprobs=handle.get_slice("logprobs")[a:b].float(),
                 tail_mass=handle.get_slice("tail_mass")[a:b].float(),
             )

@@ -42,11 +42,27 @@ def encode_rows(rows: list[CachedRow], k: int, index_dtype: str,
         "row_index": torch.tensor([r.row_index for r in rows], dtype=torch.int64),
         "row_offsets": offsets,
         "positions": cat([r.positions for r in rows], (0,), torch.int32),
-        # int64 -> uint16 is exact for ids < 65536 (checked when the dtype was chosen).
-        "indices": cat([r.indices for r in rows], (0, k), _torch_dtype(index_dtype)),
+        "indices": encode_indices(cat([r.indices for r in rows], (0, k), torch.int64), index_dtype),
         "logprobs": cat([r.logprobs.float() for r in rows], (0, k), _torch_dtype(value_dtype)),
         "tail_mass": cat([r.tail_mass.float() for r in rows], (0,), torch.float32),
     }
+
+
+def encode_indices(ids: torch.Tensor, index_dtype: str) -> torch.Tensor:
+    """Token ids (N, k) int64 -> the stored form. The dtype was chosen wide enough for V, so
+    every conversion is exact."""
+    if index_dtype == "uint24":
+        shifts = torch.tensor([0, 8, 16], dtype=torch.int64)
+        return ((ids.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).contiguous()  # (N, k, 3)
+    return ids.to(_torch_dtype(index_dtype)).contiguous()
+
+
+def decode_indices(stored: torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode_indices`: (N, k) or (N, k, 3) uint8 -> (N, k) int64."""
+    if stored.dtype == torch.uint8:
+        b = stored.to(torch.int64)
+        return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    return stored.to(torch.int64)
 
 
 def write_shard(
