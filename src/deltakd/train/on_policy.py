@@ -16,7 +16,8 @@ How a micro-batch is rewritten (`prepare_batch`, before the references and the f
    tokens), which is kept;
 3. rows become `prompt + sample`, right-padded like the collator's; `assistant_mask` (hence the
    loss mask and the token count normalising the loss) covers the sampled tokens only, up to and
-   including the stop token.
+   including the stop token. (With `lam > 0` the SFT term of such a batch is the student's
+   negative log-likelihood of its own samples; GKD uses `lam: 0`.)
 
 Reproducibility: each micro-batch's coin flip and samples come from a `torch.Generator` seeded
 from (`seed`, optimizer step, micro-batch index within the step, process index), never from the
