@@ -335,7 +335,9 @@ class DistillTrainer(Trainer):
                 x, what = refs.ref.hidden[role][:, :-1], "hidden states"
             else:
                 continue
-            bad = ~torch.isfinite(x).all(dim=-1) & mask.to(x.device)  # (B, T-1)
+            # max/min propagate NaN and expose ±inf without a [B, T, V] temporary.
+            finite = torch.isfinite(x.amax(dim=-1)) & torch.isfinite(x.amin(dim=-1))  # (B, T-1)
+            bad = ~finite & mask.to(x.device)
             if bool(bad.any()):
                 rows = batch.inputs.get("row_index")
                 bad_rows = []
