@@ -50,9 +50,10 @@ RefInput = torch.Tensor | SparseTarget | LinearRef
 #: Rows per chunk when `chunk_size` is not given: the matmuls run at full speed on a CPU from
 #: about 256 rows on, and two (256, 152k) float32 buffers take 311 MB.
 DEFAULT_CHUNK_SIZE = 256
-#: Logits per softmax / divergence slice when `softmax_chunk_size` is not given (2^23 = 32 MiB
-#: in float32; 55 rows of a 152k vocabulary): bounds the divergence's intermediates.
-DEFAULT_SOFTMAX_ELEMENTS = 1 << 23
+#: Logits per softmax / divergence slice when `softmax_chunk_size` is not given: 2^21 (8 MiB in
+#: float32, 13 rows of a 152k vocabulary). Small slices bound the divergence's intermediates and
+#: stay cache-friendly; larger ones measured no faster on CPU and used more memory.
+DEFAULT_SOFTMAX_ELEMENTS = 1 << 21
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -236,46 +237,53 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
     return plan.kd_scale * kd_total + plan.sft_scale * sft_total
 
 
+def _student_grads(plan: _Plan, hidden, head, bias, needs) -> tuple[torch.Tensor, list]:
+    """Run the chunk loop; return the loss and the gradients in the inputs' shapes and dtypes."""
+    loss = _run_chunks(plan, *needs)
+    grad_h, grad_w, grad_b = plan.parts.pop("grads")
+    if grad_h is not None:
+        grad_h = grad_h.to(hidden.dtype).reshape(hidden.shape)
+    # Padded vocabulary rows of the head get zeros.
+    if grad_w is not None and (grad_w.shape != head.shape or grad_w.dtype != head.dtype):
+        full = torch.zeros_like(head)
+        full[: grad_w.shape[0]] = grad_w
+        grad_w = full
+    if grad_b is not None:
+        full_b = torch.zeros_like(bias)
+        full_b[: grad_b.shape[0]] = grad_b
+        grad_b = full_b
+    return loss, [grad_h, grad_w, grad_b]
+
+
 class _FusedLinearDistill(torch.autograd.Function):
-    """Loss of `fused_distill_loss`; gradients of the student's hidden, head, bias are computed
-    in forward and scaled in backward (in place, like `kd._ChunkedLoss`)."""
+    """Loss of `fused_distill_loss`. The gradients of the student's hidden states, head and bias
+    are computed in forward; backward scales them in place and hands the buffers over.
+
+    Handing over (dropping ctx's reference) lets autograd keep the buffer as `.grad` instead of
+    cloning it: no second [V, H] head gradient. A repeated backward through the same graph
+    (retain_graph, gradcheck) recomputes them.
+    """
 
     @staticmethod
     def forward(ctx, plan, hidden, head, bias):  # type: ignore[override]
         need_h, need_w, need_b = ctx.needs_input_grad[1:4]
-        loss = _run_chunks(plan, need_h, need_w, bias is not None and need_b)
-        grad_h, grad_w, grad_b = plan.parts.pop("grads")
-        # Back to the inputs' shapes and dtypes; padded vocabulary rows of the head get zeros.
-        if grad_h is not None:
-            grad_h = grad_h.to(hidden.dtype).reshape(hidden.shape)
-        if grad_w is not None and (grad_w.shape != head.shape or grad_w.dtype != head.dtype):
-            full = torch.zeros_like(head)
-            full[: grad_w.shape[0]] = grad_w
-            grad_w = full
-        if grad_b is not None:
-            full_b = torch.zeros_like(bias)
-            full_b[: grad_b.shape[0]] = grad_b
-            grad_b = full_b
-        ctx.grads = [grad_h, grad_w, grad_b]
-        ctx.scale = torch.ones((), dtype=loss.dtype, device=loss.device)
+        ctx.needs = (need_h, need_w, bias is not None and need_b)
+        loss, ctx.grads = _student_grads(plan, hidden, head, bias, ctx.needs)
+        ctx.plan, ctx.inputs = plan, (hidden, head, bias)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
-        # Rescaled in place (no second [V, H] copy); ctx.scale is the factor the buffers carry
-        # now, so a repeated backward (retain_graph, gradcheck) stays correct.
-        if not bool(grad_output):
-            # Zero incoming gradient: zeros (expanded, no memory), the buffers stay untouched.
-            zeros = [None if g is None else g.new_zeros(()).expand_as(g) for g in ctx.grads]
-            return (None, *zeros)
-        if not torch.equal(grad_output, ctx.scale):
-            factor = grad_output / ctx.scale
-            for g in ctx.grads:
+        grads = ctx.grads
+        if grads is None:  # handed over by an earlier backward through this graph
+            _, grads = _student_grads(ctx.plan, *ctx.inputs, ctx.needs)
+        ctx.grads = None
+        if not torch.equal(grad_output, torch.ones_like(grad_output)):
+            for g in grads:
                 if g is not None:
-                    g.mul_(factor.to(g.dtype))
-            ctx.scale = grad_output.clone()
-        return (None, *ctx.grads)
+                    g.mul_(grad_output.to(g.dtype))
+        return (None, *grads)
 
 
 def _check_lead(name: str, shape: torch.Size, lead: torch.Size, what: str) -> None:
@@ -400,8 +408,8 @@ def fused_distill_loss(
     `[V, H]` head gradient (compute dtype) and one `[N, H]` hidden gradient. 16-bit hidden
     states and heads are multiplied in their own dtype, as the model's lm_head would, and the
     logits upcast per chunk; mixed dtypes are converted to the compute dtype (a `[V, H]` copy).
-    Backward scales the stored gradients in place; it may be repeated (retain_graph) but not
-    differentiated again.
+    Backward scales the stored gradients in place and hands them to autograd without a copy;
+    a repeated backward (retain_graph) recomputes them; double backward is not supported.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
