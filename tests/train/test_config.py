@@ -113,3 +113,12 @@ def test_report_to_without_its_package_says_what_to_install(reporter):
         pytest.skip(f"{reporter} is installed")
     with pytest.raises(ConfigError, match=f"pip install {reporter}`, or use report_to=csv"):
         training_arguments(cfg)
+
+
+def test_saved_config_round_trips(tmp_path):
+    from deltakd.train.config import save_config
+
+    cfg = load_config(None, {**MINIMAL, "method_args": {"k": [1, 2]}, "learning_rate": 3e-4,
+                             "limit": 5, "variant": None})  # fmt: skip
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
