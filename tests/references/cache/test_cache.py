@@ -185,6 +185,32 @@ def test_other_model_is_refused(built_cache, tiny_world):
         from_config(other, ("teacher_ft", "teacher_raw", "student_raw"), torch.device("cpu"))
 
 
+def test_kd_and_parallelogram_targets(cache_overrides, tmp_path):
+    """kd stores teacher_ft's distribution; the frozen `delta` variant stores delta_kd's z*."""
+    from deltakd.losses import SparseTarget
+    from deltakd.references.cache import CacheReferences, build_cache
+
+    small = {"limit": 2, "cache": {"value_dtype": "fp32"}}
+    kd = make_config(cache_overrides, tmp_path / "kd", method="kd", **small)
+    assert build_cache(kd, progress=False).manifest.models.keys() == {"teacher_ft"}
+    para = make_config(cache_overrides, tmp_path / "p", method="parallelogram", variant="delta",
+                       **small)  # fmt: skip
+    build_cache(para, progress=False)
+    dkd = make_config(cache_overrides, tmp_path / "d", **small)
+    build_cache(dkd, progress=False)
+    batch = _batches(kd)[0]
+    mask = _mask(batch)
+    logits = _local(kd).fetch(0, batch).logits["teacher_ft"][:, :-1]
+    want = SparseTarget.from_logits(logits, 8, temperature=1.5)
+    got = _trim(CacheReferences(kd.cache["dir"]).fetch(0, batch).target)
+    assert torch.equal(got.indices[mask], want.indices[mask])
+    torch.testing.assert_close(got.logprobs[mask], want.logprobs[mask], atol=1e-5, rtol=0)
+    a = CacheReferences(para.cache["dir"]).fetch(0, batch).target
+    b = CacheReferences(dkd.cache["dir"]).fetch(0, batch).target
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
 def test_uncacheable_settings_are_refused(built_cache):
     from deltakd.references.cache.build import check_cacheable
 
