@@ -23,7 +23,7 @@ def test_bench_cache_json(tiny_world, tmp_path, capsys):
     )
     argv = ["bench", "cache", "--json", "--world", str(world), "--dataset", str(data),
             "--rows", "3", "--ks", "8,V", "--steps", "2", "--batch", "2", "--max-length", "48",
-            "--repeats", "1"]  # fmt: skip
+            "--repeats", "2"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = json.loads(out.strip().splitlines()[-1])

@@ -238,9 +238,11 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
         runs.update({f"cache-{k}": cache_cfgs[k] for k in ks})
         best: dict[str, list[float]] = {}
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        for _ in range(max(args.repeats, 1)):
+        for r in range(max(args.repeats, 1)):
             for name, cfg in runs.items():
-                times = _step_times(cfg, clock)
+                # A fresh run directory each time: a finished run leaves a checkpoint behind.
+                out = tmp / "runs" / f"{name}-{r}"
+                times = _step_times(cfg.replace(output_dir=str(out)), clock)
                 prev = best.get(name, times)
                 best[name] = [min(a, b) for a, b in zip(prev, times)]
         tps = {name: len(t) / sum(t) for name, t in best.items()}
