@@ -315,3 +315,18 @@ def test_hidden_state_references_equal_logits(base_overrides, tiny_world, tmp_pa
               references=_HiddenStates(LocalReferences(paths)))  # fmt: skip
     for (_, x), (_, y) in zip(a.losses("kd_loss"), b.losses("kd_loss"), strict=True):
         assert x == pytest.approx(y, rel=1e-5)
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_extending_continues(base_overrides, tmp_path):
+    over = dict(method="sft", max_steps=2, resume="auto")  # save_steps=0: last step only
+    first = _run(base_overrides, tmp_path / "r", **over)
+    first_weights = _weights(first.output_dir)
+    assert (tmp_path / "r" / "checkpoint-2").is_dir()
+    again = _run(base_overrides, tmp_path / "r", **over)
+    assert again.global_step == 2 and again.resumed_from.endswith("checkpoint-2")
+    assert again.losses() == first.losses()
+    again_weights = _weights(again.output_dir)
+    assert all(torch.equal(first_weights[k], again_weights[k]) for k in first_weights)
+    longer = _run(base_overrides, tmp_path / "r", **{**over, "max_steps": 3})
+    assert longer.global_step == 3 and [s for s, _ in longer.losses()] == [1, 2, 3]
+    assert longer.losses()[:2] == first.losses()

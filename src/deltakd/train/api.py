@@ -148,6 +148,46 @@ def _resume_path(config: TrainConfig) -> str | None:
     return config.resume
 
 
+def _finished(checkpoint: str, config: TrainConfig) -> bool:
+    """Whether `checkpoint` already holds the run's last step."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    target = config.max_steps if config.max_steps > 0 else state.get("max_steps", 0)
+    return target > 0 and state.get("global_step", 0) >= target
+
+
+def _result_of_finished_run(config: TrainConfig, checkpoint: str, tokenizer: Any) -> TrainResult:
+    out = Path(config.output_dir)
+    stats_file = out / "data_stats.json"
+    stats = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.is_file() else {}
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    final = out / "final"
+    if is_main:
+        from transformers import AutoModelForCausalLM
+
+        student = AutoModelForCausalLM.from_pretrained(
+            checkpoint, trust_remote_code=config.trust_remote_code
+        )
+        tmp = out / ".tmp-final"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    history = list(state.get("log_history", []))
+    summary = next((h for h in reversed(history) if "train_loss" in h), {})
+    metrics = {k: v for k, v in summary.items() if k not in ("step", "epoch")}
+    losses = [h["loss"] for h in history if "loss" in h]
+    metrics.setdefault("train_loss", sum(losses) / len(losses) if losses else float("nan"))
+    metrics.update(skipped_batches=0, skipped_steps=0, grad_norm_spikes=0)
+    logger.info("%s already holds step %d: nothing to train", checkpoint, state["global_step"])
+    return TrainResult(output_dir=out, final_dir=final, global_step=int(state["global_step"]),
+                       metrics=metrics, history=history, data_stats=stats,
+                       resumed_from=checkpoint)  # fmt: skip
+
+
 def training_arguments(config: TrainConfig) -> Any:
     """The `transformers.TrainingArguments` equivalent of a TrainConfig."""
     from transformers import TrainingArguments
@@ -190,8 +230,9 @@ def training_arguments(config: TrainConfig) -> Any:
         train_sampling_strategy="random" if config.shuffle else "sequential",
         report_to=report or "none",
         logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps > 0 else "no",
-        save_steps=config.save_steps if config.save_steps > 0 else 500,
+        # The Trainer also checkpoints the last step under "steps": save_steps=0 keeps only that.
+        save_strategy="steps",
+        save_steps=config.save_steps if config.save_steps > 0 else 10**12,
         save_total_limit=config.save_total_limit,
         remove_unused_columns=False,
         logging_nan_inf_filter=False,
@@ -230,6 +271,11 @@ def train(
     check_paths = {r: getattr(config, r) for r in roles if getattr(config, r)}
     check_paths["student"] = config.student_init
     vocab = check_vocabulary(tokenizer, check_paths, trust_remote_code=config.trust_remote_code)
+
+    if resume is not None and _finished(resume, config):
+        # The HF Trainer would run one more step when resumed at its last step; a finished run
+        # only needs its student saved (again).
+        return _result_of_finished_run(config, resume, tokenizer)
 
     rows = load_rows(config.dataset, config.train_split, limit=config.limit)
     rows = method.prepare_rows(rows, {"config": config, "tokenizer": tokenizer})
