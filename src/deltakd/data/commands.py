@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="full",
         help="full: the shipped world (~10 min on 2 CPU cores); quick: a few steps, for plumbing",
     )
+    build.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)",
+    )
     build.set_defaults(func=_build)
 
 
@@ -35,6 +41,15 @@ def _build(args: argparse.Namespace) -> int:
 
     from deltakd.data.mini import build_world
 
+    if args.threads is not None:
+        import torch
+
+        from deltakd.errors import ConfigError
+
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}; pass e.g. --threads 1")
+
+        torch.set_num_threads(args.threads)
     out = build_world(args.out, seed=args.seed, scale=args.scale)
     info = json.loads((out / "world.json").read_text())
     print(f"mini world written to {out}")

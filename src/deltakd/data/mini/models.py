@@ -24,8 +24,9 @@ class ModelShape:
     intermediate: int
 
 
-TEACHER = ModelShape(hidden=192, layers=4, heads=4, kv_heads=2, intermediate=512)
-STUDENT = ModelShape(hidden=96, layers=2, heads=4, kv_heads=2, intermediate=256)
+# ~0.92M vs ~0.16M parameters (5.6x): a real capacity gap that still trains in minutes on a CPU.
+TEACHER = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)
+STUDENT = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192)
 MAX_POSITIONS = 256
 BLOCK = 128  # tokens per packed pretraining sequence
 
