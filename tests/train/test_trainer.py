@@ -330,3 +330,41 @@ def test_rerunning_a_finished_run_trains_nothing_and_extending_continues(base_ov
     longer = _run(base_overrides, tmp_path / "r", **{**over, "max_steps": 3})
     assert longer.global_step == 3 and [s for s, _ in longer.losses()] == [1, 2, 3]
     assert longer.losses()[:2] == first.losses()
+
+
+class _SendSigterm:
+    """Callback: the process receives SIGTERM at the end of optimizer step `step` (1-based)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_checkpoints_stops_and_resumes_exactly(base_overrides, tmp_path):
+    import signal
+
+    common = dict(method="delta_kd", max_steps=4, save_steps=0, per_device_batch_size=2,
+                  resume="auto", lr_scheduler="cosine", learning_rate=3e-3)  # fmt: skip
+    full = _run(base_overrides, tmp_path / "full", **common)
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = load_config(None, {**base_overrides, **common, "output_dir": str(tmp_path / "t")})
+    stopped = train(cfg, callbacks=[_SendSigterm(2)])  # SIGTERM during step 2's bookkeeping
+    assert stopped.interrupted and stopped.global_step == 2
+    assert (tmp_path / "t" / "checkpoint-2").is_dir() and not (tmp_path / "t" / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # handler restored
+    resumed = train(cfg)
+    assert not resumed.interrupted and resumed.resumed_from.endswith("checkpoint-2")
+    assert resumed.losses() == full.losses()
+    wa, wb = _weights(full.output_dir), _weights(resumed.output_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

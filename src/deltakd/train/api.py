@@ -47,6 +47,8 @@ class TrainResult:
     history: list[dict[str, Any]]  # Trainer log history (one dict per log / step)
     data_stats: dict[str, Any] = field(default_factory=dict)
     resumed_from: str | None = None
+    #: stopped early by SIGTERM after checkpointing `global_step`; `final_dir` was not written
+    interrupted: bool = False
 
     def losses(self, key: str = "loss") -> list[tuple[int, float]]:
         """[(step, value)] of one logged metric."""
@@ -257,7 +259,7 @@ def train(
     from deltakd.data.tokenize import ChatCollator, ChatDataset, encode_rows
     from deltakd.data.vocab import check_vocabulary, load_tokenizer, resolve_model_path
     from deltakd.train.methods import get_method
-    from deltakd.train.trainer import DistillTrainer
+    from deltakd.train.trainer import DistillTrainer, SigtermCheckpoint
 
     set_seed(config.seed)
     out = Path(config.output_dir)
@@ -335,13 +337,33 @@ def train(
         references=references,
         vocab_size=vocab.vocab_size,
     )
+    sigterm = None
+    if config.checkpoint_on_sigterm:
+        sigterm = SigtermCheckpoint(trainer)
+        trainer.add_callback(sigterm)
     try:
         output = trainer.train(resume_from_checkpoint=resume)
     finally:
         if own_source and references is not None:
             references.close()
-
+    metrics = dict(output.metrics)
+    metrics.update(
+        skipped_batches=trainer.skipped_batches,
+        skipped_steps=trainer.skipped_steps,
+        grad_norm_spikes=trainer.grad_norm_spikes,
+    )
     final = out / "final"
+    if sigterm is not None and sigterm.stopped_at is not None:
+        return TrainResult(
+            output_dir=out,
+            final_dir=final,
+            global_step=output.global_step,
+            metrics=metrics,
+            history=list(trainer.state.log_history),
+            data_stats=dataclasses.asdict(stats),
+            resumed_from=resume,
+            interrupted=True,
+        )
     tmp = out / ".tmp-final"
     if trainer.args.should_save and tmp.exists():
         shutil.rmtree(tmp)
@@ -352,12 +374,6 @@ def train(
             shutil.rmtree(final)
         os.replace(tmp, final)
     trainer.accelerator.wait_for_everyone()
-    metrics = dict(output.metrics)
-    metrics.update(
-        skipped_batches=trainer.skipped_batches,
-        skipped_steps=trainer.skipped_steps,
-        grad_norm_spikes=trainer.grad_norm_spikes,
-    )
     return TrainResult(
         output_dir=out,
         final_dir=final,

@@ -46,6 +46,13 @@ def _run(args: argparse.Namespace) -> int:
     from deltakd.train.api import train
 
     result = train(config)
+    if result.interrupted:
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"stopped by SIGTERM after step {result.global_step}; checkpoint saved in "
+                f"{result.output_dir}. Run the same command again to resume."
+            )
+        return 143  # 128 + SIGTERM, as a shell reports a terminated command
     if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate: one summary line, not N
         return 0
     loss = result.metrics.get("train_loss")

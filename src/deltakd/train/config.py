@@ -393,6 +393,14 @@ class TrainConfig:
         default=2,
         metadata=_help("Keep at most this many checkpoints (null = all).", group="output"),
     )
+    checkpoint_on_sigterm: bool = field(
+        default=True,
+        metadata=_help(
+            "On SIGTERM (cluster preemption, `kill`), finish the current optimizer step, write a "
+            "checkpoint and stop without `final/`; running the same command again resumes.",
+            group="output",
+        ),
+    )
     nonfinite: str = field(
         default="stop",
         metadata=_help(

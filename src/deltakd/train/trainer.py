@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import statistics
 import time
 from collections import deque
@@ -31,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from deltakd.errors import DeltaKDError, NonFiniteError
 from deltakd.references.base import ReferenceBatch, ReferenceSource
@@ -481,6 +482,45 @@ class DistillTrainer(Trainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+
+class SigtermCheckpoint(TrainerCallback):
+    """Turns SIGTERM into "finish this optimizer step, checkpoint, stop".
+
+    The flag is agreed on by all processes at every step end (one tiny all-reduce), so ranks
+    that did not receive the signal stop at the same step and the checkpoint's barriers match.
+    """
+
+    def __init__(self, trainer: DistillTrainer) -> None:
+        self.trainer = trainer
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        flag = self.requested
+        if args.world_size > 1:
+            t = torch.tensor([float(flag)], device=args.device)
+            flag = bool(self.trainer.accelerator.reduce(t, reduction="sum").item() > 0)
+        if flag and not control.should_training_stop:
+            logger.warning("SIGTERM: checkpointing step %d and stopping", state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _fsync_tree(path: str) -> None:
