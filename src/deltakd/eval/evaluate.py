@@ -170,7 +170,7 @@ def _load_model(path: str | Path, device: str | None, dtype: str) -> PreTrainedM
     torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a directory without a model
         raise ConfigError(
             f"cannot load a model from {path!r} ({exc}); pass a directory saved with "
             "save_pretrained (e.g. a run's final/ directory), mini:<role>, or a Hub name."
