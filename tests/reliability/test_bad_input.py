@@ -122,7 +122,11 @@ def test_cli_prints_cause_and_fix_without_traceback(tmp_path, capsys):
     from deltakd.cli import main
 
     data = _jsonl(tmp_path / "d.jsonl", [OK_ROW])
+    (tmp_path / "empty").mkdir()
     cases = [
+        (["eval", "--model", str(tmp_path / "empty"), "--data", str(data)],
+         r"deltakd eval: error: cannot load a model from .*empty'",
+         r"pass a directory saved with save_pretrained \(e\.g\. a run's final/ directory\)"),
         (["eval", "--model", str(tmp_path / "no-model"), "--data", str(data)],
          r"deltakd eval: error: model path .*no-model' does not exist", r"check the path"),
         (["serve", "--role", "teacher_ft", "--model", str(tmp_path / "no-model")],
