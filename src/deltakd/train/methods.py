@@ -49,6 +49,7 @@ METHOD_MODULES: tuple[str, ...] = (
 )
 
 _REGISTRY: dict[str, type[Method]] = {}
+_BUILTIN: tuple[str, ...] = ("sft", "kd", "delta_kd", "parallelogram")
 _loaded = False
 
 
@@ -181,8 +182,11 @@ def _load_plugins() -> None:
 
 
 def method_names() -> tuple[str, ...]:
+    """Registered method names: the built-ins, then plug-ins alphabetically (an order that does
+    not depend on which module happened to be imported first)."""
     _load_plugins()
-    return tuple(_REGISTRY)
+    builtin = [n for n in _BUILTIN if n in _REGISTRY]
+    return (*builtin, *sorted(n for n in _REGISTRY if n not in _BUILTIN))
 
 
 def get_method(name: str) -> Method:
@@ -192,7 +196,7 @@ def get_method(name: str) -> Method:
     except KeyError:
         raise ConfigError(
             f"config field 'method' = {name!r} is not allowed: expected one of "
-            f"{', '.join(_REGISTRY)}."
+            f"{', '.join(method_names())}."
         ) from None
 
 
