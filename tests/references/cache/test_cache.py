@@ -364,14 +364,27 @@ def test_cli_cache_build_fp16(cache_overrides, built_cache, tmp_path, capsys):
     assert "unknown config key 'cache.bogus'" in capsys.readouterr().err
 
 
-def test_trainer_from_cache_matches_local_at_k_V(full_vocab_cache, cache_overrides, tmp_path):
-    """`references: cache` through `deltakd.train.train`: first-step loss equals local's."""
+def test_trainer_from_cache_matches_local_at_k_V(full_vocab_cache, cache_overrides, tmp_path,
+                                                 monkeypatch):  # fmt: skip
+    """`references: cache` through `deltakd.train.train`: no reference model is loaded, and the
+    first-step loss equals the one with local references."""
+    from transformers import AutoModelForCausalLM
+
     from deltakd.train.api import train
 
     config, _ = full_vocab_cache
     common = dict(max_steps=1, logging_steps=1, save_steps=0, resume="never", learning_rate=1e-3,
                   per_device_batch_size=4)  # fmt: skip
+    loaded: list[str] = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+        loaded.append(str(path))
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
     from_cache = train(config.replace(references="cache", output_dir=str(tmp_path / "c"), **common))
+    assert loaded == [config.student_raw]
     local = train(make_config(cache_overrides, tmp_path / "l", **common))
     a, b = from_cache.losses()[0][1], local.losses()[0][1]
     assert a > 1e-3
