@@ -304,8 +304,23 @@ class Parallelogram(Method):
         return get_variant(config.variant).roles
 
     def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
-        from deltakd.losses import get_variant, parallelogram_loss
+        from deltakd.losses import get_variant, kd_loss, parallelogram_loss
 
+        if refs.target is not None:  # a cache holds the variant's whole target
+            # The variant's own divergence (e.g. delta_rkl's rkl), which a sparse target refuses.
+            divergence = (
+                _variant_divergence(config) or get_variant(config.variant or "").default_divergence
+            )
+            return kd_loss(
+                batch.student_logits,
+                refs.target,
+                divergence=divergence,
+                temperature=config.temperature,
+                beta=config.beta,
+                mask=batch.mask,
+                chunk_size=config.chunk_size,
+                reduction="sum",
+            )
         roles = get_variant(config.variant or "").roles
         return parallelogram_loss(
             batch.student_logits,
