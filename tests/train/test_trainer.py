@@ -368,3 +368,31 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(base_overrides, tmp_path)
     assert resumed.losses() == full.losses()
     wa, wb = _weights(full.output_dir), _weights(resumed.output_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class _SparseFromLocal(ReferenceSource):
+    """Answers with a ready top-k target of z* (what the offline cache serves)."""
+
+    def __init__(self, local: LocalReferences, k: int) -> None:
+        self.local, self.k, self.roles = local, k, local.roles
+
+    def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
+        from deltakd.losses import SparseTarget, delta_target
+
+        z = self.local.fetch(key, batch).logits
+        target = delta_target(z["teacher_ft"], z["teacher_raw"], z["student_raw"], alpha=1.0)
+        return ReferenceBatch(target=SparseTarget.from_logits(target, self.k))
+
+
+def test_sparse_targets_train_delta_kd_and_parallelogram_alike(base_overrides, tiny_world,
+                                                                tmp_path):  # fmt: skip
+    paths = {r: str(tiny_world[r]) for r in ("teacher_ft", "teacher_raw", "student_raw")}
+    results = {}
+    for method, extra in (("delta_kd", {}), ("parallelogram", {"variant": "delta"})):
+        cfg = load_config(None, {**base_overrides, "output_dir": str(tmp_path / method),
+                                 "method": method, "max_steps": 3, "shuffle": False, "limit": 4,
+                                 **extra})  # fmt: skip
+        results[method] = train(cfg, references=_SparseFromLocal(LocalReferences(paths), k=16))
+    a = [v for _, v in results["delta_kd"].losses("kd_loss")]
+    b = [v for _, v in results["parallelogram"].losses("kd_loss")]
+    assert a == pytest.approx(b, rel=1e-6) and a[-1] < a[0]
