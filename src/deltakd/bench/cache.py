@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=1.0, help="Delta-KD α")
     parser.add_argument("--temperature", type=float, default=1.0, help="τ")
     parser.add_argument("--value-dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    parser.add_argument(
+        "--index-dtype", default="auto", choices=("auto", "uint16", "uint24", "int32")
+    )
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per timed run")
     parser.add_argument("--batch", type=int, default=8, help="rows per step")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per row")
@@ -214,7 +217,8 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     for k in ks:
         cfg = config(f"cache-{k}", method="delta_kd", references="cache",
                      cache={"dir": str(tmp / f"cache-{k}"), "k": k,
-                            "value_dtype": args.value_dtype})  # fmt: skip
+                            "value_dtype": args.value_dtype,
+                            "index_dtype": args.index_dtype})  # fmt: skip
         cache_cfgs[k] = cfg
         manifest = build_cache(cfg, references=local, progress=False).manifest
         source = CacheReferences(cfg.cache["dir"])
@@ -255,7 +259,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
 
     print(f"deltakd bench cache: {world_note}; {args.dataset} {len(data.ids)} rows, "
           f"{n_positions} response positions, V={v}, α={args.alpha}, τ={args.temperature}, "
-          f"{args.value_dtype} log-probs, {args.steps} steps × {args.batch} rows, "
+          f"{args.value_dtype} log-probs, {args.index_dtype} ids, {args.steps} steps × {args.batch} rows, "
           f"{args.threads} thread(s), fastest step of {args.repeats} runs, {args.clock} clock")  # fmt: skip
     if tps:
         print(f"  sft {tps['sft'] * mean_tokens:.0f} tok/s, delta_kd local "
