@@ -219,6 +219,8 @@ def test_uncacheable_settings_are_refused(built_cache):
         check_cacheable(config.replace(divergence="rkl"))
     with pytest.raises(ConfigError, match="method 'sft' cannot train from an offline cache"):
         check_cacheable(config.replace(method="sft"))
+    with pytest.raises(ConfigError, match=r"divergence 'rkl' .*method 'parallelogram'"):
+        check_cacheable(config.replace(method="parallelogram", variant="delta_rkl"))
     with pytest.raises(ConfigError, match="live student"):
         check_cacheable(config.replace(method="parallelogram", variant="live_shift_sg"))
 

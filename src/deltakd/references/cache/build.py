@@ -102,10 +102,17 @@ def check_cacheable(config: Any) -> None:
             raise ConfigError(f"parallelogram variant {variant.name!r} puts the live student "
                               f"({live[0]}) inside the target, which changes every step, so it "
                               "cannot be cached; use references: local or servers.")  # fmt: skip
-    if config.divergence != "fkl":
-        raise ConfigError(f"config field 'divergence' = {config.divergence!r} cannot use an "
+    divergence = config.divergence
+    if config.method == "parallelogram" and divergence == "fkl":
+        # The trainer uses the variant's own divergence unless another one is chosen.
+        from deltakd.losses import get_variant
+
+        divergence = get_variant(config.variant or "").default_divergence
+    if divergence != "fkl":
+        raise ConfigError(f"divergence {divergence!r} (config field 'divergence' = "
+                          f"{config.divergence!r}, method {config.method!r}) cannot use an "
                           "offline cache: sparse top-k targets support the forward KL (fkl) "
-                          "only. Set divergence=fkl or use references: local / servers.")  # fmt: skip
+                          "only. Use an fkl method/variant or references: local / servers.")  # fmt: skip
     if getattr(config, "on_policy_ratio", 0.0) > 0:
         raise ConfigError(f"config field 'on_policy_ratio' = {config.on_policy_ratio} cannot use "
                           "an offline cache: on-policy samples are new text the cache has never "

@@ -190,9 +190,6 @@ def from_config(config: Any, roles: tuple[str, ...], device: torch.device) -> Ca
     from deltakd.references.cache.format import CacheSettings
 
     check_cacheable(config)
-    # TODO(trainer): `Parallelogram.kd_sum` in deltakd/train/methods.py reads role logits only;
-    # it needs `if refs.target is not None: return kd_loss(batch.student_logits, refs.target,
-    # ...)` (as DeltaKD.kd_sum has) before `method: parallelogram` can train from a cache.
     settings = CacheSettings.from_config(config)
     reader = CacheReader(settings.dir, verify=settings.verify)
     tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
