@@ -83,6 +83,27 @@ def test_round_trip_equals_direct_sparse_target(built_cache):
     source.close()
 
 
+def test_left_padded_batch_gets_the_same_targets(built_cache):
+    """Rows are found by the tokens under the attention mask, wherever the padding sits."""
+    from deltakd.references.cache import CacheReferences
+
+    config, _ = built_cache
+    batch = _batches(config)[0]
+    source = CacheReferences(config.cache["dir"])
+    right = source.fetch(0, batch).target
+    lengths = batch["attention_mask"].sum(1)
+    t = batch["input_ids"].shape[1]
+    left = {name: torch.zeros_like(batch[name]) for name in ("input_ids", "attention_mask",
+                                                              "assistant_mask")}  # fmt: skip
+    for b, n in enumerate(lengths.tolist()):
+        for name in left:
+            left[name][b, t - n :] = batch[name][b, :n]
+    got = source.fetch(1, left).target
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.equal(got.indices[b, t - n :], right.indices[b, :n])
+        assert torch.equal(got.logprobs[b, t - n :], right.logprobs[b, :n])
+
+
 @pytest.fixture(scope="module")
 def full_vocab_cache(cache_overrides, tmp_path_factory):
     """A k = V fp32 cache (batch size 4, so the trainer test uses it too)."""
