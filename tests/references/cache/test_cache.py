@@ -232,6 +232,26 @@ def test_kd_and_parallelogram_targets(cache_overrides, tmp_path):
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 
+def test_nan_references_are_refused_at_build_time(cache_overrides, tiny_world, tmp_path):
+    from deltakd.errors import NonFiniteError
+    from deltakd.references.base import ReferenceBatch, ReferenceSource
+    from deltakd.references.cache import build_cache
+
+    class NaNReferences(ReferenceSource):
+        roles = ("teacher_ft", "teacher_raw", "student_raw")
+
+        def fetch(self, key: int, batch: Any) -> ReferenceBatch:
+            b, t = batch["input_ids"].shape
+            logits = torch.randn(b, t, tiny_world["vocab_size"])
+            logits[:, 3:] = float("nan")
+            return ReferenceBatch(logits={r: logits for r in self.roles})
+
+    config = make_config(cache_overrides, tmp_path, limit=2)
+    with pytest.raises(NonFiniteError, match=r"dataset row \d contains NaN.*reference_dtype=fp32"):
+        build_cache(config, references=NaNReferences(), progress=False)
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
+
+
 def test_uncacheable_settings_are_refused(built_cache):
     from deltakd.references.cache.build import check_cacheable
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from deltakd.errors import CacheError, ConfigError
+from deltakd.errors import CacheError, ConfigError, NonFiniteError
 from deltakd.references.cache.format import (
     CACHEABLE_METHODS,
     FORMAT_NAME,
@@ -316,7 +316,7 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
     collate = ChatCollator(pad_token_id=tokenizer.pad_token_id)
     source = references
     own_source = False
-    built = kept = 0
+    built = kept = next_key = 0
     try:
         for s in range(n_shards):
             lo, hi = s * rps, min((s + 1) * rps, len(uniq))
@@ -342,12 +342,15 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
             feats = [[{"input_ids": data.ids[i], "assistant_mask": data.masks[i],
                        "row_index": data.row_indices[i]} for i in b] for b in batches]  # fmt: skip
             collated = [collate(f) for f in feats]
+            # Keys unique over the whole build: a server client may remember them.
+            base = next_key
+            next_key += len(collated)
             if collated:
-                source.prefetch(0, collated[0])
+                source.prefetch(base, collated[0])
             for j, (members_b, batch) in enumerate(zip(batches, collated)):
                 if j + 1 < len(collated):
-                    source.prefetch(j + 1, collated[j + 1])
-                ref = source.fetch(j, batch)
+                    source.prefetch(base + j + 1, collated[j + 1])
+                ref = source.fetch(base + j, batch)
                 device = _device(config)
                 role_logits = RoleLogits(ref, source.lm_heads(), vocab.vocab_size, device)
                 z = target_logits(config, role_logits.logits)  # (B, T-1, V)
@@ -355,6 +358,13 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
                 for b, i in enumerate(members_b):
                     pos = mask[b].nonzero().flatten()  # (n,)
                     sparse = SparseTarget.from_logits(z[b, pos.to(z.device)], k, tau)  # (n, k)
+                    if bool(sparse.logprobs.isnan().any() or sparse.tail_mass.isnan().any()):
+                        raise NonFiniteError(
+                            f"the target of dataset row {data.row_indices[i]} contains NaN (the "
+                            f"reference models' logits are not finite, dtype "
+                            f"{manifest.references['dtype']}); nothing was stored for it. Build "
+                            "with reference_dtype=fp32, or remove the row."
+                        )
                     rows[i] = CachedRow(data.keys[i], data.row_indices[i], pos, sparse.indices.cpu(),
                                         sparse.logprobs.cpu(), sparse.tail_mass.cpu())  # fmt: skip
                 bar.update(len(members_b))
