@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 
 def test_bench_cache_json(tiny_world, tmp_path, capsys):
     from deltakd.cli import main
@@ -56,3 +58,22 @@ def test_sparse_kl_definition():
     want = (logp.exp() * (logp - q.log())).sum(-1)
     torch.testing.assert_close(sparse_kl(logp, t), want, atol=1e-5, rtol=1e-4)
     assert math.isfinite(float(want.mean())) and float(want.mean()) > 0
+
+
+@pytest.mark.slow
+def test_bench_cache_targets_on_the_mini_world(capsys):
+    """docs/BENCHMARKS.md targets: KL(dense ‖ sparse) ≤ 1e-3 nats at k = 64, and training from
+    the cache at ≥ 0.9 × SFT tokens/s (CPU clock: robust on shared machines)."""
+    from deltakd.cli import main
+    from deltakd.errors import DataError
+
+    try:
+        from deltakd.data.mini import mini_world_dir
+
+        mini_world_dir()
+    except DataError:
+        pytest.skip("the mini world is not shipped in this tree")
+    assert main(["bench", "cache", "--json", "--ks", "64", "--clock", "cpu", "--steps", "16"]) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["kl_nats"] <= 1e-3
+    assert row["throughput_vs_sft"] >= 0.9
