@@ -141,3 +141,15 @@ def test_unknown_scale_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="use one of full, quick"):
         build_world(tmp_path, scale="huge")
+
+
+def test_cli_registers_mini_build() -> None:
+    from deltakd.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["mini", "build", "--out", "x", "--seed", "2", "--scale", "quick"]
+    )
+    assert (args.out, args.seed, args.scale, args.threads) == ("x", 2, "quick", None)
+    assert callable(args.func)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["mini", "build", "--scale", "huge"])

@@ -42,11 +42,11 @@ SCALES: dict[str, Scale] = {
     "full": Scale(
         corpus_docs=6000,
         vocab_size=1024,
-        teacher_pretrain_steps=300,
+        teacher_pretrain_steps=500,
         teacher_pretrain_lr=2.5e-3,
-        student_pretrain_steps=200,
+        student_pretrain_steps=500,
         student_pretrain_lr=5e-3,
-        sft_steps=250,
+        sft_steps=600,
         sft_lr=2e-3,
         batch_size=16,
         eval_limit=100,
@@ -144,15 +144,20 @@ def evaluate_world(
     record the scores in its world.json (``test_scores`` and a description in ``eval``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deltakd.data.mini.corpus import make_corpus
+    from deltakd.data.mini.models import corpus_loss
     from deltakd.data.mini.tasks import MINI_TASKS, load_task
 
     world = Path(world_dir)
     info = json.loads((world / "world.json").read_text())
     tok = AutoTokenizer.from_pretrained(world / "tokenizer")
+    heldout = make_corpus(info["seed"], n_docs=max(20, 3 * limit), stream="heldout")
     scores: dict[str, dict[str, dict[str, float]]] = {}
+    losses: dict[str, float] = {}
     for role in ROLES:
         model = (models or {}).get(role) or AutoModelForCausalLM.from_pretrained(world / role)
         model.eval()
+        losses[role] = round(corpus_loss(model, tok, heldout), 4)
         scores[role] = {
             task: evaluate_model(
                 model,
@@ -164,6 +169,8 @@ def evaluate_world(
             for task in MINI_TASKS
         }
     info["test_scores"] = scores
+    # how well each model knows the world in plain prose: fresh documents, same facts
+    info["heldout_corpus_loss"] = losses
     info["eval"] = (
         f"greedy decoding via model.generate on the first {limit} test rows per task "
         f"(max_new_tokens={max_new_tokens}); ROUGE F1 from rouge_score with stemming; "

@@ -140,10 +140,31 @@ def _story_doc(world: World, rng: random.Random) -> str:
     return " ".join(out)
 
 
-def make_corpus(seed: int = 0, n_docs: int = 6000) -> list[str]:
-    """`n_docs` plain-text documents about the world of `seed` (no chat format)."""
+def _meeting_doc(world: World, rng: random.Random) -> str:
+    """A short story whose names and numbers recur, so predicting it needs copying from the
+    context (the skill every task relies on: answers repeat names and numbers from the prompt)."""
+    a, b = rng.sample(world.people, 2)
+    city = rng.choice(world.cities).name
+    f = rng.choice(FOODS)
+    n = rng.randint(2, 40)
+    return rng.choice(
+        (
+            f"{a.name} met {b.name} in {city}. {b.name} gave {a.name} {n} {f}, and {a.name} "
+            f"thanked {b.name}. Later {a.name} and {b.name} walked back to {city} together.",
+            f"In {city}, {a.name} sold {n} {f} to {b.name}. {b.name} paid for the {n} {f} "
+            f"and took them home. {a.name} stayed in {city}.",
+        )
+    )
+
+
+def make_corpus(seed: int = 0, n_docs: int = 6000, *, stream: str = "corpus") -> list[str]:
+    """`n_docs` plain-text documents about the world of `seed` (no chat format).
+
+    ``stream="heldout"`` draws fresh documents about the same facts (new phrasings, orders and
+    sums) for measuring how well a model knows the world rather than its training text.
+    """
     world = make_world(seed)
-    rng = random.Random(f"deltakd-mini:{seed}:corpus")
+    rng = random.Random(f"deltakd-mini:{seed}:{stream}")
     docs: list[str] = []
     for i in range(n_docs):
         r = i % 10
@@ -153,8 +174,10 @@ def make_corpus(seed: int = 0, n_docs: int = 6000) -> list[str]:
             docs.append(_animal_doc(rng.choice(world.animals), rng))
         elif r < 7:
             docs.append(_city_doc(rng.choice(world.cities), world, rng))
-        elif r < 9:
+        elif r < 8:
             docs.append(_arithmetic_doc(world, rng))
+        elif r < 9:
+            docs.append(_meeting_doc(world, rng))
         else:
             docs.append(_story_doc(world, rng))
     return docs

@@ -101,7 +101,7 @@ class TrainSettings:
 
 
 def train(model, dataset, tokenizer: Any, settings: TrainSettings, *, seed: int, work_dir: Path):
-    """Train `model` in place with `transformers.Trainer`; returns the final training loss."""
+    """Train `model` in place with `transformers.Trainer`; returns the final logged loss."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     args = TrainingArguments(
@@ -133,4 +133,21 @@ def train(model, dataset, tokenizer: Any, settings: TrainSettings, *, seed: int,
     )
     result = trainer.train()
     model.eval()
-    return float(result.training_loss)
+    # the last logged loss (the mean over the last logging window), not the whole-run average
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return float(logged[-1] if logged else result.training_loss)
+
+
+def corpus_loss(model, tokenizer: Any, docs: list[str], *, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy (nats/token) of `model` on packed `docs`."""
+    data = pack_corpus(docs, tokenizer)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            ids = torch.tensor(data[start : start + batch_size]["input_ids"])  # (B, T)
+            out = model(input_ids=ids, labels=ids)
+            n = ids.shape[0] * (ids.shape[1] - 1)
+            total += float(out.loss) * n
+            count += n
+    return total / max(1, count)
