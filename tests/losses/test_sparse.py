@@ -68,3 +68,25 @@ def test_sparse_bad_input():
         SparseTarget(sparse.indices, sparse.logprobs[..., :2], sparse.tail_mass)
     with pytest.raises(ValueError, match="k must be"):
         SparseTarget.from_logits(torch.randn(2, 5), k=6)
+
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_sparse_gradcheck_float64(k):
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    sparse = SparseTarget.from_logits(torch.randn(4, 10, generator=g, dtype=torch.float64), k, 1.5)
+    mask = torch.tensor([True, True, False, True])
+    assert torch.autograd.gradcheck(lambda a: kd_loss(a, sparse, temperature=1.5, mask=mask), (s,))
+
+
+def test_sparse_stays_finite_when_the_student_leaves_no_tail_mass():
+    # float32 underflow: the student's mass outside the top-k is below the smallest normal.
+    s = torch.full((2, 6), -200.0)
+    s[:, :2] = 200.0
+    t = torch.zeros(2, 6)
+    sparse = SparseTarget.from_logits(t, k=2)  # tail mass 4/6 on tokens the student rules out
+    s.requires_grad_()
+    loss = kd_loss(s, sparse)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 100  # large, as it should be: KL is huge here
+    assert torch.isfinite(s.grad).all()

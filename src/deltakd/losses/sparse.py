@@ -82,6 +82,61 @@ class SparseTarget:
         )
 
 
+class _SparseFKL(torch.autograd.Function):
+    """Bucketed forward KL per position with its gradient written out.
+
+    With m = Σ_k p_k + p_tail (1 up to rounding), L = Σ_k p_k log p_k + p_tail log p_tail
+    − Σ_k p_k log q_k − p_tail log q_tail, and with q = softmax(z / τ)
+
+        ∂L/∂z_j = (m · q_j − p̃_j) / τ,   p̃_j = p_j on the top-k,  p_tail · q_j / q_tail elsewhere.
+
+    One softmax and one [n, V] gradient, instead of autograd's graph through a scatter and a
+    logsumexp over a masked copy (about twice as fast, and one [n, V] buffer fewer).
+    """
+
+    @staticmethod
+    def forward(ctx, student, idx, logp_k, tail_mass, temperature):  # type: ignore[override]
+        dtype = compute_dtype(student, logp_k)
+        zero = torch.zeros((), dtype=dtype, device=student.device)
+        logq = torch.log_softmax(student.to(dtype) / temperature, dim=-1)  # (n, V)
+        q = logq.exp()
+        logp_k = logp_k.to(dtype)
+        p_k = logp_k.exp()  # (n, k)
+        loss = (p_k * torch.where(p_k > 0, logp_k - logq.gather(-1, idx), zero)).sum(-1)
+        mass = p_k.sum(-1)  # (n,)
+        grad = q  # reused in place: q is not needed once the gradient is built
+        if idx.shape[-1] < q.shape[-1]:
+            p_tail = tail_mass.to(dtype)
+            mass = mass + p_tail
+            # q_tail as a sum of positive terms: no cancellation, unlike 1 − Σ_k q_k.
+            q_tail = q.scatter(-1, idx, 0.0).sum(-1)  # (n,)
+            log_q_tail = q_tail.log()
+            under = q_tail <= torch.finfo(dtype).tiny
+            if under.any():  # the student left (almost) nothing outside the top-k
+                rows = under.nonzero().squeeze(1)
+                masked = logq[rows].scatter(-1, idx[rows], float("-inf"))
+                log_q_tail = log_q_tail.index_put((rows,), masked.logsumexp(-1))
+            safe_p_tail = torch.where(p_tail > 0, p_tail, torch.ones_like(p_tail))
+            loss = loss + torch.where(p_tail > 0, p_tail * (safe_p_tail.log() - log_q_tail), zero)
+            ratio = torch.where(
+                p_tail > 0, p_tail / q_tail.clamp_min(torch.finfo(dtype).tiny), zero
+            )
+            # Everyone gets (m − p_tail/q_tail)·q_j; the top-k entries are then overwritten.
+            grad_k = q.gather(-1, idx) * mass[:, None] - p_k
+            grad = grad.mul_((mass - ratio)[:, None]).scatter_(-1, idx, grad_k)
+        else:
+            grad = grad.mul_(mass[:, None]).scatter_add_(-1, idx, -p_k)
+        ctx.save_for_backward(grad.div_(temperature))
+        ctx.student_dtype = student.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad_output[:, None] * grad).to(ctx.student_dtype), None, None, None, None
+
+
 def sparse_fkl_per_position(
     student_logits: torch.Tensor,
     indices: torch.Tensor,
@@ -92,20 +147,8 @@ def sparse_fkl_per_position(
     """Forward KL from a top-k + tail-bucket target to the student, per position.
 
     Shapes: student `(n, V)`, indices/logprobs `(n, k)`, tail_mass `(n,)` → `(n,)`.
+    Differentiable with respect to the student only (targets are data).
     """
-    dtype = compute_dtype(student_logits, logprobs)
-    zero = torch.zeros((), dtype=dtype, device=student_logits.device)
-    logq = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (n, V)
-    idx = indices.long()
-    logq_k = logq.gather(-1, idx)  # (n, k)
-    logp_k = logprobs.to(dtype)
-    p_k = logp_k.exp()
-    head = (p_k * torch.where(p_k > 0, logp_k - logq_k, zero)).sum(-1)  # (n,)
-    if idx.shape[-1] == logq.shape[-1]:
-        return head  # k = V: nothing outside the top-k
-    # log q_tail as a logsumexp over the tokens outside the top-k: stable where 1 − Σ q_k is not.
-    log_q_tail = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)  # (n,)
-    p_tail = tail_mass.to(dtype)
-    log_p_tail = torch.where(p_tail > 0, p_tail, torch.ones_like(p_tail)).log()
-    tail = p_tail * torch.where(p_tail > 0, log_p_tail - log_q_tail, zero)
-    return head + tail
+    return _SparseFKL.apply(
+        student_logits, indices.long(), logprobs.detach(), tail_mass.detach(), temperature
+    )
