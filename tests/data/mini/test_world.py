@@ -124,6 +124,9 @@ def test_quick_build_plumbing(tmp_path: Path) -> None:
     from deltakd.data.mini import build_world
 
     out = build_world(tmp_path / "w", seed=3, scale="quick")
+    again = build_world(tmp_path / "again", seed=3, scale="quick")
+    for name in ("tokenizer/tokenizer.json", *(f"{r}/model.safetensors" for r in ROLES)):
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name  # deterministic
     info = json.loads((out / "world.json").read_text())
     assert info["seed"] == 3 and info["scale"] == "quick"
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
