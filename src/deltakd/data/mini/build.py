@@ -207,7 +207,7 @@ def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> P
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     losses: dict[str, float] = {}
-    stages = tqdm(total=5, desc="mini world", unit="stage")
+    stages = tqdm(total=6, desc="mini world", unit="stage")
 
     def stage(name: str) -> None:
         stages.set_postfix_str(name)
