@@ -145,8 +145,11 @@ def _run(
     flat_terms = [t.reshape(lead.numel(), *t.shape[len(lead) :]) for t in terms]  # (N, ...)
     count = rows.numel()
     if chunk_size is None:
-        s = flat_student.index_select(0, rows)
-        per = fn(s, [t.index_select(0, rows) for t in flat_terms])  # (n,)
+        if mask is None:  # every row counts: no [N, V] copies of the inputs
+            per = fn(flat_student, flat_terms)  # (N,)
+        else:
+            s = flat_student.index_select(0, rows)
+            per = fn(s, [t.index_select(0, rows) for t in flat_terms])  # (n,)
         return _reduce(per.sum(), count, reduction)
     total = _ChunkedLoss.apply(rows, fn, chunk_size, flat_student, *flat_terms)
     return _reduce(total, count, reduction)
