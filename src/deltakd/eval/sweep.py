@@ -28,10 +28,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deltakd.errors import ConfigError
 from deltakd.eval.generate import GenerationSettings
+from deltakd.train.config import nest_overrides, parse_scalar, split_override
 
 # train_fn(config_path, overrides) runs one training run to completion; overrides hold
 # `output_dir`. It is the trainer's Python API by default and injectable for tests.
@@ -43,15 +42,6 @@ FINAL_DIR = "final"
 EVAL_FILE = "eval.json"
 FAILED_FILE = "failed.json"
 RUN_META = "sweep.json"
-
-
-def _parse_value(raw: str, item: str) -> Any:
-    try:
-        return yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"grid/override {item!r}: {raw!r} is not a YAML value ({exc}); quote it."
-        ) from exc
 
 
 def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
@@ -71,7 +61,7 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
             raise ConfigError(
                 f"grid axis {key!r} is given twice; list all its values once: {key}=a,b,c."
             )
-        values = [_parse_value(v.strip(), item) for v in raw.split(",")]
+        values = [parse_scalar(v.strip(), item) for v in raw.split(",")]
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"grid axis {item!r} repeats a value; list each value once.")
         grid[key] = values
@@ -82,13 +72,7 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """`["max_steps=20"]` -> `{"max_steps": 20}` (flat, dotted keys kept as written)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not KEY=VALUE: write e.g. `max_steps=100`.")
-        out[key.strip()] = _parse_value(raw, item)
-    return out
+    return dict(split_override(item) for item in items)
 
 
 def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -109,16 +93,6 @@ def run_name(point: Mapping[str, Any]) -> str:
     return "_".join(f"{re.sub(r'[^A-Za-z0-9.]+', '-', k)}-{_fmt(v)}" for k, v in point.items())
 
 
-def _override_strings(overrides: Mapping[str, Any]) -> list[str]:
-    out = []
-    for k, v in overrides.items():
-        text = yaml.safe_dump(v, default_flow_style=True).strip()
-        if text.endswith("..."):
-            text = text[: -len("...")].strip()
-        out.append(f"{k}={text}")
-    return out
-
-
 def is_trained(run_dir: Path) -> bool:
     final = run_dir / FINAL_DIR
     return final.is_dir() and (final / "config.json").is_file()
@@ -134,7 +108,7 @@ def default_train_fn(config_path: str, overrides: dict[str, Any]) -> Any:
     from deltakd.train import train  # type: ignore[attr-defined]
     from deltakd.train.config import load_config
 
-    return train(load_config(config_path, _override_strings(overrides)))
+    return train(load_config(config_path, nest_overrides(overrides)))
 
 
 def _eval_defaults(
@@ -144,7 +118,7 @@ def _eval_defaults(
     from deltakd.data.specs import parse_spec
     from deltakd.train.config import load_config
 
-    cfg = load_config(config_path, _override_strings(overrides))
+    cfg = load_config(config_path, nest_overrides(overrides))
     data = eval_data or cfg.dataset
     same = False
     if data == cfg.dataset:

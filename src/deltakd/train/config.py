@@ -609,33 +609,44 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """`["lr=1e-4", "method_args.k=3"]` -> nested dict. Values are parsed as YAML scalars."""
+def parse_scalar(raw: str, item: str) -> Any:
+    """One command-line value as a YAML scalar (`0.5` a float, `fkl` a string, `` None)."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc}); quote it.") from exc
+
+
+def split_override(item: str) -> tuple[str, Any]:
+    """`"method_args.k=3"` -> `("method_args.k", 3)`: the key as written, the value parsed."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"override {item!r} is not KEY=VALUE: write e.g. `max_steps=100` or "
+            "`method_args.num_samples=4`."
+        )
+    return key.strip(), parse_scalar(raw, item)
+
+
+def nest_overrides(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"method_args.k": 3}` -> `{"method_args": {"k": 3}}` (dots address nested settings)."""
     out: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(
-                f"override {item!r} is not KEY=VALUE: write e.g. `max_steps=100` or "
-                "`method_args.num_samples=4`."
-            )
-        key, _, raw = item.partition("=")
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"override {item!r}: value is not valid YAML ({exc}); quote it."
-            ) from exc
+    for key, value in flat.items():
         parts = key.split(".")
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(
-                    f"override {item!r} conflicts with an earlier override of {part!r}."
+                    f"override {key!r} conflicts with an earlier override of {part!r}."
                 )
         node[parts[-1]] = value
     return out
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "method_args.k=3"]` -> nested dict. Values are parsed as YAML scalars."""
+    return nest_overrides(dict(split_override(item) for item in overrides))
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
