@@ -488,16 +488,7 @@ def fused_distill_loss(
                     f"not one role's logits; pass variant=None, target_role={role!r} to distil "
                     "from it, or give that role as dense logits or (hidden, head)"
                 )
-            if divergence != "fkl":
-                raise ValueError(
-                    f"sparse (top-k) targets support divergence='fkl' only, got {divergence!r}; "
-                    "use dense references for other divergences"
-                )
-            if abs(ref.temperature - temperature) > 1e-9:
-                raise ValueError(
-                    f"the sparse target was computed at temperature {ref.temperature}, but the "
-                    f"loss uses temperature {temperature}; rebuild it at this temperature"
-                )
+            ref.check_usable(divergence, temperature)
             _check_lead(f"refs[{role!r}]", ref.shape, lead, "sparse targets")
             k = ref.k
             indices = ref.indices.reshape(n_total, k)

@@ -184,16 +184,7 @@ def kd_loss(
     """
     check_divergence_args(divergence, temperature, beta)
     if isinstance(target_logits, SparseTarget):
-        if divergence != "fkl":
-            raise ValueError(
-                f"sparse (top-k) targets support divergence='fkl' only, got {divergence!r}; "
-                "use dense references for other divergences"
-            )
-        if abs(target_logits.temperature - temperature) > 1e-9:
-            raise ValueError(
-                f"the sparse target was computed at temperature {target_logits.temperature}, "
-                f"but the loss uses temperature {temperature}; rebuild it at this temperature"
-            )
+        target_logits.check_usable(divergence, temperature)
         if target_logits.shape != student_logits.shape[:-1]:
             raise ValueError(
                 f"sparse target positions {tuple(target_logits.shape)} do not match the "

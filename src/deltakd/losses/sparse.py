@@ -50,6 +50,23 @@ class SparseTarget:
         if self.indices.dtype.is_floating_point:
             raise ValueError("SparseTarget indices must be an integer tensor")
 
+    def check_usable(self, divergence: str, temperature: float) -> None:
+        """Raise `ValueError` unless a loss may use this target with `divergence` at `temperature`.
+
+        Only forward KL has a top-k + tail-bucket form, and the probabilities were fixed at the
+        temperature the target was built with.
+        """
+        if divergence != "fkl":
+            raise ValueError(
+                f"sparse (top-k) targets support divergence='fkl' only, got {divergence!r}; "
+                "use dense references for other divergences"
+            )
+        if abs(self.temperature - temperature) > 1e-9:
+            raise ValueError(
+                f"the sparse target was computed at temperature {self.temperature}, but the "
+                f"loss uses temperature {temperature}; rebuild it at this temperature"
+            )
+
     @property
     def shape(self) -> torch.Size:
         """Leading shape (positions), without k."""
