@@ -101,3 +101,25 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
         tok.save_pretrained(path)
         world[role] = path
     return world
+
+
+def tiny_run_fields(world: dict, dataset: str | Path) -> dict:
+    """Config fields for a fast CPU training run on the tiny world; callers add the method,
+    output_dir and whatever their test varies."""
+    return {
+        "student_raw": str(world["student_raw"]),
+        "teacher_ft": str(world["teacher_ft"]),
+        "teacher_raw": str(world["teacher_raw"]),
+        "tokenizer": str(world["tokenizer"]),
+        "dataset": str(dataset),
+        "max_length": 64,
+        "max_prompt_length": 32,
+        "per_device_batch_size": 4,
+        "learning_rate": 1e-2,
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "save_steps": 0,
+        "progress": False,
+        "device": "cpu",
+        "resume": "never",
+    }

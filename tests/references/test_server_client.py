@@ -23,6 +23,7 @@ from deltakd.errors import ConfigError, ReferenceServerError
 from deltakd.references import shm, wire
 from deltakd.references.client import ServerReferences, ServerSpec
 from deltakd.references.server import TeacherServer
+from tests.conftest import tiny_run_fields
 
 
 @contextlib.contextmanager
@@ -293,23 +294,9 @@ def test_training_with_servers_matches_local_references(tiny_world: dict, tmp_pa
     rows = [{"prompt": f"what is {i} plus {i}?", "response": f"it is {2 * i}."} for i in range(8)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = {
+        **tiny_run_fields(tiny_world, data),
         "method": "delta_kd",
-        "student_raw": str(tiny_world["student_raw"]),
-        "teacher_ft": str(tiny_world["teacher_ft"]),
-        "teacher_raw": str(tiny_world["teacher_raw"]),
-        "tokenizer": str(tiny_world["tokenizer"]),
-        "dataset": str(data),
-        "max_length": 64,
-        "max_prompt_length": 32,
-        "per_device_batch_size": 4,
         "max_steps": 3,
-        "learning_rate": 1e-2,
-        "lr_scheduler": "constant",
-        "logging_steps": 1,
-        "save_steps": 0,
-        "progress": False,
-        "device": "cpu",
-        "resume": "never",
         "shuffle": False,
     }
     local = train(load_config(None, {**base, "output_dir": str(tmp_path / "local")}))

@@ -18,6 +18,7 @@ import torch
 
 from deltakd.errors import CacheError, ConfigError, DataError, NonFiniteError
 from deltakd.references.base import ReferenceBatch, ReferenceSource
+from tests.conftest import tiny_run_fields
 
 ROWS = [
     ("what colour is the fox?", "the fox is red."),
@@ -40,22 +41,8 @@ def base(tiny_world: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     data = tmp_path_factory.mktemp("rel_data") / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in ROWS))
     return {
+        **tiny_run_fields(tiny_world, data),
         "method": "delta_kd",
-        "student_raw": str(tiny_world["student_raw"]),
-        "teacher_ft": str(tiny_world["teacher_ft"]),
-        "teacher_raw": str(tiny_world["teacher_raw"]),
-        "tokenizer": str(tiny_world["tokenizer"]),
-        "dataset": str(data),
-        "max_length": 64,
-        "max_prompt_length": 32,
-        "per_device_batch_size": 4,
-        "learning_rate": 1e-2,
-        "lr_scheduler": "constant",
-        "logging_steps": 1,
-        "save_steps": 0,
-        "progress": False,
-        "device": "cpu",
-        "resume": "never",
         "shuffle": False,
         "max_steps": 2,
     }

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import tiny_run_fields
+
 ROWS = [
     ("what colour is the fox?", "the fox is red."),
     ("what does alice have?", "alice has three apples."),
@@ -31,23 +33,7 @@ def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def base_overrides(tiny_world: dict, train_data: Path) -> dict[str, Any]:
     """Config fields for a fast CPU run on the tiny world; add output_dir and method."""
-    return {
-        "student_raw": str(tiny_world["student_raw"]),
-        "teacher_ft": str(tiny_world["teacher_ft"]),
-        "teacher_raw": str(tiny_world["teacher_raw"]),
-        "tokenizer": str(tiny_world["tokenizer"]),
-        "dataset": str(train_data),
-        "max_length": 64,
-        "max_prompt_length": 32,
-        "per_device_batch_size": 4,
-        "learning_rate": 1e-2,
-        "lr_scheduler": "constant",
-        "logging_steps": 1,
-        "save_steps": 0,
-        "progress": False,
-        "device": "cpu",
-        "resume": "never",
-    }
+    return tiny_run_fields(tiny_world, train_data)
 
 
 @pytest.fixture(autouse=True)
