@@ -100,10 +100,7 @@ def run_demo(
     import torch
 
     from deltakd.data.mini import mini_world_dir
-    from deltakd.eval.evaluate import evaluate_spec
-    from deltakd.eval.generate import GenerationSettings
     from deltakd.train.api import train
-    from deltakd.train.config import config_from_dict
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
@@ -111,31 +108,15 @@ def run_demo(
     world = mini_world_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    roles = {r: str(world / r) for r in ("teacher_ft", "teacher_raw", "student_raw")}
-    generation = GenerationSettings(max_new_tokens=settings.max_new_tokens)
 
-    models: dict[str, str] = {
-        "teacher_ft": roles["teacher_ft"],
-        "student_raw": roles["student_raw"],
-    }
+    models: dict[str, str] = {r: str(world / r) for r in ("teacher_ft", "student_raw")}
     histories: dict[str, list[dict[str, Any]]] = {}
     for name in methods:
         print(f"[demo] training {name} ({settings.max_steps} steps)", flush=True)
         # A demo always trains afresh: `train` would otherwise reuse a finished run in place.
         shutil.rmtree(out / name, ignore_errors=True)
-        config = config_from_dict(
-            {
-                **_BASE,
-                **roles,
-                **METHODS[name],
-                "max_steps": settings.max_steps,
-                # Tokenise only the rows the run will see (one pass, no epoch wraps).
-                "limit": settings.max_steps * _BASE["per_device_batch_size"],
-                "progress": False,
-                "seed": seed,
-                "output_dir": str(out / name),
-            },
-            source=f"demo:{name}",
+        config = mini_run_config(
+            METHODS[name], max_steps=settings.max_steps, seed=seed, output_dir=out / name
         )
         result = train(config)
         models[name] = str(result.final_dir)
@@ -143,24 +124,8 @@ def run_demo(
 
     rows: list[dict[str, Any]] = []
     for name, path in models.items():
-        row: dict[str, Any] = {"model": name}
-        for task in TASKS:
-            print(f"[demo] evaluating {name} on {task}", flush=True)
-            res = evaluate_spec(
-                path,
-                None,
-                f"mini:{task}",
-                split="test",
-                limit=settings.eval_limit,
-                settings=generation,
-                out_dir=out / "eval" / name / task,
-                progress=False,
-            )
-            row[f"{task}_rouge1"] = res.rouge1
-            row[f"{task}_rougeL"] = res.rougeL
-            if res.exact_match is not None:
-                row[f"{task}_exact_match"] = res.exact_match
-        rows.append(row)
+        print(f"[demo] evaluating {name}", flush=True)
+        rows.append({"model": name, **evaluate_tasks(path, settings, out / "eval" / name)})
 
     seconds = time.perf_counter() - start
     table = _markdown(rows, settings, seed)
@@ -175,6 +140,55 @@ def run_demo(
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     _plots(out, rows, histories)
     return {"rows": rows, "markdown": table, "seconds": seconds, "out_dir": out}
+
+
+def mini_run_config(
+    overrides: dict[str, Any], *, max_steps: int, seed: int, output_dir: str | Path
+) -> Any:
+    """The demo's training config on the shipped mini world, plus `overrides`."""
+    from deltakd.data.mini import mini_world_dir
+    from deltakd.train.config import config_from_dict
+
+    world = mini_world_dir()
+    roles = {r: str(world / r) for r in ("teacher_ft", "teacher_raw", "student_raw")}
+    return config_from_dict(
+        {
+            **_BASE,
+            **roles,
+            **overrides,
+            "max_steps": max_steps,
+            # Tokenise only the rows the run will see (one pass, no epoch wraps).
+            "limit": max_steps * _BASE["per_device_batch_size"],
+            "progress": False,
+            "seed": seed,
+            "output_dir": str(output_dir),
+        },
+        source="demo",
+    )
+
+
+def evaluate_tasks(model: str | Path, settings: DemoSettings, out_dir: Path) -> dict[str, float]:
+    """Greedy test-split scores of one model on every mini task: `{task}_rouge1`, ..."""
+    from deltakd.eval.evaluate import evaluate_spec
+    from deltakd.eval.generate import GenerationSettings
+
+    scores: dict[str, float] = {}
+    for task in TASKS:
+        res = evaluate_spec(
+            model,
+            None,
+            f"mini:{task}",
+            split="test",
+            limit=settings.eval_limit,
+            settings=GenerationSettings(max_new_tokens=settings.max_new_tokens),
+            out_dir=out_dir / task,
+            progress=False,
+        )
+        scores[f"{task}_rouge1"] = res.rouge1
+        scores[f"{task}_rougeL"] = res.rougeL
+        if res.exact_match is not None:
+            scores[f"{task}_exact_match"] = res.exact_match
+    return scores
 
 
 def _markdown(rows: list[dict[str, Any]], settings: DemoSettings, seed: int) -> str:

@@ -1,0 +1,190 @@
+"""The paper's experiments in the miniature world, with several seeds (docs/RESULTS.md).
+
+Every run uses the demo's training and evaluation settings (`deltakd.demo`: the mixture
+`mini:instruct+mini:math`, 300 steps, greedy decoding on 150 test items per task), so the
+tables compare like with like. Runs are resumable: a run with `scores.json` is skipped, and
+`deltakd.train.train` resumes or reuses a finished training run in place.
+
+    python scripts/mini_experiments.py --groups table1,alpha --seeds 0,1,2 --out runs/exp
+    python scripts/mini_experiments.py --groups table1,alpha --seeds 0,1,2 --out runs/exp --report
+
+`--shard i/n` runs every n-th run (use two shards, one per core, with one torch thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("delta", "delta_rkl", "live_shift", "live_shift_sg", "live_anchor", "live_anchor_sg")
+
+
+def _delta_kd(**overrides: Any) -> dict[str, Any]:
+    return {"method": "delta_kd", "divergence": "fkl", "alpha": 1.0, "lam": 0.0, **overrides}
+
+
+def _variant(name: str, clip: float) -> dict[str, Any]:
+    return {"method": "parallelogram", "variant": name, "alpha": 1.0, "lam": 0.0,
+            "max_grad_norm": clip}  # fmt: skip
+
+
+#: group -> run name -> config overrides on top of the demo's settings. `same_as` names a run
+#: of identical config trained under another name (reported, not trained twice).
+GROUPS: dict[str, dict[str, dict[str, Any]]] = {
+    "table1": {
+        "sft": {"method": "sft", "lam": 1.0},
+        "fkl": {"method": "kd", "divergence": "fkl", "lam": 0.0},
+        "rkl": {"method": "kd", "divergence": "rkl", "lam": 0.0},
+        "seqkd": {"method": "seqkd", "lam": 1.0, "method_args": {"batch_size": 64}},
+        "minillm": {"method": "minillm", "lam": 0.0},
+        "delta_kd": _delta_kd(),
+    },
+    "alpha": {
+        "alpha_0.0": {"same_as": "fkl"},  # z* = z_teacher_ft exactly: standard KD
+        **{f"alpha_{a}": _delta_kd(alpha=a) for a in (0.25, 0.5, 0.75)},
+        "alpha_1.0": {"same_as": "delta_kd"},
+        "alpha_1.5": _delta_kd(alpha=1.5),
+    },
+    "variants": {
+        "delta": {"same_as": "delta_kd"},  # the catalogue's `delta` is Delta-KD itself
+        **{v: _variant(v, clip=1.0) for v in VARIANTS if v != "delta"},
+        # Is clipping what keeps the live-gradient variants alive?
+        **{f"{v}_noclip": _variant(v, clip=0.0) for v in ("delta", "live_shift", "live_anchor")},
+    },
+    "lamtau": {
+        "lam_0.0_tau_1.0": {"same_as": "delta_kd"},
+        **{
+            f"lam_{lam}_tau_{tau}": _delta_kd(lam=lam, temperature=tau)
+            for lam, tau in ((0.0, 2.0), (0.5, 1.0), (0.5, 2.0))
+        },
+    },
+}
+STEPS = 300
+
+
+def run_one(name: str, overrides: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
+    """Train (or resume) one run and score it on both tasks; returns what scores.json holds."""
+    from deltakd.demo import DemoSettings, evaluate_tasks, mini_run_config
+    from deltakd.errors import NonFiniteError
+    from deltakd.train.api import train
+
+    run_dir = out / name / f"seed-{seed}"
+    start = time.perf_counter()
+    config = mini_run_config(overrides, max_steps=STEPS, seed=seed, output_dir=run_dir)
+    record: dict[str, Any] = {"name": name, "seed": seed, "overrides": overrides}
+    try:
+        result = train(config)
+    except NonFiniteError as exc:  # a diverged run is a result, not a crash of the grid
+        record.update(diverged=True, error=str(exc).splitlines()[0])
+        history = _read_history(run_dir)
+    else:
+        record["diverged"] = False
+        history = result.history
+        record.update(evaluate_tasks(result.final_dir, DemoSettings.for_mode(False), run_dir))
+    norms = [h["grad_norm"] for h in history if "grad_norm" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    record.update(
+        max_grad_norm=max(norms) if norms else None,
+        final_grad_norm=norms[-1] if norms else None,
+        final_loss=losses[-1] if losses else None,
+        seconds=time.perf_counter() - start,
+    )
+    return record
+
+
+def _read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "history.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def report(groups: list[str], out: Path) -> str:
+    """Markdown tables, mean ± std over the seeds found, one per group."""
+    from deltakd.eval.metrics import mean_std
+
+    def cell(values: list[float], scale: float = 100.0) -> str:
+        if not values:
+            return "-"
+        mean, std = mean_std(values)
+        return (
+            f"{scale * mean:.1f} ± {scale * std:.1f}" if len(values) > 1 else f"{scale * mean:.1f}"
+        )
+
+    parts = []
+    for group in groups:
+        lines = [
+            f"### {group}\n",
+            "| run | seeds | instruct ROUGE-1 | math ROUGE-1 | math exact match "
+            "| max grad norm | diverged |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, overrides in GROUPS[group].items():
+            source = overrides.get("same_as", name)
+            found = sorted((out / source).glob("seed-*/scores.json"))
+            recs = [json.loads(p.read_text()) for p in found]
+            if not recs:
+                continue
+            ok = [r for r in recs if not r["diverged"]]
+            norms = [r["max_grad_norm"] for r in recs if r["max_grad_norm"] is not None]
+            lines.append(
+                f"| {name if source == name else f'{name} (= {source})'} | {len(recs)} | {cell([r['instruct_rouge1'] for r in ok])} "
+                f"| {cell([r['math_rouge1'] for r in ok])} "
+                f"| {cell([r['math_exact_match'] for r in ok])} "
+                f"| {cell(norms, 1.0)} | {len(recs) - len(ok)} |"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--groups", default="table1", help=f"comma list of {', '.join(GROUPS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    parser.add_argument("--out", default="runs/exp", help="where runs and tables go")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run, from the i-th")
+    parser.add_argument("--only", default=None, help="comma list of run names to restrict to")
+    parser.add_argument("--report", action="store_true", help="only print the tables")
+    args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
+    out = Path(args.out)
+    if args.report:
+        text = report(groups, out)
+        print(text)
+        (out / "report.md").write_text(text, encoding="utf-8")
+        return 0
+
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: one thread per process, one process per core
+    index, count = (int(x) for x in args.shard.split("/"))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    only = set(args.only.split(",")) if args.only else None
+    todo = [
+        (name, overrides, seed)
+        for group in groups
+        for name, overrides in GROUPS[group].items()
+        for seed in seeds
+        if "same_as" not in overrides and (only is None or name in only)
+    ][index::count]
+    for i, (name, overrides, seed) in enumerate(todo, 1):
+        path = out / name / f"seed-{seed}" / "scores.json"
+        if path.exists():
+            continue
+        print(f"[{i}/{len(todo)}] {name} seed {seed}", flush=True)
+        record = run_one(name, overrides, seed, out)
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print(f"    done in {record['seconds']:.0f} s: "
+              f"{ {k: round(v, 3) for k, v in record.items() if k.endswith('rouge1')} }", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
