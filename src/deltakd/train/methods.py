@@ -96,6 +96,10 @@ class Method:
     #: whether `on_policy_ratio > 0` is implemented for this method
     supports_on_policy: ClassVar[bool] = False
 
+    def prefetches_ahead(self, config: TrainConfig) -> bool:
+        """May the trainer draw the next step's micro-batches early (to prefetch references)?"""
+        return self.prefetch_ahead
+
     def reference_roles(self, config: TrainConfig) -> tuple[str, ...]:
         """Frozen roles this method needs (from `REFERENCE_ROLES`)."""
         return ("teacher_ft",)

@@ -319,16 +319,17 @@ class _OnPolicyMixin:
             check_method_args(self.name, config.method_args, ON_POLICY_ARGS)
             _sample_temperature(config)
 
+    def prefetches_ahead(self, config: TrainConfig) -> bool:
+        # Samples depend on the current weights: the next step's micro-batches must not be
+        # drawn (and sampled) before this step's update.
+        return config.on_policy_ratio <= 0 and super().prefetches_ahead(config)  # type: ignore[misc]
+
     def prepare_batch(
         self, trainer: DistillTrainer, model: torch.nn.Module, inputs: dict[str, Any]
     ) -> dict[str, Any]:
         ratio = trainer.config.on_policy_ratio
         if ratio <= 0:
             return inputs
-        # Samples depend on the current weights: the trainer must not draw (and sample) the
-        # next step's micro-batches before this step's update. It reads this attribute right
-        # after the first `_pull`, which is where this runs.
-        self.prefetch_ahead = False
         sampler: StudentSampler = self.__dict__.setdefault("_sampler", StudentSampler("gkd"))
         gen = sampler.generator(trainer, inputs["input_ids"].device)
         if ratio < 1.0:

@@ -172,7 +172,7 @@ class DistillTrainer(Trainer):
         self._lookahead = None
         if (
             batches
-            and self.method.prefetch_ahead
+            and self.method.prefetches_ahead(self.config)
             and self.references is not None
             and self.needed_roles
         ):
