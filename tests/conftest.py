@@ -12,18 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-    "{% endgeneration %}{{ '\\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 _TEXT = [
     "the red fox lives in the north forest and eats berries",
     "alice has three apples and bob has five apples so they have eight apples",
@@ -35,30 +23,10 @@ _TEXT = [
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 320):
-    """A byte-level BPE tokenizer with a Qwen-like chat template, saved as a HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The mini world's tokenizer recipe (BPE + Qwen-like chat template) on a few sentences."""
+    from deltakd.data.mini.tokenizer import train_tokenizer as train_mini_tokenizer
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_TEXT, trainer=trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-    )
-    hf.chat_template = CHAT_TEMPLATE
-    hf.save_pretrained(out_dir)
-    return hf
+    return train_mini_tokenizer(_TEXT, out_dir, vocab_size=vocab_size)
 
 
 def make_model(out_dir: Path, vocab_size: int, *, hidden: int, layers: int, seed: int) -> Path:
