@@ -110,7 +110,8 @@ class TrainConfig:
         metadata=_help(
             "Dataset spec: `mini:instruct`, `mini:math`, a JSONL file (rows with `messages`, or "
             "`prompt` + `response`; `{split}` in the path is replaced by the split), "
-            "`ultrachat:<hub name or path>` or `openmath:<hub name or path>`.",
+            "`ultrachat:<hub name or path>` or `openmath:<hub name or path>`; or a mixture "
+            "`A+B` whose rows are interleaved (e.g. `mini:instruct+mini:math`).",
             group="data",
         ),
     )
