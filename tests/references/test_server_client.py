@@ -243,9 +243,11 @@ def test_killed_server_is_detected_then_restarted_with_identical_outputs(
         assert torch.equal(first, _expected(models["teacher_ft"], batches[0]))
         proc = refs._conns["teacher_ft"].proc
         assert proc is not None
-        refs.prefetch(1, batches[1])
+        # Kill first, then prefetch: the request is outstanding at a dead server. (Prefetching
+        # first races: a quick server can answer before the kill lands.)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        refs.prefetch(1, batches[1])
         t0 = time.monotonic()
         with pytest.raises(ReferenceServerError) as err:
             refs.fetch(1, batches[1])
