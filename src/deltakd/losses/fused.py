@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from deltakd.losses.divergences import check_divergence_args, per_position_divergence
+from deltakd.losses.kd import check_mask_dtype, check_positive_int, check_reduction
 from deltakd.losses.sparse import SparseTarget, sparse_fkl_per_position
 from deltakd.losses.targets import get_variant
 
@@ -411,20 +412,11 @@ def fused_distill_loss(
     Backward scales the stored gradients in place and hands them to autograd without a copy;
     a repeated backward (retain_graph) recomputes them; double backward is not supported.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    check_reduction(reduction)
+    check_positive_int("chunk_size", chunk_size)
+    check_positive_int("softmax_chunk_size", softmax_chunk_size)
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if softmax_chunk_size is not None and (
-        isinstance(softmax_chunk_size, bool)
-        or not isinstance(softmax_chunk_size, int)
-        or softmax_chunk_size < 1
-    ):
-        raise ValueError(
-            f"softmax_chunk_size must be a positive int or None, got {softmax_chunk_size!r}"
-        )
     if not 0.0 <= sft_weight <= 1.0:
         raise ValueError(f"sft_weight (λ) must be in [0, 1], got {sft_weight!r}")
     if not student_hidden.dtype.is_floating_point or student_hidden.dim() < 1:
@@ -529,8 +521,7 @@ def fused_distill_loss(
     rows = None
     count = n_total
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True counts), got dtype {mask.dtype}")
+        check_mask_dtype(mask)
         _check_lead("mask", mask.shape, lead, "the mask")
         flat_mask = mask.reshape(-1)
         if not bool(flat_mask.all()):

@@ -103,13 +103,28 @@ class _ChunkedLoss(torch.autograd.Function):
         return (None, None, None, *ctx.grads)
 
 
+def check_positive_int(name: str, value: object) -> None:
+    """`value` must be None or a positive int (bools are refused: True is not a size)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def check_mask_dtype(mask: torch.Tensor) -> None:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True counts), got dtype {mask.dtype}")
+
+
 def _flatten_mask(mask: torch.Tensor | None, lead: torch.Size, device) -> torch.Tensor:
     """Indices of counted positions in the flattened leading shape."""
     n = lead.numel()
     if mask is None:
         return torch.arange(n, device=device)
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor (True counts), got dtype {mask.dtype}")
+    check_mask_dtype(mask)
     if mask.shape != lead:
         raise ValueError(
             f"mask shape {tuple(mask.shape)} does not match the logits' leading shape "
@@ -133,10 +148,8 @@ def _run(
     reduction: Reduction,
 ) -> torch.Tensor:
     """Flatten, select counted rows, then evaluate all at once or chunk by chunk."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_reduction(reduction)
+    check_positive_int("chunk_size", chunk_size)
     if not student.dtype.is_floating_point:
         raise ValueError(f"student logits must be floating point, got {student.dtype}")
     lead = student.shape[:-1]
