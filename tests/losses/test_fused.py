@@ -12,6 +12,7 @@ from deltakd.losses import (
     PARALLELOGRAM_VARIANTS,
     SparseTarget,
     delta_kd_loss,
+    fit_tail_model,
     kd_loss,
     parallelogram_loss,
 )
@@ -376,3 +377,15 @@ def test_trainer_style_call_on_a_tiny_qwen2_matches_full_logits():
     torch.testing.assert_close(fused, ref)
     for a, b in zip(g_fused, g_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_sparse_target_with_tail_model_matches_kd_loss():
+    hs, ws, _, refs = world()
+    z = logits_of(*refs["teacher_ft"])
+    basis, offset = fit_tail_model(torch.log_softmax(z.reshape(-1, z.shape[-1]), -1), rank=3)
+    sparse = SparseTarget.from_logits(z, 4, tail_basis=basis.double(), tail_offset=offset.double())
+    mask = randn(N, seed=7) > 0
+    ref = kd_loss(logits_of(hs, ws), sparse, mask=mask)
+    fused = fused_distill_loss(hs, ws, {"cache": sparse}, variant=None, target_role="cache",
+                               mask=mask, chunk_size=3, softmax_chunk_size=2)  # fmt: skip
+    assert_same(fused, ref, (hs, ws))

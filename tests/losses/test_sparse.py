@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltakd.losses import SparseTarget, kd_loss
+from deltakd.losses import SparseTarget, fit_tail_model, kd_loss
 
 
 def test_sparse_with_k_equal_v_equals_dense():
@@ -90,3 +90,97 @@ def test_sparse_stays_finite_when_the_student_leaves_no_tail_mass():
     loss.backward()
     assert torch.isfinite(loss) and loss > 100  # large, as it should be: KL is huge here
     assert torch.isfinite(s.grad).all()
+
+
+# --- the low-rank tail model ---------------------------------------------------------------
+
+
+def _low_rank_logits(n: int, v: int, rank: int, seed: int) -> torch.Tensor:
+    """Logits that are linear in an r-dim hidden state, like a model's: (n, V), float64."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    w = torch.randn(rank, v, generator=g, dtype=torch.float64)
+    return 2.0 * h @ w
+
+
+def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    p = p_logp.exp()
+    return torch.where(p > 0, p * (p_logp - q_logp), 0.0).sum(-1)
+
+
+def test_tail_model_of_full_rank_reconstructs_the_dense_target():
+    z = _low_rank_logits(40, 30, rank=30, seed=4)
+    logp = torch.log_softmax(z, -1)
+    basis, offset = fit_tail_model(logp, rank=30)
+    sparse = SparseTarget.from_logits(z, k=5, tail_basis=basis, tail_offset=offset)
+    kl = _kl(logp, sparse.dense_logprobs().double())
+    assert kl.abs().max() < 1e-5  # float32 basis: only its rounding remains
+    # Without the model the same k loses a lot more: the tail is spread uniformly.
+    uniform = SparseTarget.from_logits(z, k=5).dense_logprobs(vocab_size=30)
+    assert _kl(logp, uniform).mean() > 100 * kl.mean()
+
+
+def test_tail_model_captures_a_low_rank_tail_that_a_uniform_one_misses():
+    z = _low_rank_logits(200, 64, rank=3, seed=5)
+    logp = torch.log_softmax(z, -1)
+    basis, offset = fit_tail_model(logp[:100], rank=4)  # fitted on other positions
+    held_out = z[100:]
+    modelled = SparseTarget.from_logits(held_out, 8, tail_basis=basis, tail_offset=offset)
+    uniform = SparseTarget.from_logits(held_out, 8)
+    kl_model = _kl(logp[100:], modelled.dense_logprobs().double()).mean()
+    kl_uniform = _kl(logp[100:], uniform.dense_logprobs(vocab_size=64)).mean()
+    assert kl_model < 0.2 * kl_uniform
+    # p̂ is a distribution: top-k as stored plus exactly the tail mass.
+    p_hat = modelled.dense_logprobs().exp()
+    torch.testing.assert_close(p_hat.sum(-1), torch.ones(100, dtype=p_hat.dtype), atol=1e-5, rtol=0)
+
+
+def test_fit_is_deterministic_and_refuses_bad_ranks():
+    logp = torch.log_softmax(_low_rank_logits(20, 16, 16, seed=6), -1)
+    a = fit_tail_model(logp, 5)
+    b = fit_tail_model(logp.clone(), 5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape == (5, 16) and a[1].shape == (16,)
+    with pytest.raises(ValueError, match="rank must be in"):
+        fit_tail_model(logp, 17)
+    with pytest.raises(ValueError, match=r"\(n, V\)"):
+        fit_tail_model(logp[None], 2)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_loss_with_tail_model_is_fkl_against_the_reconstruction(chunk):
+    g = torch.Generator().manual_seed(7)
+    z = _low_rank_logits(24, 12, rank=3, seed=8).reshape(2, 12, 12)
+    s = torch.randn(2, 12, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 12, generator=g) > 0.3
+    basis, offset = fit_tail_model(torch.log_softmax(z / 1.5, -1).reshape(-1, 12), rank=2)
+    sparse = SparseTarget.from_logits(
+        z, 4, 1.5, tail_basis=basis.double(), tail_offset=offset.double()
+    )
+    got = kd_loss(s, sparse, temperature=1.5, mask=mask, chunk_size=chunk)
+    (g_got,) = torch.autograd.grad(got, s)
+    # Reference: dense forward KL against p̂ (as logits, τ undone), through autograd.
+    ref = kd_loss(s, sparse.dense_logprobs() * 1.5, temperature=1.5, mask=mask)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(g_got, g_ref)
+    if chunk is None:  # the chunked gradient equals this one (above); one gradcheck suffices
+        assert torch.autograd.gradcheck(
+            lambda a: kd_loss(a, sparse, temperature=1.5, mask=mask), (s,)
+        )
+
+
+def test_tail_model_with_no_tail_mass_and_bad_shapes():
+    z = torch.full((3, 6), -1e4, dtype=torch.float64)
+    z[:, 0] = 0.0  # all mass on token 0: the tail holds nothing
+    basis, offset = fit_tail_model(torch.log_softmax(_low_rank_logits(10, 6, 6, 9), -1), 3)
+    sparse = SparseTarget.from_logits(z, 2, tail_basis=basis, tail_offset=offset)
+    s = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    loss = kd_loss(s, sparse)
+    (g,) = torch.autograd.grad(loss, s)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    with pytest.raises(ValueError, match="together"):
+        SparseTarget(sparse.indices, sparse.logprobs, sparse.tail_mass, 1.0, sparse.tail_coeffs)
+    with pytest.raises(ValueError, match=r"must be \(V,\)"):
+        SparseTarget(sparse.indices, sparse.logprobs, sparse.tail_mass, 1.0, sparse.tail_coeffs,
+                     basis, offset[:3])  # fmt: skip

@@ -6,7 +6,7 @@ No I/O and no models here; nothing else in deltakd is imported (DESIGN.md §3).
 from deltakd.losses.divergences import DIVERGENCES, per_position_divergence
 from deltakd.losses.fused import fused_distill_loss
 from deltakd.losses.kd import delta_kd_loss, kd_loss, parallelogram_loss
-from deltakd.losses.sparse import SparseTarget, sparse_fkl_per_position
+from deltakd.losses.sparse import SparseTarget, fit_tail_model, sparse_fkl_per_position
 from deltakd.losses.targets import (
     PARALLELOGRAM_VARIANTS,
     ParallelogramVariant,
@@ -22,6 +22,7 @@ __all__ = [
     "SparseTarget",
     "delta_kd_loss",
     "delta_target",
+    "fit_tail_model",
     "fused_distill_loss",
     "get_variant",
     "kd_loss",

@@ -115,7 +115,7 @@ class _Plan:
     frozen: list[tuple[float, torch.Tensor | _Linear]]  # (weight, dense (N, V) or linear)
     live_weight: float  # weight of the live student (with gradient) inside the target
     sg_weight: float  # weight of the stop-gradient student inside the target
-    sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    sparse: SparseTarget | None  # leading shape (N,)
     divergence: str
     temperature: float
     beta: float
@@ -183,7 +183,7 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
                 work.add_(zs, alpha=plan.sg_weight)
             sparse = None
         else:
-            sparse = [_take(t, rows) for t in plan.sparse]
+            sparse = plan.sparse.map_positions(lambda t: _take(t, rows))  # noqa: B023
         labels = None if plan.labels is None else _take(plan.labels, rows)
         # The softmax and divergence run on row slices of the chunk: their intermediates (a few
         # (rows, V) arrays) stay small while the matmuls keep full chunks.
@@ -192,8 +192,11 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
             with torch.set_grad_enabled(any_grad):
                 leaf = zs[a:b].detach().requires_grad_(any_grad)
                 if sparse is not None:
-                    idx, logp, tail = (t[a:b] for t in sparse)
-                    per = sparse_fkl_per_position(leaf, idx, logp, tail, plan.temperature)
+                    t = sparse.map_positions(lambda x: x[a:b])  # noqa: B023
+                    per = sparse_fkl_per_position(
+                        leaf, t.indices, t.logprobs, t.tail_mass, plan.temperature,
+                        t.tail_coeffs, t.tail_basis, t.tail_offset,
+                    )  # fmt: skip
                 else:
                     target = work[a:b]
                     if plan.live_weight:
@@ -489,11 +492,7 @@ def fused_distill_loss(
                     f"refs[{role!r}] holds token ids up to {int(indices.max())}, outside the "
                     f"shared vocabulary of {vocab}; rebuild the target with this tokenizer"
                 )
-            sparse = (
-                indices,
-                ref.logprobs.detach().reshape(n_total, k),
-                ref.tail_mass.detach().reshape(n_total),
-            )
+            sparse = ref.map_positions(lambda t: t.detach().reshape(n_total, *t.shape[len(lead) :]))
         elif isinstance(ref, torch.Tensor):
             _check_lead(f"refs[{role!r}] logits", ref.shape[:-1], lead, "reference logits")
             if ref.shape[-1] < vocab:

@@ -45,10 +45,15 @@ def _combined_fn(weights: Sequence[float], divergence: str, tau: float, beta: fl
     return fn
 
 
-def _sparse_fn(tau: float) -> ChunkFn:
+def _sparse_fn(tau: float, basis: torch.Tensor | None, offset: torch.Tensor | None) -> ChunkFn:
+    """Per-position terms: indices, logprobs, tail mass[, tail-model coefficients]."""
+
     def fn(student: torch.Tensor, terms: Sequence[torch.Tensor]) -> torch.Tensor:
-        indices, logprobs, tail = terms
-        return sparse_fkl_per_position(student, indices, logprobs, tail, tau)
+        indices, logprobs, tail, *coeffs = terms
+        return sparse_fkl_per_position(
+            student, indices, logprobs, tail, tau,
+            tail_coeffs=coeffs[0] if coeffs else None, tail_basis=basis, tail_offset=offset,
+        )  # fmt: skip
 
     return fn
 
@@ -203,11 +208,11 @@ def kd_loss(
                 f"sparse target positions {tuple(target_logits.shape)} do not match the "
                 f"student's {tuple(student_logits.shape[:-1])}"
             )
-        terms = [
-            t.detach()
-            for t in (target_logits.indices, target_logits.logprobs, target_logits.tail_mass)
-        ]
-        return _run(student_logits, terms, _sparse_fn(temperature), mask, chunk_size, reduction)
+        t = target_logits
+        terms = [x.detach() for x in (t.indices, t.logprobs, t.tail_mass, t.tail_coeffs)
+                 if x is not None]  # fmt: skip
+        fn = _sparse_fn(temperature, t.tail_basis, t.tail_offset)
+        return _run(student_logits, terms, fn, mask, chunk_size, reduction)
     _check_same_shape({"student": student_logits, "target": target_logits})
     fn = _combined_fn([1.0], divergence, temperature, beta)
     return _run(student_logits, [target_logits], fn, mask, chunk_size, reduction)
