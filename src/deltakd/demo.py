@@ -150,7 +150,13 @@ def mini_run_config(
     from deltakd.train.config import config_from_dict
 
     world = mini_world_dir()
-    roles = {r: str(world / r) for r in ("teacher_ft", "teacher_raw", "student_raw")}
+    # teacher_ft2 (the multi_teacher variant's second teacher) is only loaded by methods that
+    # need it; a world built before it existed simply lacks it.
+    roles = {
+        r: str(world / r)
+        for r in ("teacher_ft", "teacher_raw", "student_raw", "teacher_ft2")
+        if (world / r).is_dir()
+    }
     return config_from_dict(
         {
             **_BASE,

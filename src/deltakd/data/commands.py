@@ -13,8 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="regenerate the world deterministically from a seed",
         description=(
             "Generate the knowledge base, tasks and pretraining corpus from SEED, train the BPE "
-            "tokenizer, pretrain teacher_raw and student_raw, finetune teacher_ft, evaluate "
-            "them and write everything (with world.json) into --out."
+            "tokenizer, pretrain teacher_raw and student_raw, finetune teacher_ft and "
+            "teacher_ft2 (a second SFT of teacher_raw with another seed), evaluate them and "
+            "write everything (with world.json) into --out. With --only teacher_ft2, add just "
+            "that teacher to the existing world in --out and leave every other file as it is."
         ),
     )
     build.add_argument(
@@ -26,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("quick", "full"),
         default="full",
         help="full: the shipped world (~10 min on 2 CPU cores); quick: a few steps, for plumbing",
+    )
+    build.add_argument(
+        "--only",
+        choices=("teacher_ft2",),
+        default=None,
+        help="build only this finetuned teacher into the existing world in --out "
+        "(seed and settings from its world.json; the other models are not touched)",
     )
     build.add_argument(
         "--threads",
@@ -50,7 +59,12 @@ def _build(args: argparse.Namespace) -> int:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}; pass e.g. --threads 1")
 
         torch.set_num_threads(args.threads)
-    out = build_world(args.out, seed=args.seed, scale=args.scale)
+    if args.only:
+        from deltakd.data.mini.build import build_role
+
+        out = build_role(args.out, args.only)
+    else:
+        out = build_world(args.out, seed=args.seed, scale=args.scale)
     info = json.loads((out / "world.json").read_text())
     print(f"mini world written to {out}")
     for name, n in info.get("parameters", {}).items():

@@ -91,10 +91,16 @@ def test_shipped_world_loads_and_agrees(world: Path, tokenizer) -> None:
     # the finetuned teacher must beat both base models on the tasks, or there is nothing to
     # distill
     scores = info["test_scores"]
-    for task in MINI_TASKS:
-        ft = scores["teacher_ft"][task]["rouge1"]
-        assert ft > scores["teacher_raw"][task]["rouge1"] + 0.2
-        assert ft > scores["student_raw"][task]["rouge1"] + 0.2
+    for role in ("teacher_ft", "teacher_ft2"):
+        for task in MINI_TASKS:
+            ft = scores[role][task]["rouge1"]
+            assert ft > scores["teacher_raw"][task]["rouge1"] + 0.2, role
+            assert ft > scores["student_raw"][task]["rouge1"] + 0.2, role
+    # teacher_ft2 is another SFT run (another data order), not a copy of teacher_ft
+    ft, ft2 = (
+        (world / r / "model.safetensors").read_bytes() for r in ("teacher_ft", "teacher_ft2")
+    )
+    assert ft != ft2
 
 
 def test_shipped_world_is_small(world: Path) -> None:
@@ -137,6 +143,24 @@ def test_quick_build_plumbing(tmp_path: Path) -> None:
         for task in MINI_TASKS:
             assert 0.0 <= info["test_scores"][role][task]["rouge1"] <= 1.0
     assert "exact_match" in info["test_scores"]["teacher_ft"]["math"]
+    assert info["sft_seeds"] == {"teacher_ft": 303, "teacher_ft2": 304}
+
+    # teacher_ft2 alone, into an existing world: the model build_world made, nothing else moved
+    from deltakd.data.mini.build import build_role
+
+    before = {p: p.read_bytes() for p in again.rglob("*") if p.is_file()}
+    ft2 = again / "teacher_ft2" / "model.safetensors"
+    ft2.unlink()
+    build_role(again, "teacher_ft2")
+    assert ft2.read_bytes() == (out / "teacher_ft2" / "model.safetensors").read_bytes()
+    for path, data in before.items():
+        if path.name != "world.json":
+            assert path.read_bytes() == data, path
+    again_info = json.loads((again / "world.json").read_text())
+    assert again_info["test_scores"] == info["test_scores"]
+    assert again_info["parameters"] == info["parameters"]
+    with pytest.raises(ConfigError, match="teacher_ft2"):
+        build_role(again, "student_raw")
 
 
 def test_unknown_scale_is_refused(tmp_path: Path) -> None:
@@ -152,7 +176,16 @@ def test_cli_registers_mini_build() -> None:
     args = build_parser().parse_args(
         ["mini", "build", "--out", "x", "--seed", "2", "--scale", "quick"]
     )
-    assert (args.out, args.seed, args.scale, args.threads) == ("x", 2, "quick", None)
+    assert (args.out, args.seed, args.scale, args.threads, args.only) == (
+        "x",
+        2,
+        "quick",
+        None,
+        None,
+    )
+    assert (
+        build_parser().parse_args(["mini", "build", "--only", "teacher_ft2"]).only == "teacher_ft2"
+    )
     assert callable(args.func)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["mini", "build", "--scale", "huge"])

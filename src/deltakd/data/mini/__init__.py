@@ -1,6 +1,7 @@
 """The miniature world: a seeded knowledge base, two chat tasks, a pretraining corpus, a BPE
-tokenizer and three tiny Qwen2 models (teacher_raw, teacher_ft, student_raw), so that Delta-KD
-runs end to end offline on a CPU.
+tokenizer and four tiny Qwen2 models (teacher_raw, teacher_ft, student_raw, and teacher_ft2: a
+second finetune of teacher_raw with another seed, for the `multi_teacher` variant), so that
+Delta-KD runs end to end offline on a CPU.
 
 Public API::
 
@@ -9,6 +10,7 @@ Public API::
     extract_answer(text) -> str | None
     mini_world_dir() -> Path                     # the shipped, built world
     build_world(out_dir, *, seed=0, scale="full") -> Path
+    deltakd.data.mini.build.build_role(world_dir, "teacher_ft2") -> Path   # one teacher alone
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ __all__ = ["MINI_TASKS", "SPLITS", "build_world", "extract_answer", "load_task",
 
 
 def mini_world_dir() -> Path:
-    """Directory of the shipped world: tokenizer/, teacher_raw/, teacher_ft/, student_raw/ and
-    world.json. Each model directory loads with ``from_pretrained``."""
+    """Directory of the shipped world: tokenizer/, teacher_raw/, teacher_ft/, teacher_ft2/,
+    student_raw/ and world.json. Each model directory loads with ``from_pretrained``."""
     from deltakd.errors import DataError
 
     path = Path(__file__).resolve().parent.parent.parent / "assets" / "mini"
@@ -35,7 +37,7 @@ def mini_world_dir() -> Path:
 
 
 def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> Path:
-    """Regenerate the whole world (corpus, tokenizer, three models, world.json) into out_dir."""
+    """Regenerate the whole world (corpus, tokenizer, four models, world.json) into out_dir."""
     from deltakd.data.mini.build import build_world as _build
 
     return _build(out_dir, seed=seed, scale=scale)

@@ -1,4 +1,5 @@
-"""`build_world`: corpus → tokenizer → teacher_raw / student_raw → teacher_ft → evaluation.
+"""`build_world`: corpus → tokenizer → teacher_raw / student_raw → teacher_ft, teacher_ft2 →
+evaluation; `build_role`: one finetuned teacher alone, added to an existing world.
 
 Every step is seeded, so the same seed, scale and library versions rebuild the same world.
 """
@@ -16,7 +17,11 @@ from typing import Any
 
 from deltakd.errors import ConfigError
 
-ROLES: tuple[str, ...] = ("teacher_raw", "teacher_ft", "student_raw")
+ROLES: tuple[str, ...] = ("teacher_raw", "teacher_ft", "student_raw", "teacher_ft2")
+#: Finetuned roles -> offset of their SFT run's seed (``seed * 100 + offset``). Both start from
+#: teacher_raw with the same data and settings; only the seed, hence the data order, differs.
+#: teacher_ft2 is the second teacher of the `multi_teacher` parallelogram variant.
+SFT_SEED_OFFSETS: dict[str, int] = {"teacher_ft": 3, "teacher_ft2": 4}
 
 
 @dataclass(frozen=True)
@@ -139,9 +144,12 @@ def evaluate_world(
     limit: int = 100,
     max_new_tokens: int = 96,
     models: dict[str, Any] | None = None,
+    roles: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Score the three models of a built world on the first `limit` test rows of each task and
-    record the scores in its world.json (``test_scores`` and a description in ``eval``)."""
+    """Score the models of a built world on the first `limit` test rows of each task and
+    record the scores in its world.json (``test_scores`` and a description in ``eval``).
+
+    `roles` defaults to every role the world holds; scores of roles not evaluated are kept."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltakd.data.mini.corpus import make_corpus
@@ -152,9 +160,11 @@ def evaluate_world(
     info = json.loads((world / "world.json").read_text())
     tok = AutoTokenizer.from_pretrained(world / "tokenizer")
     heldout = make_corpus(info["seed"], n_docs=max(20, 3 * limit), stream="heldout")
-    scores: dict[str, dict[str, dict[str, float]]] = {}
-    losses: dict[str, float] = {}
-    for role in ROLES:
+    scores: dict[str, dict[str, dict[str, float]]] = dict(info.get("test_scores", {}))
+    losses: dict[str, float] = dict(info.get("heldout_corpus_loss", {}))
+    if roles is None:
+        roles = tuple(r for r in ROLES if (world / r).is_dir())
+    for role in roles:
         model = (models or {}).get(role) or AutoModelForCausalLM.from_pretrained(world / role)
         model.eval()
         losses[role] = round(corpus_loss(model, tok, heldout), 4)
@@ -183,8 +193,8 @@ def evaluate_world(
 def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> Path:
     """Build the whole mini world into `out_dir` and return it.
 
-    Writes ``tokenizer/``, ``teacher_raw/``, ``teacher_ft/``, ``student_raw/`` (each model
-    directory also holds the tokenizer, so it loads alone) and ``world.json`` with the seed,
+    Writes ``tokenizer/``, ``teacher_raw/``, ``teacher_ft/``, ``teacher_ft2/``,
+    ``student_raw/`` (each model directory also holds the tokenizer, so it loads alone) and ``world.json`` with the seed,
     the build settings, parameter counts, training losses and test scores.
     """
     import torch
@@ -207,7 +217,7 @@ def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> P
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     losses: dict[str, float] = {}
-    stages = tqdm(total=6, desc="mini world", unit="stage")
+    stages = tqdm(total=7, desc="mini world", unit="stage")
 
     def stage(name: str) -> None:
         stages.set_postfix_str(name)
@@ -263,22 +273,15 @@ def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> P
             timings[role] = time.perf_counter() - t
             stages.update()
 
-        # 4. supervised finetuning of the teacher on both tasks, assistant tokens only
-        stage("finetune teacher_ft")
-        t = time.perf_counter()
-        sft_rows = [r for t_ in MINI_TASKS for r in train_rows[t_]]
-        sft = M.chat_dataset(sft_rows, tok)
-        teacher_ft = transformers.AutoModelForCausalLM.from_pretrained(out / "teacher_raw")
-        settings = M.TrainSettings(
-            max_steps=s.sft_steps, batch_size=s.batch_size, learning_rate=s.sft_lr
-        )
-        losses["teacher_ft"] = M.train(
-            teacher_ft, sft, tok, settings, seed=seed * 100 + 3, work_dir=work_dir / "sft"
-        )
-        save(teacher_ft, "teacher_ft")
-        models["teacher_ft"] = teacher_ft
-        timings["teacher_ft"] = time.perf_counter() - t
-        stages.update()
+        # 4. supervised finetuning of the teacher on both tasks, assistant tokens only, twice
+        # (teacher_ft2: another seed, so another data order)
+        for role in SFT_SEED_OFFSETS:
+            stage(f"finetune {role}")
+            t = time.perf_counter()
+            models[role], losses[role] = _finetune(out, role, tok, train_rows, s, seed, work_dir)
+            save(models[role], role)
+            timings[role] = time.perf_counter() - t
+            stages.update()
 
     # 5. world.json, then 6. evaluation on the test splits (recorded in world.json)
     stage("evaluate")
@@ -288,11 +291,10 @@ def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> P
         "vocab_size": len(tok),
         "parameters": {role: _param_count(models[role]) for role in ROLES},
         "shapes": {
-            "teacher_raw": asdict(M.TEACHER),
-            "teacher_ft": asdict(M.TEACHER),
-            "student_raw": asdict(M.STUDENT),
+            role: asdict(M.STUDENT if role == "student_raw" else M.TEACHER) for role in ROLES
         },
         "build": asdict(s),
+        "sft_seeds": {role: seed * 100 + k for role, k in SFT_SEED_OFFSETS.items()},
         "split_sizes": dict(SPLIT_SIZES),
         "train_loss": {k: round(v, 4) for k, v in losses.items()},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -315,3 +317,85 @@ def build_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> P
     stages.update()
     stages.close()
     return out
+
+
+def _finetune(
+    world: Path,
+    role: str,
+    tok: Any,
+    train_rows: dict[str, list[dict]],
+    s: Scale,
+    seed: int,
+    work_dir: Path,
+) -> tuple[Any, float]:
+    """SFT of ``world/teacher_raw`` on both tasks' train rows (assistant tokens only) with the
+    seed of `role`; returns the model and its final training loss."""
+    import transformers
+
+    from deltakd.data.mini import models as M
+    from deltakd.data.mini.tasks import MINI_TASKS
+
+    sft = M.chat_dataset([r for t in MINI_TASKS for r in train_rows[t]], tok)
+    model = transformers.AutoModelForCausalLM.from_pretrained(world / "teacher_raw")
+    settings = M.TrainSettings(
+        max_steps=s.sft_steps, batch_size=s.batch_size, learning_rate=s.sft_lr
+    )
+    sft_seed = seed * 100 + SFT_SEED_OFFSETS[role]
+    loss = M.train(model, sft, tok, settings, seed=sft_seed, work_dir=work_dir / f"sft-{role}")
+    return model, loss
+
+
+def build_role(world_dir: str | Path, role: str = "teacher_ft2") -> Path:
+    """(Re)build one finetuned teacher of an existing world and evaluate it, touching nothing
+    else: the other models' files stay byte for byte, and world.json only gains the role's
+    entries. Seed and settings come from the world's own world.json, so the result is the model
+    `build_world` makes for that role."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from deltakd.data.mini.tasks import MINI_TASKS, load_task
+
+    if role not in SFT_SEED_OFFSETS:
+        raise ConfigError(
+            f"cannot build {role!r} alone; use one of {', '.join(SFT_SEED_OFFSETS)} "
+            "(rebuild the whole world for the others)"
+        )
+    world = Path(world_dir)
+    info_path = world / "world.json"
+    if not info_path.is_file() or not (world / "teacher_raw").is_dir():
+        raise ConfigError(
+            f"{world} is not a built mini world (no world.json or teacher_raw/); build the whole "
+            f"world first with `deltakd mini build --out {world}`"
+        )
+    info = json.loads(info_path.read_text())
+    s = Scale(**info["build"])
+    seed = int(info["seed"])
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer")
+    train_rows = {t: load_task(t, "train", seed=seed, limit=s.train_rows) for t in MINI_TASKS}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="deltakd-mini-") as work:
+        model, loss = _finetune(world, role, tok, train_rows, s, seed, Path(work))
+    shutil.rmtree(world / role, ignore_errors=True)
+    model.save_pretrained(world / role)
+    # The tokenizer's own files, not tok.save_pretrained: a tokenizer loaded from disk saves
+    # extra loader keys, and every role's copy should be the same bytes.
+    for f in (world / "tokenizer").iterdir():
+        shutil.copy2(f, world / role / f.name)
+    seconds = time.perf_counter() - t0
+    info["parameters"][role] = _param_count(model)
+    info["shapes"][role] = info["shapes"]["teacher_ft"]
+    info["sft_seeds"] = {
+        r: seed * 100 + k for r, k in SFT_SEED_OFFSETS.items() if (world / r).is_dir()
+    }
+    info["train_loss"][role] = round(loss, 4)
+    info["seconds"][role] = round(seconds, 1)
+    info.setdefault("torch_threads_by_role", {})[role] = torch.get_num_threads()
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    evaluate_world(
+        world,
+        limit=s.eval_limit,
+        max_new_tokens=s.max_new_tokens,
+        models={role: model},
+        roles=(role,),
+    )
+    return world
