@@ -92,14 +92,7 @@ class RoleLogits:
 
 
 def _trim_sparse(target: Any, device: torch.device) -> Any:
-    from deltakd.losses import SparseTarget
-
-    return SparseTarget(
-        indices=target.indices[:, :-1].to(device),
-        logprobs=target.logprobs[:, :-1].to(device),
-        tail_mass=target.tail_mass[:, :-1].to(device),
-        temperature=target.temperature,
-    )
+    return target.map_positions(lambda t: t[:, :-1].to(device))
 
 
 class DistillTrainer(Trainer):
@@ -321,9 +314,10 @@ class DistillTrainer(Trainer):
         mask = batch.mask
         if refs.target is not None:
             t = refs.target
-            if not (
-                torch.isfinite(t.logprobs[mask]).all() and torch.isfinite(t.tail_mass[mask]).all()
-            ):
+            per_position = [t.logprobs, t.tail_mass]
+            if t.tail_coeffs is not None:
+                per_position.append(t.tail_coeffs)
+            if not all(bool(torch.isfinite(x[mask]).all()) for x in per_position):
                 return self._nonfinite(
                     "the cached sparse target contains NaN/inf", batch.inputs, key
                 )

@@ -25,6 +25,7 @@ from deltakd.references.cache.format import (
     CACHEABLE_METHODS,
     FORMAT_NAME,
     SHARD_PATTERN,
+    TAIL_MODEL_NAME,
     CacheManifest,
     CacheSettings,
     ShardInfo,
@@ -154,6 +155,14 @@ def expected_manifest(config: Any, settings: CacheSettings, tokenizer: Any,
     v = len(tokenizer)
     k = settings.resolve_k(v)
     index_dtype = resolve_index_dtype(settings.index_dtype, v)
+    rank = int(settings.tail_rank)
+    if rank and k >= v:
+        raise ConfigError(f"config field 'cache.tail_rank' = {rank} needs a tail, but cache.k = "
+                          f"{settings.k} keeps the whole {v}-token vocabulary: set "
+                          "cache.tail_rank=0, or a k below V.")  # fmt: skip
+    if rank > v:
+        raise ConfigError(f"config field 'cache.tail_rank' = {rank} is larger than the vocabulary "
+                          f"({v} tokens): use a rank below V (e.g. 64).")  # fmt: skip
     models = {}
     for role in roles:
         path = getattr(config, role, None)
@@ -187,7 +196,13 @@ def expected_manifest(config: Any, settings: CacheSettings, tokenizer: Any,
             "value_dtype": settings.value_dtype,
             "tail_dtype": "fp32",
             "position_dtype": "int32",
-            "bytes_per_position": bytes_per_position(k, index_dtype, settings.value_dtype),
+            "bytes_per_position": bytes_per_position(k, index_dtype, settings.value_dtype, rank),
+            # Only with a tail model, so caches built before it existed keep their hash.
+            **(
+                {"tail_rank": rank, "tail_fit_positions": settings.tail_fit_positions}
+                if rank
+                else {}
+            ),
         },
         rows_per_shard=settings.rows_per_shard,
         references={
@@ -312,12 +327,25 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
     rps = settings.rows_per_shard
     n_shards = max(1, math.ceil(len(uniq) / rps))
     show = config.progress if progress is None else progress
-    bar = tqdm(total=len(uniq), unit="row", desc=f"cache {cache_dir.name}", disable=not show)
     collate = ChatCollator(pad_token_id=tokenizer.pad_token_id)
     source = references
     own_source = False
     built = kept = next_key = 0
+    bar = None
+    tail_model: tuple[torch.Tensor, torch.Tensor] | None = None
     try:
+        if manifest.tail_rank:
+            tail_path = cache_dir / TAIL_MODEL_NAME
+            tail_model = _read_tail_model(tail_path, h)
+            if tail_model is None:
+                if source is None:
+                    source = _build_source(config, settings, roles)
+                    own_source = True
+                tail_model = _fit_tail_model(config, settings, data, uniq, source, vocab.vocab_size,
+                                             collate, manifest.tail_rank, show)  # fmt: skip
+                next_key = _FIT_KEYS
+                _write_tail_model(tail_path, tail_model, h)
+        bar = tqdm(total=len(uniq), unit="row", desc=f"cache {cache_dir.name}", disable=not show)
         for s in range(n_shards):
             lo, hi = s * rps, min((s + 1) * rps, len(uniq))
             path = cache_dir / SHARD_PATTERN.format(s)
@@ -357,7 +385,11 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
                 mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
                 for b, i in enumerate(members_b):
                     pos = mask[b].nonzero().flatten()  # (n,)
-                    sparse = SparseTarget.from_logits(z[b, pos.to(z.device)], k, tau)  # (n, k)
+                    sparse = SparseTarget.from_logits(  # (n, k), coefficients (n, r)
+                        z[b, pos.to(z.device)], k, tau,
+                        tail_basis=None if tail_model is None else tail_model[0].to(z.device),
+                        tail_offset=None if tail_model is None else tail_model[1].to(z.device),
+                    )  # fmt: skip
                     if bool(sparse.logprobs.isnan().any() or sparse.tail_mass.isnan().any()):
                         raise NonFiniteError(
                             f"the target of dataset row {data.row_indices[i]} contains NaN (the "
@@ -365,18 +397,20 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
                             f"{manifest.references['dtype']}); nothing was stored for it. Build "
                             "with reference_dtype=fp32, or remove the row."
                         )
+                    coeffs = None if sparse.tail_coeffs is None else sparse.tail_coeffs.cpu()
                     rows[i] = CachedRow(data.keys[i], data.row_indices[i], pos, sparse.indices.cpu(),
-                                        sparse.logprobs.cpu(), sparse.tail_mass.cpu())  # fmt: skip
+                                        sparse.logprobs.cpu(), sparse.tail_mass.cpu(), coeffs)  # fmt: skip
                 bar.update(len(members_b))
             tensors = encode_rows([rows[i] for i in members], k, manifest.encoding["index_dtype"],
-                                  manifest.encoding["value_dtype"])  # fmt: skip
+                                  manifest.encoding["value_dtype"], manifest.tail_rank)  # fmt: skip
             meta = {"format": FORMAT_NAME, "settings_hash": h, "shard": str(s),
                     "rows": f"{lo}:{hi}"}  # fmt: skip
             write_shard(path, tensors, meta)
             manifest.shards.append(ShardInfo(path.name, (lo, hi), n_pos))
             built += 1
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if own_source and source is not None:
             source.close()
 
@@ -384,6 +418,9 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
         p = cache_dir / info.file
         info.bytes = p.stat().st_size
         info.sha256 = file_sha256(p)
+    if manifest.tail_rank:
+        p = cache_dir / TAIL_MODEL_NAME
+        manifest.tail_model = {"file": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
     manifest.complete = True
     write_manifest(cache_dir, manifest)
     _remove_strays(cache_dir, n_shards)
@@ -391,6 +428,67 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
     logger.info("cache %s: %d shards built, %d kept, %.1f bytes/token, %.1fs", cache_dir, built,
                 kept, manifest.bytes_per_token(), seconds)  # fmt: skip
     return BuildResult(cache_dir, manifest, built, kept, seconds)
+
+
+#: reference keys used by the tail-model fit; the shards' keys start after them
+_FIT_KEYS = 1 << 20
+
+
+def _fit_tail_model(config: Any, settings: CacheSettings, data: EncodedDataset, uniq: list[int],
+                    source: Any, vocab_size: int, collate: Any, rank: int,
+                    show: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Fit the tail model on the target log-probabilities of the first rows (dedup order, so a
+    resumed or repeated build fits on the same positions): (basis (r, V), offset (V,))."""
+    from tqdm.auto import tqdm
+
+    from deltakd.losses import fit_tail_model
+    from deltakd.train.trainer import RoleLogits
+
+    want = settings.tail_fit_positions
+    parts: list[torch.Tensor] = []
+    have = 0
+    bar = tqdm(total=want, unit="pos", desc="tail model fit", disable=not show)
+    for j in range(0, len(uniq), settings.batch_size):
+        if have >= want:
+            break
+        members = uniq[j : j + settings.batch_size]
+        batch = collate([{"input_ids": data.ids[i], "assistant_mask": data.masks[i],
+                          "row_index": data.row_indices[i]} for i in members])  # fmt: skip
+        ref = source.fetch(j, batch)
+        logits = RoleLogits(ref, source.lm_heads(), vocab_size, _device(config)).logits
+        z = target_logits(config, logits)  # (B, T-1, V)
+        mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
+        logp = torch.log_softmax(z[mask.to(z.device)].float() / config.temperature, dim=-1)
+        take = logp[: want - have]  # (n, V), fitted where the models ran
+        parts.append(take)
+        have += take.shape[0]
+        bar.update(take.shape[0])
+    bar.close()
+    if have < rank:
+        raise ConfigError(f"config field 'cache.tail_rank' = {rank} needs at least {rank} response "
+                          f"positions to fit on, but the dataset has {have}: lower the rank or "
+                          "use more rows.")  # fmt: skip
+    logger.info("cache: fitting a rank-%d tail model on %d positions", rank, have)
+    basis, offset = fit_tail_model(torch.cat(parts), rank)
+    return basis.cpu(), offset.cpu()
+
+
+def _read_tail_model(path: Path, settings_hash: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tail model a previous run of this build wrote, or None (absent, other settings)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            if (fh.metadata() or {}).get("settings_hash") != settings_hash:
+                return None
+            return fh.get_tensor("basis"), fh.get_tensor("offset")
+    except (SafetensorError, OSError, RuntimeError, ValueError):
+        return None
+
+
+def _write_tail_model(path: Path, model: tuple[torch.Tensor, torch.Tensor], h: str) -> None:
+    write_shard(path, {"basis": model[0].contiguous(), "offset": model[1].contiguous()},
+                {"format": FORMAT_NAME, "settings_hash": h, "kind": "tail_model"})  # fmt: skip
 
 
 def _build_source(config: Any, settings: CacheSettings, roles: Sequence[str]) -> Any:

@@ -53,7 +53,7 @@ def _build(args: argparse.Namespace) -> int:
           f"response tokens, k={m.target['k']}, {m.encoding['index_dtype']}/"
           f"{m.encoding['value_dtype']}, {m.bytes_per_token():.1f} bytes/token, "
           f"{m.total_bytes / 1e6:.2f} MB in {len(m.shards)} shards ({result.built_shards} built, "
-          f"{result.kept_shards} kept) in {result.seconds:.1f}s")  # fmt: skip
+          f"{result.kept_shards} kept){_tail_note(m)} in {result.seconds:.1f}s")  # fmt: skip
     return 0
 
 
@@ -66,6 +66,14 @@ def _verify(args: argparse.Namespace) -> int:
     t = m.target
     print(f"cache {args.cache_dir}: OK, {len(m.shards)} shards, {len(reader)} rows, "
           f"{m.response_tokens} response tokens, {m.bytes_per_token():.1f} bytes/token; "
-          f"{t['method']} alpha={t['alpha']} temperature={t['temperature']} k={t['k']}, "
-          f"dataset {m.dataset['spec']!r}")  # fmt: skip
+          f"{t['method']} alpha={t['alpha']} temperature={t['temperature']} k={t['k']}"
+          f"{_tail_note(m)}, dataset {m.dataset['spec']!r}")  # fmt: skip
     return 0
+
+
+def _tail_note(m: object) -> str:
+    rank = getattr(m, "tail_rank", 0)
+    if not rank:
+        return ", tail bucket"
+    size = int(getattr(m, "tail_model", {}).get("bytes", 0))
+    return f", rank-{rank} tail model ({size / 1e6:.2f} MB)"

@@ -18,10 +18,17 @@ target distribution `softmax(z / τ)` plus the tail mass `1 − Σ top-k`:
                  probable first (uint24 = 3 little-endian bytes, for vocabularies up to 2^24)
     logprobs     fp16 / bf16 / fp32 (N, k)  their log-probabilities at temperature τ
     tail_mass    fp32    (N,)      1 − Σ exp(logprobs), computed in float32 before rounding
+    tail_coeffs  fp16 / bf16 / fp32 (N, r)  only with `cache.tail_rank` r > 0: the position's
+                 coordinates in the tail model (`deltakd.losses.fit_tail_model`)
+
+With a tail model the directory also holds `tail_model.safetensors` (basis (r, V) and offset
+(V,), float32, fitted once on the first `cache.tail_fit_positions` response positions); the
+trainer then spreads each position's tail mass like the dense target instead of as one bucket.
 
 Rows are found by the hash of their token ids, so the trainer passes nothing but the batch it
 already has; identical rows share one entry. Bytes per response token are
-`k · (index bytes + value bytes) + 4 (tail) + 4 (position)` plus 40 bytes per row.
+`k · (index bytes + value bytes) + r · value bytes + 4 (tail) + 4 (position)` plus 40 bytes
+per row.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ FORMAT_NAME = "deltakd-target-cache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
+TAIL_MODEL_NAME = "tail_model.safetensors"
 ROW_KEY_BYTES = 16
 
 #: value dtypes the cache can store the log-probabilities in -> bytes per value
@@ -72,9 +80,15 @@ def resolve_index_dtype(name: str, vocab_size: int) -> str:
     return name
 
 
-def bytes_per_position(k: int, index_dtype: str, value_dtype: str) -> int:
-    """Bytes one response position costs in a shard (indices + logprobs + tail + position)."""
-    return k * (INDEX_DTYPES[index_dtype] + VALUE_DTYPES[value_dtype]) + 4 + 4
+def bytes_per_position(k: int, index_dtype: str, value_dtype: str, tail_rank: int = 0) -> int:
+    """Bytes one response position costs in a shard (indices + logprobs + tail-model
+    coefficients + tail mass + position)."""
+    return (
+        k * (INDEX_DTYPES[index_dtype] + VALUE_DTYPES[value_dtype])
+        + tail_rank * VALUE_DTYPES[value_dtype]
+        + 4
+        + 4
+    )
 
 
 # --- settings (the `cache:` mapping of the training config) ----------------------------------
@@ -94,6 +108,12 @@ class CacheSettings:
         batch_size: rows per reference forward pass while building (default: the config's
             per_device_batch_size).
         source: where `deltakd cache build` gets the frozen models' outputs: local or servers.
+        tail_rank: r > 0 stores r coefficients per position of a low-rank model of the target's
+            tail (PCA of its log-probabilities), so the tail mass is spread like the dense
+            target's instead of as one bucket: r · value bytes more per position, much lower
+            KL to the dense target (docs/BENCHMARKS.md). 0 (default): tail bucket only.
+        tail_fit_positions: response positions (from the first rows) the tail model is fitted
+            on; the fit holds a (positions, V) float64 matrix in memory.
         verify: check each shard's sha256 the first time a run reads it.
         verify_dataset: at train start, tokenize the dataset and compare its hash with the
             cache's (rows missing from the cache are refused at fetch time either way).
@@ -106,6 +126,8 @@ class CacheSettings:
     rows_per_shard: int = 1024
     batch_size: int | None = None
     source: str = "local"
+    tail_rank: int = 0
+    tail_fit_positions: int = 4096
     verify: bool = True
     verify_dataset: bool = True
 
@@ -144,6 +166,15 @@ class CacheSettings:
         if int(s.rows_per_shard) < 1 or (s.batch_size is not None and int(s.batch_size) < 1):
             raise ConfigError("config fields 'cache.rows_per_shard' and 'cache.batch_size' must be "
                               "integers >= 1.")  # fmt: skip
+        if not isinstance(s.tail_rank, int) or isinstance(s.tail_rank, bool) or s.tail_rank < 0:
+            raise ConfigError(f"config field 'cache.tail_rank' = {s.tail_rank!r} is not allowed: "
+                              "expected an integer >= 0 (0 = no tail model, the tail is one "
+                              "bucket; e.g. 64).")  # fmt: skip
+        if int(s.tail_fit_positions) < max(1, s.tail_rank):
+            raise ConfigError(f"config field 'cache.tail_fit_positions' = {s.tail_fit_positions} "
+                              f"is not allowed: the tail model of rank {s.tail_rank} needs at "
+                              "least that many positions to fit on (e.g. 4096).")  # fmt: skip
+        s.tail_fit_positions = int(s.tail_fit_positions)
         s.batch_size = int(s.batch_size or config.per_device_batch_size)
         s.rows_per_shard = int(s.rows_per_shard)
         return s
@@ -260,6 +291,8 @@ class CacheManifest:
     #: how the frozen models' outputs were produced: {source, dtype, servers}
     references: dict[str, Any] = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
+    #: the tail model's file {file, bytes, sha256}; empty without one
+    tail_model: dict[str, Any] = field(default_factory=dict)
     complete: bool = False
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
@@ -285,7 +318,13 @@ class CacheManifest:
         return cls(**d, shards=shards)
 
     @property
+    def tail_rank(self) -> int:
+        return int(self.encoding.get("tail_rank", 0))
+
+    @property
     def total_bytes(self) -> int:
+        """Shard bytes. The tail model's file (a fixed r × V, whatever the dataset size) is
+        not included: `tail_model["bytes"]`."""
         return sum(s.bytes for s in self.shards)
 
     @property

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from deltakd.errors import CacheError
 from deltakd.references.cache.format import (
+    TAIL_MODEL_NAME,
     CacheManifest,
     file_sha256,
     read_manifest,
@@ -29,12 +30,13 @@ _REQUIRED = ("row_keys", "row_index", "row_offsets", "positions", "indices", "lo
 @dataclass
 class RowTargets:
     """One row's cached targets: positions (n,) long, indices (n, k) long, logprobs (n, k)
-    float32, tail_mass (n,) float32."""
+    float32, tail_mass (n,) float32, and with a tail model tail_coeffs (n, r) float32."""
 
     positions: torch.Tensor
     indices: torch.Tensor
     logprobs: torch.Tensor
     tail_mass: torch.Tensor
+    tail_coeffs: torch.Tensor | None = None
 
 
 def _rebuild_hint() -> str:
@@ -61,6 +63,10 @@ class CacheReader:
         self._offsets: list[torch.Tensor] = []
         self._verified: set[int] = set()
         self.index: dict[bytes, tuple[int, int]] = {}  # row key -> (shard, row in shard)
+        self.tail_rank = self.manifest.tail_rank
+        #: (basis (r, V), offset (V,)) float32 with a tail model, else None
+        self.tail_model = self._load_tail_model() if self.tail_rank else None
+        required = (*_REQUIRED, "tail_coeffs") if self.tail_rank else _REQUIRED
         for s, info in enumerate(self.manifest.shards):
             path = self.dir / info.file
             if not path.is_file():
@@ -75,7 +81,7 @@ class CacheReader:
             try:
                 handle = safe_open(str(path), framework="pt")
                 names = set(handle.keys())
-                missing = [n for n in _REQUIRED if n not in names]
+                missing = [n for n in required if n not in names]
                 if missing:
                     raise ValueError(f"tensors {missing} are missing")
                 keys = handle.get_tensor("row_keys")
@@ -89,6 +95,28 @@ class CacheReader:
             width = keys.shape[1]
             for r in range(keys.shape[0]):
                 self.index.setdefault(raw[r * width : (r + 1) * width], (s, r))
+
+    def _load_tail_model(self) -> tuple[torch.Tensor, torch.Tensor]:
+        info = self.manifest.tail_model
+        path = self.dir / info.get("file", TAIL_MODEL_NAME)
+        if not path.is_file():
+            raise CacheError(f"the cache at {self.dir} has a rank-{self.tail_rank} tail model but "
+                             f"{path.name} is missing. {_rebuild_hint()}")  # fmt: skip
+        if self.verify and info.get("sha256") and file_sha256(path) != info["sha256"]:
+            raise CacheError(f"the tail model {path.name} in {self.dir} is corrupt: its sha256 "
+                             f"differs from the manifest's. {_rebuild_hint()}")  # fmt: skip
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                basis, offset = fh.get_tensor("basis"), fh.get_tensor("offset")
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CacheError(f"the tail model {path.name} in {self.dir} cannot be read ({exc}). "
+                             f"{_rebuild_hint()}") from exc  # fmt: skip
+        v = int(self.manifest.tokenizer["vocab_size"])
+        if tuple(basis.shape) != (self.tail_rank, v) or tuple(offset.shape) != (v,):
+            raise CacheError(f"the tail model {path.name} in {self.dir} holds a basis "
+                             f"{tuple(basis.shape)}, not ({self.tail_rank}, {v}) as the manifest "
+                             f"says. {_rebuild_hint()}")  # fmt: skip
+        return basis.float(), offset.float()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -128,6 +156,9 @@ class CacheReader:
                 indices=decode_indices(handle.get_slice("indices")[a:b]),
                 logprobs=handle.get_slice("logprobs")[a:b].float(),
                 tail_mass=handle.get_slice("tail_mass")[a:b].float(),
+                tail_coeffs=handle.get_slice("tail_coeffs")[a:b].float()
+                if self.tail_rank
+                else None,
             )
         except (SafetensorError, RuntimeError, OSError) as exc:
             info = self.manifest.shards[s]

@@ -37,6 +37,8 @@ def check_manifest(found: CacheManifest, expected: CacheManifest, cache_dir: str
     checks: list[tuple[str, Any, Any]] = []
     for key in ("method", "variant", "alpha", "temperature", "k"):
         checks.append((f"target.{key}", found.target.get(key), expected.target.get(key)))
+    # A run asking for a tail model must not silently train with a bucket, and vice versa.
+    checks.append(("cache.tail_rank", found.tail_rank, expected.tail_rank))
     checks.append(("tokenizer.fingerprint", found.tokenizer.get("fingerprint"),
                    expected.tokenizer.get("fingerprint")))  # fmt: skip
     checks.append(("tokenizer.vocab_size", found.tokenizer.get("vocab_size"),
@@ -93,6 +95,8 @@ class CacheReferences(ReferenceSource):
         self.k = self.reader.k
         self.temperature = float(self.manifest.target["temperature"])
         self._fill_idx, self._fill_lp, self._fill_tail = self.reader.filler()
+        model = self.reader.tail_model
+        self._tail_model = None if model is None else tuple(t.to(self.device) for t in model)
         # One worker assembles prefetched batches while the student trains (torch ops and
         # safetensors reads release the GIL); fetch then only waits for what is left.
         self._pool: ThreadPoolExecutor | None = None
@@ -135,6 +139,8 @@ class CacheReferences(ReferenceSource):
         indices = self._fill_idx.expand(b_size, t_len, k).clone()  # (B, T, k)
         logprobs = self._fill_lp.expand(b_size, t_len, k).clone()  # (B, T, k)
         tail = torch.full((b_size, t_len), self._fill_tail, dtype=torch.float32)  # (B, T)
+        r = self.reader.tail_rank
+        coeffs = torch.zeros(b_size, t_len, r) if r else None  # (B, T, r): the model's mean
         for b in range(b_size):
             valid = attn[b]
             n = int(valid.sum())
@@ -163,8 +169,12 @@ class CacheReferences(ReferenceSource):
             indices[b, pos] = found.indices
             logprobs[b, pos] = found.logprobs
             tail[b, pos] = found.tail_mass
+            if coeffs is not None:
+                coeffs[b, pos] = found.tail_coeffs
+        basis, offset = self._tail_model if self._tail_model is not None else (None, None)
         return SparseTarget(indices.to(self.device), logprobs.to(self.device),
-                            tail.to(self.device), self.temperature)  # fmt: skip
+                            tail.to(self.device), self.temperature,
+                            None if coeffs is None else coeffs.to(self.device), basis, offset)  # fmt: skip
 
     def close(self) -> None:
         if self._pool is not None:

@@ -22,10 +22,11 @@ class CachedRow:
     indices: torch.Tensor  # (n, k) int
     logprobs: torch.Tensor  # (n, k) float
     tail_mass: torch.Tensor  # (n,) float
+    tail_coeffs: torch.Tensor | None = None  # (n, r) float, with a tail model
 
 
-def encode_rows(rows: list[CachedRow], k: int, index_dtype: str,
-                value_dtype: str) -> dict[str, torch.Tensor]:  # fmt: skip
+def encode_rows(rows: list[CachedRow], k: int, index_dtype: str, value_dtype: str,
+                tail_rank: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
     """The shard's tensors (see `format` module docstring) for `rows`, in order."""
     counts = torch.tensor([int(r.positions.numel()) for r in rows], dtype=torch.int64)
     offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
@@ -37,7 +38,7 @@ def encode_rows(rows: list[CachedRow], k: int, index_dtype: str,
             return torch.zeros(shape, dtype=dtype)
         return torch.cat([p.reshape(-1, *shape[1:]).cpu() for p in parts]).to(dtype).contiguous()
 
-    return {
+    out = {
         "row_keys": keys.reshape(len(rows), ROW_KEY_BYTES).clone(),
         "row_index": torch.tensor([r.row_index for r in rows], dtype=torch.int64),
         "row_offsets": offsets,
@@ -46,6 +47,12 @@ def encode_rows(rows: list[CachedRow], k: int, index_dtype: str,
         "logprobs": cat([r.logprobs.float() for r in rows], (0, k), _torch_dtype(value_dtype)),
         "tail_mass": cat([r.tail_mass.float() for r in rows], (0,), torch.float32),
     }
+    if tail_rank:
+        coeffs = [r.tail_coeffs.float() for r in rows if r.tail_coeffs is not None]
+        if len(coeffs) != len(rows):
+            raise ValueError("every row needs tail_coeffs when the cache has a tail model")
+        out["tail_coeffs"] = cat(coeffs, (0, tail_rank), _torch_dtype(value_dtype))
+    return out
 
 
 def encode_indices(ids: torch.Tensor, index_dtype: str) -> torch.Tensor:
