@@ -133,3 +133,67 @@ def test_int_and_float_config_values_group_together(tmp_path) -> None:
     rep = build_report([a, b], out_dir=tmp_path / "rep", plots=False)
     assert len(rep.groups) == 1
     assert rep.groups[0]["metrics"]["rouge1"]["mean"] == pytest.approx(0.3)
+
+
+def _make_script_run(root: Path, name: str, seed: int, alpha: float, scores: dict | None) -> Path:
+    """A run directory as scripts/mini_experiments.py leaves it: config.yaml, history.jsonl and
+    scores.json with per-task scores (`scores=None`: the run diverged)."""
+    run = root / name / f"seed-{seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        f"method: delta_kd\nalpha: {alpha}\nseed: {seed}\noutput_dir: {run}\n"
+    )
+    record: dict = {"name": name, "seed": seed, "overrides": {"alpha": alpha}, "seconds": 9.0}
+    if scores is None:
+        record.update(diverged=True, error="loss is NaN at step 3")
+    else:
+        record.update(diverged=False, **scores)
+    (run / "scores.json").write_text(json.dumps(record))
+    with open(run / "history.jsonl", "w") as f:
+        for step in range(1, 4):
+            f.write(json.dumps({"step": step, "loss": 1.0 / step, "grad_norm": 1.0 + alpha}) + "\n")
+    (run / "instruct").mkdir()  # the per-task eval dirs inside a run are not runs of their own
+    (run / "instruct" / "metrics.json").write_text(json.dumps({"rouge1": 0.99}))
+    return run
+
+
+def _task_scores(instruct: float, math: float, em: float) -> dict:
+    return {"instruct_rouge1": instruct, "instruct_rougeL": instruct, "math_rouge1": math,
+            "math_rougeL": math, "math_exact_match": em}  # fmt: skip
+
+
+def test_script_run_dirs_give_per_task_columns(tmp_path) -> None:
+    root = tmp_path / "exp"
+    for seed, (i, m) in enumerate([(0.30, 0.50), (0.34, 0.56), (0.38, 0.53)]):
+        _make_script_run(root, "alpha_0.0", seed, 0.0, _task_scores(i, m, 0.1 * seed))
+    for seed, (i, m) in enumerate([(0.40, 0.60), (0.44, 0.62)]):
+        _make_script_run(root, "delta_kd", seed, 1.0, _task_scores(i, m, 0.0))
+    _make_script_run(root, "delta_kd", 2, 1.0, None)  # diverged: counted, not scored
+
+    # `exp` holds <name>/seed-<s>/: runs two levels down are found
+    rep = build_report([root], out_dir=tmp_path / "rep")
+    assert [g["label"] for g in rep.groups] == ["alpha_0.0", "delta_kd"]  # the script's names
+    first, second = rep.groups
+    assert first["metrics"]["instruct/rouge1"]["mean"] == pytest.approx(0.34)
+    assert first["metrics"]["instruct/rouge1"]["std"] == pytest.approx(0.04)
+    assert first["metrics"]["math/exact_match"]["values"] == pytest.approx([0.0, 0.1, 0.2])
+    assert "rouge1" not in first["metrics"]  # no task-less score was given
+    assert second["diverged"] == 1 and second["metrics"]["math/rouge1"]["n"] == 2
+    head = rep.markdown.split("\n| alpha_0.0")[0].splitlines()[-2]
+    assert head.startswith(
+        "| run group | seeds | instruct ROUGE-1 | instruct ROUGE-L | math ROUGE-1"
+    )
+    assert "math Exact match" in head and "diverged runs" in head
+    assert "| alpha_0.0 | 3 | 34.00 ± 4.00 | 34.00 ± 4.00 | 53.00 ± 3.00 |" in rep.markdown
+
+    names = sorted(Path(p).name for p in rep.plots)
+    assert names == ["grad_norm.png", "rouge1_vs_alpha.png", "training_loss.png"]
+    assert all(Path(p).read_bytes().startswith(PNG_MAGIC) for p in rep.plots)
+
+
+def test_script_and_sweep_runs_report_together(sweep_dir, tmp_path) -> None:
+    run = _make_script_run(tmp_path / "exp", "delta_kd", 0, 1.0, _task_scores(0.4, 0.6, 0.0))
+    rep = build_report([sweep_dir, run], out_dir=tmp_path / "rep", plots=False)
+    keys = [k for g in rep.groups for k in g["metrics"]]
+    assert "rouge1" in keys and "instruct/rouge1" in keys
+    assert "| ROUGE-1 |" in rep.markdown and "| instruct ROUGE-1 |" in rep.markdown

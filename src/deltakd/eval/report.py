@@ -2,7 +2,10 @@
 
 A run directory is what `deltakd train` / `deltakd sweep` leave behind:
 
-- `eval.json`: the run's scores (`rouge1`, `rouge2`, `rougeL`, `exact_match`, `n`);
+- `eval.json`: the run's scores (`rouge1`, `rouge2`, `rougeL`, `exact_match`, `n`), or
+  `scores.json` as `scripts/mini_experiments.py` writes it: per-task scores
+  (`instruct_rouge1`, `math_exact_match`, ...), reported as `instruct/rouge1`, ... columns, the
+  run's `name` (used as its group's label) and `diverged`;
 - its config: `config.yaml` (the trainer's saved config) and/or `sweep.json` (the sweep's
   overrides for this run);
 - its training log: `history.jsonl` (one JSON object per logged step) or a HF Trainer
@@ -10,7 +13,8 @@ A run directory is what `deltakd train` / `deltakd sweep` leave behind:
 
 Runs are grouped by every config field that differs between the runs given, except the
 seed and bookkeeping fields (output_dir, logging, ...); each group's seeds give mean ± std
-(sample standard deviation, ddof=1).
+(sample standard deviation, ddof=1). A directory that is not a run contributes the runs among
+its subdirectories, or else among theirs (e.g. `runs/exp` holding `<name>/seed-<s>/`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ METRIC_TITLES = {
     "rougeL": "ROUGE-L",
     "exact_match": "Exact match",
 }
+#: `scripts/mini_experiments.py`'s per-task record: `<task>_<metric>` keys, `name`, `diverged`.
+TASK_SCORES_FILE = "scores.json"
 CONFIG_FILES: tuple[str, ...] = ("config.yaml", "config.yml", "train_config.yaml")
 HISTORY_FILES: tuple[str, ...] = ("history.jsonl",)
 # Fields that never define a group: the seed (averaged over) and run bookkeeping.
@@ -60,6 +66,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_only: bool = False  # a `deltakd eval --out` directory: a model scored, no training
     failed: str | None = None  # the error of a run that diverged (`failed.json` of a sweep)
+    tag: str | None = None  # a name the run was given (`scores.json`'s `name`), else None
 
     @property
     def name(self) -> str:
@@ -163,7 +170,15 @@ def load_run(run_dir: str | Path) -> Run:
             eval_only = True
             params["model"] = metrics.get("meta", {}).get("model", path.name)
     failed = None
-    if metrics is None and (path / "failed.json").is_file():
+    tag = None
+    if metrics is None and (path / TASK_SCORES_FILE).is_file():
+        record = _read_json(path / TASK_SCORES_FILE)
+        tag = record.get("name")
+        if record.get("diverged"):
+            failed = str(record.get("error") or "diverged")
+        else:
+            metrics = task_metrics(record)
+    if metrics is None and failed is None and (path / "failed.json").is_file():
         failed = str(_read_json(path / "failed.json").get("error", "failed"))
     return Run(
         path=path,
@@ -172,12 +187,45 @@ def load_run(run_dir: str | Path) -> Run:
         history=_read_history(path),
         eval_only=eval_only,
         failed=failed,
+        tag=str(tag) if tag is not None else None,
     )
+
+
+def task_metrics(record: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"instruct_rouge1": .., "math_exact_match": ..}` -> `{"instruct/rouge1": .., ...}`;
+    keys that name no metric (name, seed, seconds, ...) are left out."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        for metric in METRIC_KEYS:
+            task = key.removesuffix(f"_{metric}")
+            if task != key and task:
+                out[f"{task}/{metric}"] = value
+                break
+    return out
+
+
+def metric_keys(metrics: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Metric keys present in any of `metrics`: the plain ones first (in METRIC_KEYS order),
+    then `task/metric` ones by task (in order of appearance), each in METRIC_KEYS order."""
+    seen: list[str] = []
+    for m in metrics:
+        seen.extend(k for k in m if k not in seen)
+    tasks = list(dict.fromkeys(k.split("/")[0] for k in seen if "/" in k))
+    ordered = [k for k in METRIC_KEYS if k in seen]
+    ordered += [f"{t}/{k}" for t in tasks for k in METRIC_KEYS if f"{t}/{k}" in seen]
+    return ordered
+
+
+def metric_title(key: str) -> str:
+    """`rouge1` -> `ROUGE-1`; `math/exact_match` -> `math Exact match`."""
+    task, _, metric = key.rpartition("/")
+    title = METRIC_TITLES.get(metric, metric)
+    return f"{task} {title}" if task else title
 
 
 RUN_MARKERS: tuple[str, ...] = (
     "eval.json", "metrics.json", "failed.json", "final", "history.jsonl", "trainer_state.json",
-    *CONFIG_FILES,
+    TASK_SCORES_FILE, *CONFIG_FILES,
 )  # fmt: skip
 
 
@@ -195,10 +243,18 @@ def discover_runs(paths: Iterable[str | Path]) -> list[Run]:
             runs.append(load_run(p))
             continue
         subs = sorted(d for d in p.iterdir() if d.is_dir() and _looks_like_run(d))
+        if not subs:  # one level deeper: e.g. runs/exp/<name>/seed-<s>/
+            subs = sorted(
+                g
+                for d in p.iterdir()
+                if d.is_dir()
+                for g in d.iterdir()
+                if g.is_dir() and _looks_like_run(g)
+            )
         if not subs:
             raise DataError(
-                f"{p} holds no runs (no eval.json, metrics.json, final/, history.jsonl or "
-                "config); pass the directories that `deltakd train`, `deltakd sweep` or "
+                f"{p} holds no runs (no eval.json, metrics.json, scores.json, final/, "
+                "history.jsonl or config, nor subdirectories that hold them); pass the directories that `deltakd train`, `deltakd sweep` or "
                 "`deltakd eval --out` wrote."
             )
         runs.extend(load_run(d) for d in subs)
@@ -229,6 +285,14 @@ def grouping_keys(runs: Sequence[Run]) -> list[str]:
 def _label(params: Mapping[str, Any]) -> str:
     # None = the field does not apply to this run (e.g. `alpha` of an eval-only directory).
     return ", ".join(f"{k}={v}" for k, v in params.items() if v is not None) or "all runs"
+
+
+def group_label(params: Mapping[str, Any], members: Sequence[Run]) -> str:
+    """The runs' common tag (the name a script gave them) if they share one, else the params."""
+    tags = {r.tag for r in members}
+    if len(tags) == 1 and None not in tags:
+        return str(next(iter(tags)))
+    return _label(params)
 
 
 def group_runs(runs: Sequence[Run]) -> list[tuple[dict[str, Any], list[Run]]]:
@@ -267,14 +331,14 @@ def summarise(runs: Sequence[Run]) -> list[dict[str, Any]]:
     for params, members in group_runs(runs):
         scored = [r for r in members if r.metrics is not None]
         entry: dict[str, Any] = {
-            "label": _label(params),
+            "label": group_label(params, members),
             "params": params,
             "runs": [str(r.path) for r in members],
             "seeds": [r.params.get("seed") for r in scored],
             "diverged": sum(r.failed is not None for r in members),
             "metrics": {},
         }
-        for key in METRIC_KEYS:
+        for key in metric_keys(r.metrics for r in scored):
             vals = [float(r.metrics[key]) for r in scored if r.metrics.get(key) is not None]
             if vals:
                 entry["metrics"][key] = _stats(vals)
@@ -301,9 +365,9 @@ def _pm(stat: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 2) -> 
 
 def markdown_table(groups: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table: one row per group; ROUGE and exact match ×100, mean ± std over seeds."""
-    present = [k for k in METRIC_KEYS if any(k in g["metrics"] for g in groups)]
+    present = metric_keys(g["metrics"] for g in groups)
     extra = [k for k in ("final_loss", "max_grad_norm") if any(k in g["metrics"] for g in groups)]
-    head = ["run group", "seeds", *(METRIC_TITLES[k] for k in present)]
+    head = ["run group", "seeds", *(metric_title(k) for k in present)]
     head += [{"final_loss": "final loss", "max_grad_norm": "max grad norm"}[k] for k in extra]
     diverged = any(g.get("diverged") for g in groups)
     if diverged:
@@ -357,7 +421,7 @@ def _plot_curves(
         if curve is None:
             continue
         steps, mean, lo, hi = curve
-        (line,) = ax.plot(steps, mean, label=_label(params))
+        (line,) = ax.plot(steps, mean, label=group_label(params, members))
         if len(members) > 1:
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         drawn += 1
@@ -378,19 +442,28 @@ def _plot_curves(
 
 
 def _plot_alpha(runs: Sequence[Run], path: Path) -> bool:
-    """ROUGE-1 (×100, mean ± std over seeds) against α, one line per other setting."""
+    """ROUGE-1 (×100, mean ± std over seeds) against α, one line per other setting and, for
+    per-task scores, per task."""
     import matplotlib.pyplot as plt
 
     scored = [r for r in runs if r.metrics and not r.eval_only and "alpha" in r.params]
     if len({_ident(r.params["alpha"]) for r in scored}) < 2:
         return False
     others = [k for k in grouping_keys(scored) if k != "alpha"]
+    keys = [k for k in metric_keys(r.metrics for r in scored) if k.split("/")[-1] == "rouge1"]
     lines: dict[str, dict[float, list[float]]] = {}
     for r in scored:
-        label = _label({k: r.params.get(k) for k in others})
-        lines.setdefault(label, {}).setdefault(float(r.params["alpha"]), []).append(
-            100.0 * float(r.metrics["rouge1"])
-        )
+        setting = _label({k: r.params.get(k) for k in others})
+        for key in keys:
+            if r.metrics.get(key) is None:
+                continue
+            task = key.rpartition("/")[0]
+            label = ", ".join(x for x in (task, "" if setting == "all runs" else setting) if x)
+            lines.setdefault(label or setting, {}).setdefault(float(r.params["alpha"]), []).append(
+                100.0 * float(r.metrics[key])
+            )
+    if not lines:
+        return False
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, by_alpha in sorted(lines.items()):
         alphas = sorted(by_alpha)
