@@ -183,7 +183,7 @@ def test_script_run_dirs_give_per_task_columns(tmp_path) -> None:
     assert head.startswith(
         "| run group | seeds | instruct ROUGE-1 | instruct ROUGE-L | math ROUGE-1"
     )
-    assert "math Exact match" in head and "diverged runs" in head
+    assert "math exact match" in head and "diverged runs" in head
     assert "| alpha_0.0 | 3 | 34.00 ± 4.00 | 34.00 ± 4.00 | 53.00 ± 3.00 |" in rep.markdown
 
     names = sorted(Path(p).name for p in rep.plots)
