@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("delta", "delta_rkl", "live_shift", "live_shift_sg", "live_anchor", "live_anchor_sg")
+#: multi_teacher averages teacher_ft with teacher_ft2, the world's second SFT of teacher_raw.
+VARIANTS = ("delta", "delta_rkl", "multi_teacher", "live_shift", "live_shift_sg", "live_anchor",
+            "live_anchor_sg")  # fmt: skip
 
 
 def _delta_kd(**overrides: Any) -> dict[str, Any]:
@@ -44,7 +46,9 @@ GROUPS: dict[str, dict[str, dict[str, Any]]] = {
         "delta_kd": _delta_kd(),
     },
     "alpha": {
-        "alpha_0.0": {"same_as": "fkl"},  # z* = z_teacher_ft exactly: standard KD
+        # z* = z_teacher_ft exactly, i.e. the `fkl` run's loss; trained under delta_kd anyway so
+        # that `deltakd report` finds the whole sweep under one method (and the match is checked)
+        "alpha_0.0": _delta_kd(alpha=0.0),
         **{f"alpha_{a}": _delta_kd(alpha=a) for a in (0.25, 0.5, 0.75)},
         "alpha_1.0": {"same_as": "delta_kd"},
         "alpha_1.5": _delta_kd(alpha=1.5),
