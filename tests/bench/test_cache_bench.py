@@ -20,26 +20,40 @@ def test_bench_cache_json(tiny_world, tmp_path, capsys):
                 ("what colour is the fox?", "the fox is red."),
                 ("seven plus six?", "seven plus six is thirteen."),
                 ("what sings?", "the blue whale sings at night."),
+                ("where is the fox?", "the red fox lives in the north forest."),
+                ("twelve minus four?", "twelve minus four is eight."),
+                ("what does alice have?", "alice has three apples and bob has five."),
             ]
         )
     )
     argv = ["bench", "cache", "--json", "--world", str(world), "--dataset", str(data),
-            "--rows", "3", "--ks", "8,V", "--steps", "2", "--batch", "2", "--max-length", "48",
-            "--repeats", "2"]  # fmt: skip
+            "--rows", "6", "--ks", "8,V", "--tail-ranks", "0,8", "--steps", "2", "--batch", "2",
+            "--max-length", "48", "--repeats", "2"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = json.loads(out.strip().splitlines()[-1])
-    assert [r["k"] for r in rows] == [8, tiny_world["vocab_size"]]
+    # k = V has no tail, so no tail-model row for it.
+    assert [(r["k"], r["tail_rank"]) for r in rows] == [
+        (8, 0),
+        (8, 8),
+        (tiny_world["vocab_size"], 0),
+    ]
     for r in rows:
-        assert set(r) == {"k", "bytes_per_token", "kl_nats", "throughput_vs_sft",
+        assert set(r) == {"k", "tail_rank", "bytes_per_token", "kl_nats", "throughput_vs_sft",
                           "throughput_vs_local"}  # fmt: skip
         assert r["throughput_vs_sft"] > 0 and r["throughput_vs_local"] > 0
-    # uint16 ids + fp16 values: 4 bytes per entry plus 8 per position (+ headers, row tables).
-    assert 8 * 4 + 8 < rows[0]["bytes_per_token"] < rows[1]["bytes_per_token"]
-    # Truncating to k = 8 of 320 tokens loses information; k = V only rounds to fp16.
-    assert rows[0]["kl_nats"] > 1e-3
-    assert -1e-6 <= rows[1]["kl_nats"] < 1e-4
-    assert "tok/s" in out and "world" in out
+    bucket, model, full = rows
+    # uint16 ids + fp16 values: 4 bytes per entry plus 8 per position (+ headers, row tables);
+    # the rank-8 model adds 8 fp16 coefficients (and one more tensor in each shard's header).
+    # Even fitted on 3 short rows, the model spreads the tail better than uniformly.
+    assert 8 * 4 + 8 < bucket["bytes_per_token"] < full["bytes_per_token"]
+    assert 16 <= model["bytes_per_token"] - bucket["bytes_per_token"] < 20
+    # Truncating to k = 8 of 320 tokens loses information, the tail model gives much of it
+    # back; k = V only rounds to fp16.
+    assert bucket["kl_nats"] > 1e-3
+    assert model["kl_nats"] < 0.8 * bucket["kl_nats"]
+    assert -1e-6 <= full["kl_nats"] < 1e-4
+    assert "tok/s" in out and "world" in out and "tail model file holds" in out
 
 
 def test_sparse_kl_definition():
@@ -62,8 +76,9 @@ def test_sparse_kl_definition():
 
 @pytest.mark.slow
 def test_bench_cache_targets_on_the_mini_world(capsys):
-    """docs/BENCHMARKS.md targets: KL(dense ‖ sparse) ≤ 1e-3 nats at k = 64, and training from
-    the cache at ≥ 0.9 × SFT tokens/s (CPU clock: robust on shared machines)."""
+    """docs/BENCHMARKS.md targets: KL(dense ‖ sparse) ≤ 1e-3 nats at k = 64 (with the rank-64
+    tail model; the tail bucket alone gives 6e-3), and training from the cache at ≥ 0.9 × SFT
+    tokens/s (CPU clock: robust on shared machines)."""
     from deltakd.cli import main
     from deltakd.errors import DataError
 
@@ -73,7 +88,9 @@ def test_bench_cache_targets_on_the_mini_world(capsys):
         mini_world_dir()
     except DataError:
         pytest.skip("the mini world is not shipped in this tree")
-    assert main(["bench", "cache", "--json", "--ks", "64", "--clock", "cpu", "--steps", "16"]) == 0
-    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["kl_nats"] <= 1e-3
-    assert row["throughput_vs_sft"] >= 0.9
+    argv = ["bench", "cache", "--json", "--ks", "64", "--tail-ranks", "0,64", "--clock", "cpu",
+            "--steps", "16"]  # fmt: skip
+    assert main(argv) == 0
+    bucket, model = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert model["tail_rank"] == 64 and model["kl_nats"] <= 1e-3
+    assert bucket["throughput_vs_sft"] >= 0.9

@@ -1,14 +1,18 @@
 """`deltakd bench cache`: what the offline target cache costs and saves, per k.
 
-For each k (default 8, 32, 64, 128, V) on the mini world's training rows:
+For each k (default 8, 32, 64, 128, V) and tail-model rank r (default 0 and 64; `cache.tail_rank`,
+skipped at k = V, which has no tail) on the mini world's training rows:
 
 - ``bytes_per_token``: shard bytes (headers and row tables included) per cached response
   position, as written by `deltakd cache build` (fp16 log-probabilities by default).
 - ``kl_nats``: mean over response positions of KL(p ‖ q) in nats, where p = softmax(z*/τ) is
   the dense Delta-KD target computed from the three models in float32, and q is the sparse
   target read back from the cache: q_i = exp(stored logprob_i) on the k stored tokens, and the
-  stored tail mass spread uniformly over the other V − k tokens (q renormalised to sum to 1,
-  which only undoes fp16 rounding). At k = V only the value rounding remains.
+  stored tail mass spread over the other V − k tokens by the tail model (r > 0) or uniformly
+  (r = 0) (q renormalised to sum to 1, which only undoes fp16 rounding). At k = V only the
+  value rounding remains. The tail model is fitted on the first `--fit-rows` rows (default half
+  of them) and the KL is averaged over the other, held-out rows, for every row of the table;
+  the model's file (r × V float32, once per cache) is reported apart from bytes per token.
 - ``throughput_vs_sft`` / ``throughput_vs_local``: training tokens/s of `deltakd train` with
   `references: cache` at that k, divided by plain SFT (no references) and by Delta-KD with local
   references, all measured in this process on the same rows, seed and steps. Step times skip
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_KS = "8,32,64,128,V"
+DEFAULT_RANKS = "0,64"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shipped mini world, else untrained models of its shapes)",
     )
     parser.add_argument("--dataset", default="mini:instruct", help="training rows (a dataset spec)")
-    parser.add_argument("--rows", type=int, default=64, help="training rows used")
+    parser.add_argument("--rows", type=int, default=128, help="training rows used")
+    parser.add_argument(
+        "--fit-rows",
+        type=int,
+        default=None,
+        help="rows the tail model is fitted on (default: the first half); KL is averaged over "
+        "the other rows only, for every k and rank alike",
+    )
     parser.add_argument("--ks", default=DEFAULT_KS, help="comma-separated k values; V = all")
+    parser.add_argument(
+        "--tail-ranks",
+        default=DEFAULT_RANKS,
+        help="comma-separated tail-model ranks (cache.tail_rank; 0 = tail bucket only)",
+    )
     parser.add_argument("--alpha", type=float, default=1.0, help="Delta-KD α")
     parser.add_argument("--temperature", type=float, default=1.0, help="τ")
     parser.add_argument("--value-dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
@@ -123,19 +140,18 @@ def _step_times(config: Any, clock: Any) -> list[float]:
 def sparse_kl(dense_logp: Any, target: Any) -> Any:
     """KL(p ‖ q) per position, nats. `dense_logp` (n, V) log-probabilities of p; `target` a
     SparseTarget of leading shape (n,): q = stored top-k probabilities and the tail mass spread
-    uniformly over the other V − k tokens, renormalised."""
+    by its tail model, or uniformly over the other V − k tokens without one; renormalised."""
+    import dataclasses
+
     import torch
 
-    v = dense_logp.shape[-1]
-    k = target.k
-    idx = target.indices.long()
-    q = torch.empty_like(dense_logp)
-    others = max(v - k, 1)
-    q[:] = (target.tail_mass.float().clamp_min(1e-38) / others).unsqueeze(-1)
-    q.scatter_(-1, idx, target.logprobs.float().exp())
-    logq = (q / q.sum(-1, keepdim=True)).log()
+    # A tail mass stored as 0 (1 − Σ top-k rounded below 0) is floored, as in the loss's bucket:
+    # the dense target may still hold a sliver there.
+    target = dataclasses.replace(target, tail_mass=target.tail_mass.clamp_min(1e-38))
+    logq = target.dense_logprobs(vocab_size=dense_logp.shape[-1]).float()
+    logq = torch.log_softmax(logq, dim=-1)  # renormalise: undoes the values' rounding only
     p = dense_logp.exp()
-    return (p * (dense_logp - logq)).sum(-1)  # (n,)
+    return torch.where(p > 0, p * (dense_logp - logq), 0.0).sum(-1)  # (n,)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,6 +207,8 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     tok = load_tokenizer(local_cfg.tokenizer_path)
     v = len(tok)
     ks = [v if s.strip().upper() == "V" else min(int(s), v) for s in args.ks.split(",")]
+    ranks = [int(r) for r in args.tail_ranks.split(",")]
+    combos = [(k, r) for k in ks for r in ranks if r == 0 or k < v]
     roles = ("teacher_ft", "teacher_raw", "student_raw")
     local = LocalReferences({r: getattr(local_cfg, r) for r in roles})
 
@@ -202,44 +220,59 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     feats = [{"input_ids": i, "assistant_mask": m, "row_index": r}
              for i, m, r in zip(data.ids, data.masks, data.row_indices)]  # fmt: skip
     batches = [collate(feats[j:j + args.batch]) for j in range(0, len(feats), args.batch)]  # fmt: skip
+    # The tail model is fitted on the first unique rows (build order); KL is scored elsewhere.
+    uniq = data.unique()
+    fit_rows = min(len(uniq) - 1, args.fit_rows if args.fit_rows is not None else len(uniq) // 2)
+    fit_keys = {data.keys[i] for i in uniq[:fit_rows]}
+    fit_positions = sum(sum(data.masks[i][1:]) for i in uniq[:fit_rows])
+    held_rows = [data.keys[i] not in fit_keys for i in range(len(data.ids))]
     dense: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
     for key, batch in enumerate(batches):
         ref = local.fetch(key, batch).logits
         z = delta_target(*(ref[r][:, :-1, :v] for r in roles), alpha=args.alpha)
         mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
+        held = torch.tensor(held_rows[key * args.batch : key * args.batch + len(mask)])  # (B,)
+        mask &= held[:, None]
         dense.append(torch.log_softmax(z[mask].float() / args.temperature, dim=-1))  # (n, V)
         masks.append(mask)
     n_positions = sum(int(m.sum()) for m in masks)
+    if fit_positions < max(ranks) or n_positions == 0:
+        from deltakd.errors import ConfigError
+
+        raise ConfigError(f"bench cache: {fit_rows} fit rows give {fit_positions} positions and "
+                         f"{n_positions} are held out; a rank-{max(ranks)} tail model needs more "
+                         "fit positions and some held-out rows: raise --rows or --fit-rows.")  # fmt: skip
 
     rows: list[dict[str, Any]] = []
-    cache_cfgs: dict[int, Any] = {}
-    for k in ks:
-        cfg = config(f"cache-{k}", method="delta_kd", references="cache",
-                     cache={"dir": str(tmp / f"cache-{k}"), "k": k,
+    cache_cfgs: dict[str, Any] = {}
+    for k, rank in combos:
+        name = _name(k, rank)
+        cfg = config(name, method="delta_kd", references="cache",
+                     cache={"dir": str(tmp / name), "k": k, "tail_rank": rank,
+                            "tail_fit_positions": max(fit_positions, 1),
                             "value_dtype": args.value_dtype,
                             "index_dtype": args.index_dtype})  # fmt: skip
-        cache_cfgs[k] = cfg
+        cache_cfgs[name] = cfg
         manifest = build_cache(cfg, references=local, progress=False).manifest
         source = CacheReferences(cfg.cache["dir"])
         kls = []
         for key, (batch, mask, logp) in enumerate(zip(batches, masks, dense)):
             t = source.fetch(key, batch).target
-            from deltakd.losses import SparseTarget
-
-            sel = SparseTarget(t.indices[:, :-1][mask], t.logprobs[:, :-1][mask],
-                               t.tail_mass[:, :-1][mask], t.temperature)  # fmt: skip
+            sel = t.map_positions(lambda x: x[:, :-1][mask])  # noqa: B023
             kls.append(sparse_kl(logp, sel))
         source.close()
-        rows.append({"k": k, "bytes_per_token": manifest.bytes_per_token(),
+        rows.append({"k": k, "tail_rank": rank, "name": name,
+                     "bytes_per_token": manifest.bytes_per_token(),
                      "kl_nats": float(torch.cat(kls).mean()),
+                     "tail_model_bytes": int(manifest.tail_model.get("bytes", 0)),
                      "bytes_per_position": manifest.encoding["bytes_per_position"]})  # fmt: skip
     local.close()
 
     tps: dict[str, float] = {}
     if args.steps >= 2:
         runs = {"sft": config("sft", method="sft"), "local": local_cfg}
-        runs.update({f"cache-{k}": cache_cfgs[k] for k in ks})
+        runs.update(cache_cfgs)
         best: dict[str, list[float]] = {}
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         for r in range(max(args.repeats, 1)):
@@ -252,30 +285,40 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
         tps = {name: len(t) / sum(t) for name, t in best.items()}
     mean_tokens = sum(len(x) for x in data.ids) / len(data.ids) * args.batch
     for row in rows:
-        s = tps.get(f"cache-{row['k']}")
+        s = tps.get(row["name"])
         row["tokens_per_s"] = s * mean_tokens if s else None
         row["throughput_vs_sft"] = s / tps["sft"] if s else None
         row["throughput_vs_local"] = s / tps["local"] if s else None
 
     print(f"deltakd bench cache: {world_note}; {args.dataset} {len(data.ids)} rows, "
-          f"{n_positions} response positions, V={v}, α={args.alpha}, τ={args.temperature}, "
+          f"KL over {n_positions} response positions of {len(data.ids) - fit_rows} rows held out from the "
+          f"tail-model fit ({fit_positions} positions of {fit_rows} rows), V={v}, α={args.alpha}, τ={args.temperature}, "
           f"{args.value_dtype} log-probs, {args.index_dtype} ids, {args.steps} steps × {args.batch} rows, "
           f"{args.threads} thread(s), fastest step of {args.repeats} runs, {args.clock} clock")  # fmt: skip
     if tps:
         print(f"  sft {tps['sft'] * mean_tokens:.0f} tok/s, delta_kd local "
               f"{tps['local'] * mean_tokens:.0f} tok/s (mean {mean_tokens:.0f} tokens/step)")  # fmt: skip
-    print(
-        f"  {'k':>6} {'bytes/token':>12} {'KL nats':>10} {'tok/s':>8} {'vs sft':>7} {'vs local':>8}"
-    )
+    print(f"  {'k':>6} {'rank':>5} {'bytes/token':>12} {'KL nats':>10} {'tok/s':>8} {'vs sft':>7} "
+          f"{'vs local':>8}")  # fmt: skip
     for row in rows:
         t = row["tokens_per_s"]
-        print(f"  {row['k']:>6} {row['bytes_per_token']:>12.1f} {row['kl_nats']:>10.2e} "
+        print(f"  {row['k']:>6} {row['tail_rank']:>5} {row['bytes_per_token']:>12.1f} "
+              f"{row['kl_nats']:>10.2e} "
               f"{(f'{t:.0f}' if t else '-'):>8} "
               f"{_fmt(row['throughput_vs_sft']):>7} {_fmt(row['throughput_vs_local']):>8}")  # fmt: skip
+    for row in rows:
+        if row["tail_model_bytes"]:
+            print(f"  k={row['k']} rank {row['tail_rank']}: the tail model file holds "
+                  f"{row['tail_model_bytes'] / 1e6:.2f} MB once per cache (not in bytes/token)")  # fmt: skip
     if args.json:
-        keys = ("k", "bytes_per_token", "kl_nats", "throughput_vs_sft", "throughput_vs_local")
+        keys = ("k", "tail_rank", "bytes_per_token", "kl_nats", "throughput_vs_sft",
+                "throughput_vs_local")  # fmt: skip
         print(json.dumps([{key: row[key] for key in keys} for row in rows]))
     return 0
+
+
+def _name(k: int, rank: int) -> str:
+    return f"cache-{k}" if rank == 0 else f"cache-{k}-r{rank}"
 
 
 def _fmt(x: float | None) -> str:

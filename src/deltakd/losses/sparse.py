@@ -164,7 +164,7 @@ class SparseTarget:
         idx, logp, tail = flat[:3]
         if self.tail_basis is not None and self.tail_offset is not None:
             out = _tail_model_logprobs(idx, logp, tail, flat[3], self.tail_basis, self.tail_offset)
-            return out.reshape(*self.shape, -1)
+            return out.reshape(*self.shape, out.shape[-1])
         if vocab_size is None:
             raise ValueError(
                 "a SparseTarget without a tail model needs vocab_size to spread its tail"
