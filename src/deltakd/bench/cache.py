@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shipped mini world, else untrained models of its shapes)",
     )
     parser.add_argument("--dataset", default="mini:instruct", help="training rows (a dataset spec)")
-    parser.add_argument("--rows", type=int, default=128, help="training rows used")
+    parser.add_argument("--rows", type=int, default=256, help="training rows used")
     parser.add_argument(
         "--fit-rows",
         type=int,

@@ -244,7 +244,8 @@ class TrainConfig:
     cache: dict[str, Any] = field(
         default_factory=dict,
         metadata=_help(
-            "Settings for `references: cache` (see the cache docs).", group="references"
+            "Settings for `references: cache` (docs/USAGE.md, 'Offline target cache').",
+            group="references",
         ),
     )
     reference_dtype: str = field(

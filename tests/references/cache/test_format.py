@@ -88,3 +88,16 @@ def test_missing_or_foreign_manifest_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "other"}')
     with pytest.raises(CacheError, match=r"not a readable deltakd cache manifest .*rebuild"):
         read_manifest(tmp_path)
+
+
+def test_every_cache_setting_is_documented_in_usage():
+    import dataclasses
+    from pathlib import Path
+
+    from deltakd.references.cache.format import CacheSettings
+
+    usage = (Path(__file__).parents[3] / "docs" / "USAGE.md").read_text(encoding="utf-8")
+    missing = [
+        f.name for f in dataclasses.fields(CacheSettings) if f"`cache.{f.name}`" not in usage
+    ]
+    assert not missing, f"docs/USAGE.md's cache table lacks {missing}"
