@@ -161,3 +161,7 @@ def test_training_from_the_tail_model_is_closer_to_dense_than_the_bucket(
         first[name] = train(run).losses()[0][1]
     dense = train(make_config(cache_overrides, tmp_path / "dense", **common)).losses()[0][1]
     assert abs(first["model"] - dense) < 0.5 * abs(first["bucket"] - dense)
+    # The fused loss (from hidden states) takes the same tail-model target.
+    fused = tail_cache[0].replace(references="cache", output_dir=str(tmp_path / "fused"),
+                                  fused_loss=True, **common)  # fmt: skip
+    assert train(fused).losses()[0][1] == pytest.approx(first["model"], rel=1e-5)
