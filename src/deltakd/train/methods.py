@@ -146,8 +146,9 @@ class Method:
         self, batch: StudentBatch, refs: RoleLogits | None, config: TrainConfig
     ) -> LossTerms:
         """λ·SFT_sum + (1−λ)·KD_sum; override for losses of another shape."""
-        sft = sft_sum(batch)
         lam = 1.0 if not self.uses_kd else config.lam
+        # At λ = 0 the SFT term is only logged: no graph, and no [N, V] float copy kept.
+        sft = sft_sum(batch) if lam > 0.0 else sft_sum_for_logging(batch)
         if not self.uses_kd or lam >= 1.0:
             return LossTerms(total=sft, sft=sft)
         assert refs is not None
@@ -161,6 +162,20 @@ def sft_sum(batch: StudentBatch) -> torch.Tensor:
     logits = batch.student_logits[batch.mask]  # (N, V)
     targets = batch.labels[batch.mask]  # (N,)
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+@torch.no_grad()
+def sft_sum_for_logging(batch: StudentBatch, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """`sft_sum` without gradient, `rows_per_chunk` positions at a time (bounded memory)."""
+    logits = batch.student_logits  # (B, T-1, V), often a non-contiguous slice: never reshaped
+    b_idx, t_idx = batch.mask.nonzero(as_tuple=True)  # (N,), (N,)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for a in range(0, b_idx.numel(), rows_per_chunk):
+        b, t = b_idx[a : a + rows_per_chunk], t_idx[a : a + rows_per_chunk]
+        total += torch.nn.functional.cross_entropy(
+            logits[b, t].float(), batch.labels[b, t], reduction="sum"
+        )
+    return total
 
 
 def register_method(cls: type[Method]) -> type[Method]:
