@@ -150,13 +150,11 @@ def mini_run_config(
     from deltakd.train.config import config_from_dict
 
     world = mini_world_dir()
-    # teacher_ft2 (the multi_teacher variant's second teacher) is only loaded by methods that
-    # need it; a world built before it existed simply lacks it.
-    roles = {
-        r: str(world / r)
-        for r in ("teacher_ft", "teacher_raw", "student_raw", "teacher_ft2")
-        if (world / r).is_dir()
-    }
+    roles = {r: str(world / r) for r in ("teacher_ft", "teacher_raw", "student_raw")}
+    if _needs_teacher_ft2(overrides):
+        # Only then: a path the run never loads would still sit in its saved config and split
+        # `deltakd report`'s groups from runs made without it.
+        roles["teacher_ft2"] = str(world / "teacher_ft2")
     return config_from_dict(
         {
             **_BASE,
@@ -170,6 +168,18 @@ def mini_run_config(
             "output_dir": str(output_dir),
         },
         source="demo",
+    )
+
+
+def _needs_teacher_ft2(overrides: dict[str, Any]) -> bool:
+    """Whether the run's parallelogram variant (e.g. multi_teacher) averages two teachers."""
+    from deltakd.losses import PARALLELOGRAM_VARIANTS
+
+    variant = PARALLELOGRAM_VARIANTS.get(overrides.get("variant") or "")
+    return (
+        overrides.get("method") == "parallelogram"
+        and variant is not None
+        and ("teacher_ft2" in variant.roles)
     )
 
 

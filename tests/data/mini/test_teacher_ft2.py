@@ -96,6 +96,11 @@ def test_demo_run_config_and_mini_config_give_teacher_ft2() -> None:
         output_dir="unused",
     )
     assert Path(config.teacher_ft2) == world / "teacher_ft2"
+    # runs that never load it do not name it (their saved configs group with older runs)
+    assert (
+        mini_run_config({"method": "delta_kd"}, max_steps=1, seed=0, output_dir="x").teacher_ft2
+        is None
+    )
     assert config.method_needs_roles() == (
         "teacher_ft",
         "teacher_ft2",
