@@ -484,10 +484,12 @@ def scenario_orphan(root: Path, cfg: dict[str, Any], args, rng, report: Report, 
     report.add("orphan", "dead trainer's segments swept, none left", not segs, f"left: {segs}")
     left = server_pids(run_id) + server_pids(run_id + "r")
     report.add("orphan", "no server process left", not left, f"alive: {left}")
-    # Not shared memory: the killed client's temporary directory (server logs) stays behind.
-    for stale in Path(tempfile.gettempdir()).glob(f"deltakd-{run_id}-*"):
-        print(f"note: the SIGKILLed trainer left {stale} (server logs); removing it", flush=True)
-        shutil.rmtree(stale, ignore_errors=True)
+    # The killed trainer's server-log directory is kept an hour for reading, then the next run
+    # sweeps it; check the sweep finds it (with no age limit) rather than wait an hour.
+    from deltakd.references.client import sweep_dead_log_dirs
+
+    stale = [p for p in sweep_dead_log_dirs(max_age_s=0) if p.name.startswith(f"deltakd-{run_id}-")]
+    report.add("orphan", "dead trainer's server-log dir swept", bool(stale), f"swept {stale}")
 
 
 # ----------------------------------------------------------------------------------- child

@@ -388,3 +388,31 @@ def test_port_already_in_use_gives_clear_error() -> None:
             server.serve_forever()
     finally:
         sock.close(linger=0)
+
+
+def test_log_dirs_of_dead_trainers_are_swept_when_stale(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from deltakd.references.client import sweep_dead_log_dirs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)
+    old = time.time() - 7200
+    stale = tmp_path / f"deltakd-abc123-p{dead_pid}-x1"
+    fresh = tmp_path / f"deltakd-abc123-p{dead_pid}-x2"
+    alive = tmp_path / f"deltakd-abc123-p{os.getppid()}-x3"
+    other = tmp_path / "deltakd-not-a-log-dir"
+    for d in (stale, fresh, alive, other):
+        d.mkdir()
+        (d / "teacher_ft.log").write_text("log")
+    for d in (stale, alive, other):
+        os.utime(d, (old, old))
+    assert sweep_dead_log_dirs(root=tmp_path) == [stale]
+    assert not stale.exists() and fresh.exists() and alive.exists() and other.exists()
+    # Once old enough, the fresh one goes too.
+    os.utime(fresh, (old, old))
+    assert sweep_dead_log_dirs(root=tmp_path) == [fresh]

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -180,7 +181,9 @@ class ServerReferences(ReferenceSource):
         self.roles = tuple(s.role for s in specs)
         self._ctx = zmq.Context.instance()
         self._rid = itertools.count(1)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f"deltakd-{self.run_id}-"))
+        sweep_dead_log_dirs()
+        # The owner's pid is in the name, so a later run can remove what a SIGKILL left behind.
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"deltakd-{self.run_id}-p{os.getpid()}-"))
         self._closed = False
         self._lm_heads: dict[str, torch.Tensor] | None = None
         self._conns: dict[str, _Conn] = {}
@@ -741,6 +744,35 @@ def from_config(config: Any, roles: Sequence[str], device: Any) -> ServerReferen
     if torch.device(device).type == "cuda" and "cuda_device" not in settings:
         settings["cuda_device"] = str(device)
     return from_settings(settings, models)
+
+
+_LOG_DIR_RE = re.compile(r"deltakd-[0-9A-Za-z]+-p(\d+)-[^/]+")
+
+
+def sweep_dead_log_dirs(max_age_s: float = 3600.0, root: str | Path | None = None) -> list[Path]:
+    """Remove server-log directories (``TMPDIR/deltakd-RUN-pPID-*``) whose owning trainer is
+    dead and that nothing has touched for ``max_age_s`` (so a crashed run's logs stay readable
+    for a while). Returns the directories removed."""
+    from deltakd.references.shm import pid_alive
+
+    base = Path(root or tempfile.gettempdir())
+    removed = []
+    now = time.time()
+    for entry in base.glob("deltakd-*-p*-*"):
+        m = _LOG_DIR_RE.fullmatch(entry.name)
+        if not m or not entry.is_dir() or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            fresh = now - entry.stat().st_mtime < max_age_s
+        except FileNotFoundError:
+            continue
+        if fresh or pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    if removed:
+        log.info("removed %d server-log dir(s) left by dead trainers", len(removed))
+    return removed
 
 
 def _launch_endpoint(tmp: Path, role: str) -> str:

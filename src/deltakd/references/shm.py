@@ -194,7 +194,7 @@ def check_shm_space(nbytes: int) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -216,7 +216,7 @@ def sweep_dead(run_id: str | None = None) -> list[str]:
         m = _NAME_RE.match(entry.name)
         if not m or (run_id is not None and m.group(1) != run_id):
             continue
-        if not _pid_alive(int(m.group(2))):
+        if not pid_alive(int(m.group(2))):
             _unlink(entry.name)
             removed.append(entry.name)
     if removed:
