@@ -113,6 +113,13 @@ def test_resume_after_crash_during_save_equals_uninterrupted(base_overrides, tmp
     resumed = _run(base_overrides, tmp_path / "crash", **common)
     assert resumed.resumed_from is not None and resumed.resumed_from.endswith("checkpoint-2")
     assert resumed.losses() == full.losses()  # bit-identical on CPU, including steps 1-2
+
+    # Steps 3-4 were logged before the crash and again after the resume: listed once.
+    def logged(d):
+        rows = [json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+    assert logged(run_dir) == logged(tmp_path / "full") and len(logged(run_dir)) == 4
     wa, wb = _weights(full.output_dir), _weights(resumed.output_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -56,7 +56,11 @@ class TrainResult:
 
 
 class _HistoryCallback(TrainerCallback):
-    """Appends every log to `history.jsonl` (and `metrics.csv` with report_to=csv)."""
+    """Appends every log to `history.jsonl` (and `metrics.csv` with report_to=csv).
+
+    A resumed run first drops the lines logged after its checkpoint's step (the interrupted
+    run got further than its last checkpoint), so each step appears once.
+    """
 
     CSV_COLUMNS = (
         "step",
@@ -76,6 +80,23 @@ class _HistoryCallback(TrainerCallback):
         self.output_dir = output_dir
         self.csv_enabled = csv_enabled
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        self._truncate(self.output_dir / "history.jsonl", state.global_step, _jsonl_step)
+        self._truncate(self.output_dir / "metrics.csv", state.global_step, _csv_step)
+
+    @staticmethod
+    def _truncate(path: Path, step: int, step_of: Any) -> None:
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = [line for i, line in enumerate(lines) if step_of(line, i) <= step]
+        if len(keep) != len(lines):
+            tmp = path.with_name(f".tmp-{path.name}")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            tmp.replace(path)
+
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any
     ) -> None:
@@ -92,6 +113,22 @@ class _HistoryCallback(TrainerCallback):
                 if new:
                     writer.writeheader()
                 writer.writerow(row)
+
+
+def _jsonl_step(line: str, index: int) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0.0  # a torn last line of a killed run: kept, as before
+
+
+def _csv_step(line: str, index: int) -> float:
+    if index == 0:
+        return 0.0  # the header
+    try:
+        return float(line.split(",", 1)[0])
+    except ValueError:
+        return 0.0
 
 
 def build_reference_source(
