@@ -416,3 +416,14 @@ def test_log_dirs_of_dead_trainers_are_swept_when_stale(tmp_path):
     # Once old enough, the fresh one goes too.
     os.utime(fresh, (old, old))
     assert sweep_dead_log_dirs(root=tmp_path) == [fresh]
+
+
+def test_every_servers_setting_is_documented_in_usage():
+    from pathlib import Path
+
+    from deltakd.references.client import CLIENT_KEYS, ROLE_KEYS
+
+    usage = (Path(__file__).parents[2] / "docs" / "USAGE.md").read_text(encoding="utf-8")
+    keys = [k for k in (*CLIENT_KEYS, *ROLE_KEYS) if k != "fault"]  # fault: tests only
+    missing = [k for k in keys if f"`servers.{k}`" not in usage]
+    assert not missing, f"docs/USAGE.md's servers table lacks {missing}"

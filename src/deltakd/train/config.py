@@ -238,7 +238,8 @@ class TrainConfig:
     servers: dict[str, Any] = field(
         default_factory=dict,
         metadata=_help(
-            "Settings for `references: servers` (see the servers docs).", group="references"
+            "Settings for `references: servers` (docs/USAGE.md, 'Teacher servers').",
+            group="references",
         ),
     )
     cache: dict[str, Any] = field(
