@@ -173,6 +173,24 @@ def _run(
     return _reduce(total, count, reduction)
 
 
+def chunked_sum(
+    student_logits: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    fn: ChunkFn,
+    *,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Σ over counted positions of `fn(student (n, V), [term (n, ...)])` → per-position (n,).
+
+    For losses of another shape than a divergence (e.g. MiniLLM's weighted surrogate): with
+    `chunk_size` the positions are walked `chunk_size` at a time and each chunk's gradient is
+    computed during the forward pass, exactly like `kd_loss` (terms are `[..., *]` tensors with
+    the student's leading shape; only floating-point terms may carry gradient).
+    """
+    return _run(student_logits, terms, fn, mask, chunk_size, "sum")
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     target_logits: torch.Tensor | SparseTarget,

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deltakd.errors import ConfigError
+from deltakd.losses.kd import chunked_sum
 from deltakd.train.methods import LossTerms, Method, StudentBatch, register_method
 from deltakd.train.on_policy import StudentSampler, check_method_args
 
@@ -106,6 +107,7 @@ def minillm_terms(
     teacher_mix: float = 0.2,
     importance_clip: float | None = 1.0,
     length_norm: bool = True,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MiniLLM's surrogate loss and the exact reverse KL, both summed over counted positions.
 
@@ -115,37 +117,59 @@ def minillm_terms(
         labels: (B, T) the sampled tokens y_t.
         mask: (B, T) bool, True on the sampled tokens (each row's response is one contiguous
             run; positions after it must be False).
+        chunk_size: positions whose (n, V) softmaxes exist at once (None: all of them). The
+            weights need every position's log q(y_t), log p(y_t) first, so the logits are
+            read twice: once without gradient for the rewards, once for the surrogate.
     Returns:
         (surrogate, reverse_kl): scalars; `surrogate` carries the gradient (module docstring),
         `reverse_kl` = Σ_t KL(q_t ‖ p_t) (detached).
     """
     mask_f = mask.float()  # (B, T)
-    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
-    logp = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    y = labels.clamp(min=0).unsqueeze(-1)  # (B, T, 1)
-    logq_y = logq.gather(-1, y).squeeze(-1)  # (B, T)
-    kl = (logq.exp() * (logq - logp)).sum(-1)  # (B, T) exact next-token KL(q ‖ p)
+    y = labels.clamp(min=0)  # (B, T)
+    teacher_logits = teacher_logits.detach()
     with torch.no_grad():
-        logp_y = logp.gather(-1, y).squeeze(-1)  # (B, T)
-        reward = (logp_y - logq_y.detach()) * mask_f  # (B, T)
+        # Pass 1: log q_t(y_t), log p_t(y_t) and the exact KL at the counted positions.
+        logq_y = torch.zeros(mask.shape, dtype=torch.float32, device=student_logits.device)
+        logp_y = torch.zeros_like(logq_y)
+        rkl = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        b_idx, t_idx = mask.nonzero(as_tuple=True)  # (n,), (n,)
+        step = chunk_size or max(b_idx.numel(), 1)
+        for a in range(0, b_idx.numel(), step):
+            b, t = b_idx[a : a + step], t_idx[a : a + step]
+            logq = torch.log_softmax(student_logits[b, t].float() / temperature, dim=-1)  # (c, V)
+            logp = torch.log_softmax(teacher_logits[b, t].float() / temperature, dim=-1)
+            logq_y[b, t] = logq.gather(-1, y[b, t, None]).squeeze(-1)
+            logp_y[b, t] = logp.gather(-1, y[b, t, None]).squeeze(-1)
+            rkl += (logq.exp() * (logq - logp)).sum()
+        reward = (logp_y - logq_y) * mask_f  # (B, T)
         # Returns from t+1 on: reverse cumulative sums minus the current term.
         future = reward.flip(-1).cumsum(-1).flip(-1) - reward  # (B, T)
         if length_norm:
             remaining = mask_f.flip(-1).cumsum(-1).flip(-1) - mask_f  # tokens after t
             future = torch.where(remaining > 0, future / remaining.clamp(min=1), 0.0)
         if teacher_mix > 0:
-            mix = torch.tensor([1.0 - teacher_mix, teacher_mix], device=logq.device)
+            mix = torch.tensor([1.0 - teacher_mix, teacher_mix], device=logq_y.device)
             log_mixed = torch.logsumexp(
-                torch.stack([logq_y.detach() + mix[0].log(), logp_y + mix[1].log()]), dim=0
+                torch.stack([logq_y + mix[0].log(), logp_y + mix[1].log()]), dim=0
             )
-            weight = (logq_y.detach() - log_mixed).exp()  # q/p̃ ≤ 1/(1−α)
+            weight = (logq_y - log_mixed).exp()  # q/p̃ ≤ 1/(1−α)
         else:
             weight = torch.ones_like(logq_y)
         if importance_clip is not None:
             weight = weight.clamp(max=float(importance_clip))
         weight = weight * mask_f
-    surrogate = (weight * kl).sum() - (weight * future * logq_y).sum()
-    return surrogate, (kl.detach() * mask_f).sum()
+
+    def per_position(s: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
+        zt, yt, w, c = terms  # (n, V), (n,), (n,), (n,)
+        logq = torch.log_softmax(s.float() / temperature, dim=-1)  # (n, V)
+        logp = torch.log_softmax(zt.float() / temperature, dim=-1)
+        kl = (logq.exp() * (logq - logp)).sum(-1)  # (n,) exact next-token KL(q ‖ p)
+        return w * kl - c * logq.gather(-1, yt[:, None]).squeeze(-1)
+
+    # Pass 2: Σ_t w_t·KL(q_t ‖ p_t) − w_t·R̄_{t+1}·log q_t(y_t), with w and R̄ constants.
+    surrogate = chunked_sum(student_logits, [teacher_logits, y, weight, weight * future],
+                            per_position, mask=mask, chunk_size=chunk_size)  # fmt: skip
+    return surrogate, rkl
 
 
 @register_method
@@ -245,5 +269,6 @@ class MiniLLM(Method):
             teacher_mix=float(s["teacher_mix"]),
             importance_clip=s["importance_clip"],
             length_norm=s["length_norm"],
+            chunk_size=config.chunk_size,
         )
         return LossTerms(total=surrogate, kd=rkl)
