@@ -250,7 +250,24 @@ def _tail_model_logprobs(
     return out.scatter_(-1, idx, logp_k.to(dtype))
 
 
-class _SparseFKL(torch.autograd.Function):
+class _GradInForward(torch.autograd.Function):
+    """Base for per-position losses whose forward writes out d loss_i / d student (n, V):
+    backward only scales it by the incoming (n,) gradient."""
+
+    @staticmethod
+    def keep(ctx, grad: torch.Tensor, student: torch.Tensor, n_inputs: int) -> None:
+        ctx.save_for_backward(grad)
+        ctx.student_dtype = student.dtype
+        ctx.n_others = n_inputs - 1
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad_output[:, None] * grad).to(ctx.student_dtype), *([None] * ctx.n_others)
+
+
+class _SparseFKL(_GradInForward):
     """Bucketed forward KL per position with its gradient written out.
 
     With m = Σ_k p_k + p_tail (1 up to rounding), L = Σ_k p_k log p_k + p_tail log p_tail
@@ -294,18 +311,11 @@ class _SparseFKL(torch.autograd.Function):
             grad = grad.mul_((mass - ratio)[:, None]).scatter_(-1, idx, grad_k)
         else:
             grad = grad.mul_(mass[:, None]).scatter_add_(-1, idx, -p_k)
-        ctx.save_for_backward(grad.div_(temperature))
-        ctx.student_dtype = student.dtype
+        _GradInForward.keep(ctx, grad.div_(temperature), student, n_inputs=5)
         return loss
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return (grad_output[:, None] * grad).to(ctx.student_dtype), None, None, None, None
 
-
-class _ModelledFKL(torch.autograd.Function):
+class _ModelledFKL(_GradInForward):
     """Forward KL(p̂ ‖ q) over the whole vocabulary against a target with a tail model.
 
     ∂L/∂z_j = (m · q_j − p̂_j) / τ with m = Σ p̂ (1 up to rounding): one softmax, one [n, V]
@@ -321,15 +331,8 @@ class _ModelledFKL(torch.autograd.Function):
         zero = torch.zeros((), dtype=dtype, device=student.device)
         loss = torch.where(p > 0, p * (log_p - logq), zero).sum(-1)  # (n,)
         grad = logq.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p).div_(temperature)
-        ctx.save_for_backward(grad)
-        ctx.student_dtype = student.dtype
+        _GradInForward.keep(ctx, grad, student, n_inputs=8)
         return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return (grad_output[:, None] * grad).to(ctx.student_dtype), *([None] * 7)
 
 
 def sparse_fkl_per_position(
