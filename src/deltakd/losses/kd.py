@@ -58,32 +58,56 @@ def _sparse_fn(tau: float, basis: torch.Tensor | None, offset: torch.Tensor | No
     return fn
 
 
+def _flat(x: torch.Tensor, lead: torch.Size) -> torch.Tensor | None:
+    """`x` as (N, ...) without copying, or None when its strides do not allow that (a slice
+    such as `logits[:, :-1, :V]`)."""
+    try:
+        return x.view(lead.numel(), *x.shape[len(lead) :])
+    except RuntimeError:
+        return None
+
+
+def _take_rows(x: torch.Tensor, idx: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """Rows `idx` (flat positions over `lead`) of `x [*lead, ...]` → (n, ...), copying only
+    those rows, whatever the layout of `x`."""
+    flat = _flat(x, lead)
+    if flat is not None:
+        return flat.index_select(0, idx)
+    return x[torch.unravel_index(idx, tuple(lead))]
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Σ over `rows` of `fn(student[rows], [t[rows] for t in terms])`, chunk by chunk.
 
-    Inputs are flattened to `(N, ...)`; `rows` are the counted positions. Gradients of every
+    Inputs keep their shape `[*lead, ...]` (a sliced, non-contiguous view is read row by row,
+    never copied whole); `rows` are the counted positions, flat over `lead`. Gradients of every
     input that needs one are accumulated into one buffer per input during forward; backward
     scales them by the incoming gradient in place, so memory stays bounded.
     """
 
     @staticmethod
-    def forward(ctx, rows, fn, chunk_size, student, *terms):  # type: ignore[override]
+    def forward(ctx, rows, fn, chunk_size, lead, student, *terms):  # type: ignore[override]
         inputs = (student, *terms)
-        needs = ctx.needs_input_grad[3:]
-        grads = [torch.zeros_like(x) if need else None for x, need in zip(inputs, needs)]
+        needs = ctx.needs_input_grad[4:]
+        grads = [
+            torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need else None
+            for x, need in zip(inputs, needs)
+        ]
+        flat_grads = [None if g is None else g.view(lead.numel(), *g.shape[len(lead) :])
+                      for g in grads]  # fmt: skip
         total = torch.zeros((), dtype=compute_dtype(student), device=student.device)
         for start in range(0, rows.numel(), chunk_size):
             idx = rows[start : start + chunk_size]
             with torch.enable_grad():
                 leaves = [
-                    x.index_select(0, idx).detach().requires_grad_(need)
+                    _take_rows(x, idx, lead).detach().requires_grad_(need)
                     for x, need in zip(inputs, needs)
                 ]
                 loss = fn(leaves[0], leaves[1:]).sum()
             wanted = [leaf for leaf, need in zip(leaves, needs) if need]
             if wanted:
                 chunk_grads = iter(torch.autograd.grad(loss, wanted))
-                for buffer, need in zip(grads, needs):
+                for buffer, need in zip(flat_grads, needs):
                     if need:
                         buffer.index_copy_(0, idx, next(chunk_grads))
             total += loss.detach()
@@ -98,14 +122,14 @@ class _ChunkedLoss(torch.autograd.Function):
         # they currently carry, so a repeated backward (retain_graph) stays correct.
         if not bool(grad_output):  # zero incoming gradient: buffers untouched, stride-0 zeros
             zeros = [None if g is None else g.new_zeros(()).expand_as(g) for g in ctx.grads]
-            return (None, None, None, *zeros)
+            return (None, None, None, None, *zeros)
         if not torch.equal(grad_output, ctx.scale):
             factor = grad_output / ctx.scale
             for g in ctx.grads:
                 if g is not None:
                     g.mul_(factor.to(g.dtype))
             ctx.scale = grad_output.clone()
-        return (None, None, None, *ctx.grads)
+        return (None, None, None, None, *ctx.grads)
 
 
 def check_positive_int(name: str, value: object) -> None:
@@ -159,17 +183,15 @@ def _run(
         raise ValueError(f"student logits must be floating point, got {student.dtype}")
     lead = student.shape[:-1]
     rows = _flatten_mask(mask, lead, student.device)
-    flat_student = student.reshape(lead.numel(), student.shape[-1])  # (N, V)
-    flat_terms = [t.reshape(lead.numel(), *t.shape[len(lead) :]) for t in terms]  # (N, ...)
     count = rows.numel()
     if chunk_size is None:
-        if mask is None:  # every row counts: no [N, V] copies of the inputs
-            per = fn(flat_student, flat_terms)  # (N,)
+        if mask is None:  # every row counts: (N, ...) views where the layout allows
+            flat = [x.reshape(lead.numel(), *x.shape[len(lead) :]) for x in (student, *terms)]
+            per = fn(flat[0], flat[1:])  # (N,)
         else:
-            s = flat_student.index_select(0, rows)
-            per = fn(s, [t.index_select(0, rows) for t in flat_terms])  # (n,)
+            per = fn(_take_rows(student, rows, lead), [_take_rows(t, rows, lead) for t in terms])
         return _reduce(per.sum(), count, reduction)
-    total = _ChunkedLoss.apply(rows, fn, chunk_size, flat_student, *flat_terms)
+    total = _ChunkedLoss.apply(rows, fn, chunk_size, lead, student, *terms)
     return _reduce(total, count, reduction)
 
 
