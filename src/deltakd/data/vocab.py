@@ -31,7 +31,7 @@ def resolve_model_path(path: str) -> str:
         if not resolved.exists():
             raise ConfigError(
                 f"model path {path!r}: the mini world has no {name!r}; use "
-                "mini:tokenizer, mini:teacher_ft, mini:teacher_raw or "
+                "mini:tokenizer, mini:teacher_ft, mini:teacher_ft2, mini:teacher_raw or "
                 "mini:student_raw."
             )
         return str(resolved)
