@@ -67,13 +67,23 @@ def _flat(x: torch.Tensor, lead: torch.Size) -> torch.Tensor | None:
         return None
 
 
-def _take_rows(x: torch.Tensor, idx: torch.Tensor, lead: torch.Size) -> torch.Tensor:
-    """Rows `idx` (flat positions over `lead`) of `x [*lead, ...]` → (n, ...), copying only
-    those rows, whatever the layout of `x`."""
-    flat = _flat(x, lead)
-    if flat is not None:
-        return flat.index_select(0, idx)
-    return x[torch.unravel_index(idx, tuple(lead))]
+class _Rows:
+    """The counted positions `rows` (flat over `lead`), readable from any `[*lead, ...]` input:
+    through an (N, ...) view when the layout allows, else by per-dimension coordinates
+    (computed once), so a sliced input such as `logits[:, :-1, :V]` is never copied whole."""
+
+    def __init__(self, rows: torch.Tensor, lead: torch.Size) -> None:
+        self.rows, self.lead = rows, lead
+        self._coords: tuple[torch.Tensor, ...] | None = None
+
+    def take(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows `rows[start:stop]` of `x` → (n, ...)."""
+        flat = _flat(x, self.lead)
+        if flat is not None:
+            return flat.index_select(0, self.rows[start:stop])
+        if self._coords is None:
+            self._coords = torch.unravel_index(self.rows, tuple(self.lead))
+        return x[tuple(c[start:stop] for c in self._coords)]
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -87,6 +97,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, fn, chunk_size, lead, student, *terms):  # type: ignore[override]
+        reader = _Rows(rows, lead)
         inputs = (student, *terms)
         needs = ctx.needs_input_grad[4:]
         grads = [
@@ -100,7 +111,7 @@ class _ChunkedLoss(torch.autograd.Function):
             idx = rows[start : start + chunk_size]
             with torch.enable_grad():
                 leaves = [
-                    _take_rows(x, idx, lead).detach().requires_grad_(need)
+                    reader.take(x, start, start + chunk_size).detach().requires_grad_(need)
                     for x, need in zip(inputs, needs)
                 ]
                 loss = fn(leaves[0], leaves[1:]).sum()
@@ -189,7 +200,8 @@ def _run(
             flat = [x.reshape(lead.numel(), *x.shape[len(lead) :]) for x in (student, *terms)]
             per = fn(flat[0], flat[1:])  # (N,)
         else:
-            per = fn(_take_rows(student, rows, lead), [_take_rows(t, rows, lead) for t in terms])
+            reader = _Rows(rows, lead)
+            per = fn(reader.take(student), [reader.take(t) for t in terms])
         return _reduce(per.sum(), count, reduction)
     total = _ChunkedLoss.apply(rows, fn, chunk_size, lead, student, *terms)
     return _reduce(total, count, reduction)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -97,34 +96,15 @@ class CacheReferences(ReferenceSource):
         self._fill_idx, self._fill_lp, self._fill_tail = self.reader.filler()
         model = self.reader.tail_model
         self._tail_model = None if model is None else tuple(t.to(self.device) for t in model)
-        # One worker assembles prefetched batches while the student trains (torch ops and
-        # safetensors reads release the GIL); fetch then only waits for what is left.
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[int, tuple[torch.Tensor, Future]] = {}
-
-    def prefetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> None:
-        """Start assembling the target of `batch` in the background."""
-        if key in self._pending:
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakd-cache")
-        view = {n: batch[n] for n in ("input_ids", "attention_mask", "assistant_mask", "row_index")
-                if n in batch}  # fmt: skip
-        self._pending[key] = (batch["input_ids"], self._pool.submit(self._assemble, view))
+        # No prefetch thread: assembling a batch is a few memory-mapped reads (under a
+        # millisecond at the mini world's sizes, a few ms for 16k-token batches), and a worker
+        # thread doing them in the background made the student's Python-heavy step slower
+        # through the GIL than the work it hid (measured with `deltakd bench cache`).
 
     def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
         """`ReferenceBatch(target=SparseTarget)` of leading shape [B, T] for `batch`."""
         start = time.perf_counter()
-        pending = self._pending.pop(key, None)
-        target = None
-        if pending is not None:
-            ids, future = pending
-            result = future.result()  # re-raises the worker's CacheError here
-            # A key reused for another batch must not get the old batch's targets.
-            if ids is batch["input_ids"] or torch.equal(ids.cpu(), batch["input_ids"].cpu()):
-                target = result
-        if target is None:
-            target = self._assemble(batch)
+        target = self._assemble(batch)
         return ReferenceBatch(target=target, wait_seconds=time.perf_counter() - start)
 
     def _assemble(self, batch: Mapping[str, torch.Tensor]) -> Any:
@@ -141,6 +121,9 @@ class CacheReferences(ReferenceSource):
         tail = torch.full((b_size, t_len), self._fill_tail, dtype=torch.float32)  # (B, T)
         r = self.reader.tail_rank
         coeffs = torch.zeros(b_size, t_len, r) if r else None  # (B, T, r): the model's mean
+        rows_b: list[torch.Tensor] = []
+        rows_t: list[torch.Tensor] = []
+        parts: list[Any] = []
         for b in range(b_size):
             valid = attn[b]
             n = int(valid.sum())
@@ -166,21 +149,22 @@ class CacheReferences(ReferenceSource):
                         f"positions but this run's assistant mask has {want.numel()}: the "
                         f"response masks differ from the build's. {_REBUILD}"
                     )
-            indices[b, pos] = found.indices
-            logprobs[b, pos] = found.logprobs
-            tail[b, pos] = found.tail_mass
+            rows_b.append(torch.full_like(pos, b))
+            rows_t.append(pos)
+            parts.append(found)
+        if parts:  # one scatter per tensor for the whole batch
+            where = (torch.cat(rows_b), torch.cat(rows_t))
+            indices[where] = torch.cat([f.indices for f in parts])
+            logprobs[where] = torch.cat([f.logprobs for f in parts])
+            tail[where] = torch.cat([f.tail_mass for f in parts])
             if coeffs is not None:
-                coeffs[b, pos] = found.tail_coeffs
+                coeffs[where] = torch.cat([f.tail_coeffs for f in parts])
         basis, offset = self._tail_model if self._tail_model is not None else (None, None)
         return SparseTarget(indices.to(self.device), logprobs.to(self.device),
                             tail.to(self.device), self.temperature,
                             None if coeffs is None else coeffs.to(self.device), basis, offset)  # fmt: skip
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        self._pending.clear()
         self.reader.close()
 
 
