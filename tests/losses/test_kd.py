@@ -194,3 +194,30 @@ def test_live_gradient_variant_gradient_differs_from_stop_gradient():
 def test_bad_input_gets_a_clear_error(call, match):
     with pytest.raises(ValueError, match=match):
         call(logits(2, 3, 7), logits(2, 3, 7, seed=1))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(4, 5, 6),
+        lambda: torch.randn(4, 6, 8)[:, :-1, :6],  # the trainer's logits[:, :-1, :V]
+        lambda: torch.randn(4, 6, 8)[:, :, :6],
+        lambda: torch.randn(4, 6, 8)[:, :-1],
+        lambda: torch.randn(1, 6, 8)[:, :-1],
+        lambda: torch.randn(4, 6, 8).transpose(0, 1),
+        lambda: torch.randn(4, 6, 8)[::2],
+    ],
+)
+def test_flat_view_is_taken_exactly_when_view_works(make):
+    from deltakd.losses.kd import _flat
+
+    x = make()
+    lead = x.shape[:-1]
+    try:
+        want = x.view(lead.numel(), x.shape[-1])
+    except RuntimeError:
+        want = None
+    got = _flat(x, lead)
+    assert (got is None) == (want is None)
+    if got is not None:
+        assert got.data_ptr() == x.data_ptr() and torch.equal(got, want)

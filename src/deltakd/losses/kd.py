@@ -60,11 +60,18 @@ def _sparse_fn(tau: float, basis: torch.Tensor | None, offset: torch.Tensor | No
 
 def _flat(x: torch.Tensor, lead: torch.Size) -> torch.Tensor | None:
     """`x` as (N, ...) without copying, or None when its strides do not allow that (a slice
-    such as `logits[:, :-1, :V]`)."""
-    try:
-        return x.view(lead.numel(), *x.shape[len(lead) :])
-    except RuntimeError:
-        return None
+    such as `logits[:, :-1, :V]`). Decided from the strides: a failed `view` raises, and
+    building that exception costs more than the loss of a small chunk."""
+    n = len(lead)
+    sizes, strides = x.shape[:n], x.stride()[:n]
+    expected = None
+    for size, stride in zip(reversed(sizes), reversed(strides)):
+        if size == 1:
+            continue
+        if expected is not None and stride != expected:
+            return None
+        expected = stride * size
+    return x.view(lead.numel(), *x.shape[n:])
 
 
 class _Rows:
