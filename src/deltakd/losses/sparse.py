@@ -293,8 +293,15 @@ class _SparseFKL(_GradInForward):
         if idx.shape[-1] < q.shape[-1]:
             p_tail = tail_mass.to(dtype)
             mass = mass + p_tail
-            # q_tail as a sum of positive terms: no cancellation, unlike 1 − Σ_k q_k.
-            q_tail = q.scatter(-1, idx, 0.0).sum(-1)  # (n,)
+            q_k = q.gather(-1, idx)  # (n, k)
+            # q_tail = 1 − Σ_k q_k loses relative precision when q_tail is small; those rows
+            # (few, once the student is trained) are summed over their tail instead.
+            q_tail = 1.0 - q_k.sum(-1)  # (n,)
+            small = q_tail < 1e-2
+            if small.any():
+                rows = small.nonzero().squeeze(1)
+                exact = q[rows].scatter_(-1, idx[rows], 0.0).sum(-1)  # positive terms only
+                q_tail = q_tail.index_put((rows,), exact)
             log_q_tail = q_tail.log()
             under = q_tail <= torch.finfo(dtype).tiny
             if under.any():  # the student left (almost) nothing outside the top-k
@@ -307,11 +314,11 @@ class _SparseFKL(_GradInForward):
                 p_tail > 0, p_tail / q_tail.clamp_min(torch.finfo(dtype).tiny), zero
             )
             # Everyone gets (m − p_tail/q_tail)·q_j; the top-k entries are then overwritten.
-            grad_k = q.gather(-1, idx) * mass[:, None] - p_k
-            grad = grad.mul_((mass - ratio)[:, None]).scatter_(-1, idx, grad_k)
+            grad_k = (q_k * mass[:, None] - p_k) / temperature
+            grad = grad.mul_(((mass - ratio) / temperature)[:, None]).scatter_(-1, idx, grad_k)
         else:
-            grad = grad.mul_(mass[:, None]).scatter_add_(-1, idx, -p_k)
-        _GradInForward.keep(ctx, grad.div_(temperature), student, n_inputs=5)
+            grad = grad.mul_(mass[:, None]).scatter_add_(-1, idx, -p_k).div_(temperature)
+        _GradInForward.keep(ctx, grad, student, n_inputs=5)
         return loss
 
 
