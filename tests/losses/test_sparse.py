@@ -184,3 +184,28 @@ def test_tail_model_with_no_tail_mass_and_bad_shapes():
     with pytest.raises(ValueError, match=r"must be \(V,\)"):
         SparseTarget(sparse.indices, sparse.logprobs, sparse.tail_mass, 1.0, sparse.tail_coeffs,
                      basis, offset[:3])  # fmt: skip
+
+
+def test_bucket_gradient_when_the_student_tail_is_small_and_when_it_is_not():
+    # Two code paths for q_tail (1 − Σ top-k, or the exact tail sum below 1e-2): both must
+    # match autograd through the explicit bucketed KL.
+    g = torch.Generator().manual_seed(11)
+    t = torch.randn(6, 16, generator=g, dtype=torch.float64) * 2
+    sparse = SparseTarget.from_logits(t, k=4)
+    s = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    s[:3].scatter_(-1, sparse.indices[:3], 12.0)  # rows 0-2: q_tail ≈ 1e-4
+    s.requires_grad_(True)
+    got = kd_loss(s, sparse)
+    (g_got,) = torch.autograd.grad(got, s)
+    logq = torch.log_softmax(s, -1)
+    rest = torch.ones_like(s, dtype=torch.bool).scatter_(-1, sparse.indices, False)
+    p_k = sparse.logprobs.exp()
+    log_q_tail = torch.logsumexp(logq.masked_fill(~rest, float("-inf")), -1)
+    ref = (p_k * (sparse.logprobs - logq.gather(-1, sparse.indices))).sum(-1)
+    ref = ref + sparse.tail_mass * (sparse.tail_mass.log() - log_q_tail)
+    ref = ref.mean()
+    (g_ref,) = torch.autograd.grad(ref, s)
+    q_tail = log_q_tail.detach().exp()
+    assert float(q_tail[:3].max()) < 1e-2 < float(q_tail[3:].min())
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(g_got, g_ref)
