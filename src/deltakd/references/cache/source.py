@@ -124,10 +124,12 @@ class CacheReferences(ReferenceSource):
         rows_b: list[torch.Tensor] = []
         rows_t: list[torch.Tensor] = []
         parts: list[Any] = []
+        lengths = attn.sum(1).tolist()  # (B,)
+        firsts = attn.to(torch.int8).argmax(1).tolist()  # where each row starts (left padding)
+        resp = None if amask is None else amask[:, 1:].cpu().bool() & attn[:, 1:]  # (B, T-1)
         for b in range(b_size):
-            valid = attn[b]
-            n = int(valid.sum())
-            first = int(valid.to(torch.int8).argmax()) if n else 0
+            n = lengths[b]
+            first = firsts[b] if n else 0
             row_ids = ids[b, first : first + n]
             found = self.reader.row(row_key(row_ids))
             if found is None:
@@ -141,8 +143,8 @@ class CacheReferences(ReferenceSource):
                     f"from ({self.manifest.dataset.get('spec')!r}). {_REBUILD}"
                 )
             pos = found.positions + first
-            if amask is not None:
-                want = (amask[b, 1:].cpu().bool() & valid[1:]).nonzero().flatten()
+            if resp is not None:
+                want = resp[b].nonzero().flatten()
                 if not torch.equal(want, pos):
                     raise CacheError(
                         f"batch row {b}: the cache holds targets at {pos.numel()} response "
