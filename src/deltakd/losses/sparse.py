@@ -325,19 +325,42 @@ class _SparseFKL(_GradInForward):
 class _ModelledFKL(_GradInForward):
     """Forward KL(p̂ ‖ q) over the whole vocabulary against a target with a tail model.
 
-    ∂L/∂z_j = (m · q_j − p̂_j) / τ with m = Σ p̂ (1 up to rounding): one softmax, one [n, V]
-    reconstruction of p̂, one [n, V] gradient.
+    With w = softmax_{tail}(c·B + μ), p̂ = p_k on the top-k and p_tail·w elsewhere:
+
+        L = Σ_k p_k (log p_k − log q_k) + p_tail (log p_tail + Σ_tail w (log w − log q)),
+        ∂L/∂z_j = (m · q_j − p̂_j) / τ,   m = Σ p̂ (1 up to rounding).
+
+    p̂ is never built: its tail enters through w (one softmax), so one [n, V] buffer holds
+    log q and then the gradient, another log w and then w.
     """
 
     @staticmethod
     def forward(ctx, student, idx, logp_k, tail_mass, coeffs, basis, offset, temperature):  # type: ignore[override]
         dtype = compute_dtype(student, logp_k)
-        logq = torch.log_softmax(student.to(dtype) / temperature, dim=-1)  # (n, V)
-        log_p = _tail_model_logprobs(idx, logp_k, tail_mass, coeffs, basis, offset, dtype)
-        p = log_p.exp()  # (n, V)
         zero = torch.zeros((), dtype=dtype, device=student.device)
-        loss = torch.where(p > 0, p * (log_p - logq), zero).sum(-1)  # (n,)
-        grad = logq.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p).div_(temperature)
+        logq = torch.log_softmax(student.to(dtype) / temperature, dim=-1)  # (n, V)
+        logp_k = logp_k.to(dtype)
+        p_k = logp_k.exp()  # (n, k)
+        logq_k = logq.gather(-1, idx)  # (n, k)
+        loss = (p_k * torch.where(p_k > 0, logp_k - logq_k, zero)).sum(-1)  # (n,)
+        mass = p_k.sum(-1)  # (n,)
+        has_tail = idx.shape[-1] < logq.shape[-1]
+        if has_tail:
+            p_tail = tail_mass.to(dtype)
+            mass = mass + p_tail
+            u = torch.addmm(offset.to(dtype), coeffs.to(dtype), basis.to(dtype))  # (n, V)
+            log_w = torch.log_softmax(u.scatter_(-1, idx, float("-inf")), dim=-1)  # −inf on top-k
+            w = log_w.exp()  # (n, V), 0 on the top-k
+            # Σ_tail w (log w − log q): the top-k terms are 0 · (−inf); zero them first.
+            cross = torch.linalg.vecdot(w, log_w.sub_(logq).scatter_(-1, idx, 0.0))  # (n,)
+            safe = torch.where(p_tail > 0, p_tail, torch.ones_like(p_tail))
+            loss = loss + torch.where(p_tail > 0, p_tail * (safe.log() + cross), zero)
+        grad = logq.exp_()  # q, in place of log q
+        grad_k = (grad.gather(-1, idx) * mass[:, None] - p_k) / temperature  # (n, k)
+        grad.mul_((mass / temperature)[:, None])
+        if has_tail:
+            grad.addcmul_(w, (p_tail / temperature)[:, None], value=-1.0)
+        grad.scatter_(-1, idx, grad_k)
         _GradInForward.keep(ctx, grad, student, n_inputs=8)
         return loss
 
