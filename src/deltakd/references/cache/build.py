@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,15 +260,20 @@ class BuildResult:
     seconds: float
 
 
-def _shard_is_done(path: Path, settings_hash: str, index: int) -> bool:
-    """A shard file written by a build with the same settings (atomic writes: present = whole)."""
+def _metadata(path: Path) -> dict[str, str] | None:
+    """The safetensors metadata of `path`, or None when it is missing or unreadable."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+            return fh.metadata() or {}
     except (SafetensorError, OSError, RuntimeError, ValueError):
-        return False
+        return None
+
+
+def _shard_is_done(path: Path, settings_hash: str, index: int) -> bool:
+    """A shard file written by a build with the same settings (atomic writes: present = whole)."""
+    meta = _metadata(path) or {}
     return (meta.get("format") == FORMAT_NAME and meta.get("settings_hash") == settings_hash
             and meta.get("shard") == str(index))  # fmt: skip
 
@@ -288,7 +293,6 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
     from deltakd.data.tokenize import ChatCollator
     from deltakd.data.vocab import check_vocabulary, load_tokenizer
     from deltakd.losses import SparseTarget
-    from deltakd.train.trainer import RoleLogits
 
     start = time.perf_counter()
     check_cacheable(config)
@@ -345,6 +349,8 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
                                              collate, manifest.tail_rank, show)  # fmt: skip
                 next_key = _FIT_KEYS
                 _write_tail_model(tail_path, tail_model, h)
+        # Moved once to where the targets are made, so each row's projection stays there.
+        basis, offset = (t.to(_device(config)) for t in tail_model) if tail_model else (None, None)
         bar = tqdm(total=len(uniq), unit="row", desc=f"cache {cache_dir.name}", disable=not show)
         for s in range(n_shards):
             lo, hi = s * rps, min((s + 1) * rps, len(uniq))
@@ -367,9 +373,7 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
                 order[j : j + settings.batch_size]
                 for j in range(0, len(order), settings.batch_size)
             ]
-            feats = [[{"input_ids": data.ids[i], "assistant_mask": data.masks[i],
-                       "row_index": data.row_indices[i]} for i in b] for b in batches]  # fmt: skip
-            collated = [collate(f) for f in feats]
+            collated = [_collate_rows(collate, data, b) for b in batches]
             # Keys unique over the whole build: a server client may remember them.
             base = next_key
             next_key += len(collated)
@@ -378,18 +382,12 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
             for j, (members_b, batch) in enumerate(zip(batches, collated)):
                 if j + 1 < len(collated):
                     source.prefetch(base + j + 1, collated[j + 1])
-                ref = source.fetch(base + j, batch)
-                device = _device(config)
-                role_logits = RoleLogits(ref, source.lm_heads(), vocab.vocab_size, device)
-                z = target_logits(config, role_logits.logits)  # (B, T-1, V)
-                mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
+                z, mask = _batch_target(config, source, vocab.vocab_size, base + j, batch)
                 for b, i in enumerate(members_b):
                     pos = mask[b].nonzero().flatten()  # (n,)
                     sparse = SparseTarget.from_logits(  # (n, k), coefficients (n, r)
-                        z[b, pos.to(z.device)], k, tau,
-                        tail_basis=None if tail_model is None else tail_model[0].to(z.device),
-                        tail_offset=None if tail_model is None else tail_model[1].to(z.device),
-                    )  # fmt: skip
+                        z[b, pos.to(z.device)], k, tau, tail_basis=basis, tail_offset=offset
+                    )
                     if bool(sparse.logprobs.isnan().any() or sparse.tail_mass.isnan().any()):
                         raise NonFiniteError(
                             f"the target of dataset row {data.row_indices[i]} contains NaN (the "
@@ -430,6 +428,24 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
     return BuildResult(cache_dir, manifest, built, kept, seconds)
 
 
+def _collate_rows(collate: Any, data: EncodedDataset, members: Sequence[int]) -> dict[str, Any]:
+    """The dataset rows `members` collated as the trainer collates them."""
+    return collate([{"input_ids": data.ids[i], "assistant_mask": data.masks[i],
+                     "row_index": data.row_indices[i]} for i in members])  # fmt: skip
+
+
+def _batch_target(config: Any, source: Any, vocab_size: int, key: int,
+                  batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The method's target logits `(B, T-1, V)` for a collated batch, and its response mask
+    `(B, T-1)` (the positions the trainer counts)."""
+    from deltakd.train.trainer import RoleLogits
+
+    ref = source.fetch(key, batch)
+    logits = RoleLogits(ref, source.lm_heads(), vocab_size, _device(config)).logits
+    mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
+    return target_logits(config, logits), mask
+
+
 #: reference keys used by the tail-model fit; the shards' keys start after them
 _FIT_KEYS = 1 << 20
 
@@ -442,7 +458,6 @@ def _fit_tail_model(config: Any, settings: CacheSettings, data: EncodedDataset, 
     from tqdm.auto import tqdm
 
     from deltakd.losses import fit_tail_model
-    from deltakd.train.trainer import RoleLogits
 
     want = settings.tail_fit_positions
     parts: list[torch.Tensor] = []
@@ -451,13 +466,8 @@ def _fit_tail_model(config: Any, settings: CacheSettings, data: EncodedDataset, 
     for j in range(0, len(uniq), settings.batch_size):
         if have >= want:
             break
-        members = uniq[j : j + settings.batch_size]
-        batch = collate([{"input_ids": data.ids[i], "assistant_mask": data.masks[i],
-                          "row_index": data.row_indices[i]} for i in members])  # fmt: skip
-        ref = source.fetch(j, batch)
-        logits = RoleLogits(ref, source.lm_heads(), vocab_size, _device(config)).logits
-        z = target_logits(config, logits)  # (B, T-1, V)
-        mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
+        batch = _collate_rows(collate, data, uniq[j : j + settings.batch_size])
+        z, mask = _batch_target(config, source, vocab_size, j, batch)
         logp = torch.log_softmax(z[mask.to(z.device)].float() / config.temperature, dim=-1)
         take = logp[: want - have]  # (n, V), fitted where the models ran
         parts.append(take)
@@ -475,15 +485,16 @@ def _fit_tail_model(config: Any, settings: CacheSettings, data: EncodedDataset, 
 
 def _read_tail_model(path: Path, settings_hash: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The tail model a previous run of this build wrote, or None (absent, other settings)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            if (fh.metadata() or {}).get("settings_hash") != settings_hash:
-                return None
-            return fh.get_tensor("basis"), fh.get_tensor("offset")
-    except (SafetensorError, OSError, RuntimeError, ValueError):
+    if (_metadata(path) or {}).get("settings_hash") != settings_hash:
         return None
+    try:
+        tensors = load_file(str(path))
+        return tensors["basis"], tensors["offset"]
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError):
+        return None  # damaged: fitted again
 
 
 def _write_tail_model(path: Path, model: tuple[torch.Tensor, torch.Tensor], h: str) -> None:
