@@ -26,7 +26,7 @@ import zmq
 
 from deltakd.errors import ConfigError, DeltaKDError, ReferenceServerError
 from deltakd.references import wire
-from deltakd.references.shm import AttachedSegments
+from deltakd.references.shm import AttachedSegments, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class TeacherServer:
                     reply = self.handle(frames[1:])
                     if reply is not None:
                         sock.send_multipart([frames[0], *reply], copy=False)
-                elif self.parent_pid is not None and not _alive(self.parent_pid):
+                elif self.parent_pid is not None and not pid_alive(self.parent_pid):
                     log.info("trainer process %d is gone; stopping", self.parent_pid)
                     break
         finally:
@@ -362,16 +362,6 @@ def _lm_head_keys(model: Any) -> list[str]:
     # The output head first, then tied input embeddings (checkpoints store only one of them).
     keys.sort(key=lambda k: 0 if "lm_head" in k else 1)
     return keys or ["lm_head.weight"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_server(args: Any) -> int:

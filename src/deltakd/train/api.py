@@ -84,14 +84,15 @@ class _HistoryCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self._truncate(self.output_dir / "history.jsonl", state.global_step, _jsonl_step)
-        self._truncate(self.output_dir / "metrics.csv", state.global_step, _csv_step)
+        self._truncate(self.output_dir / "metrics.csv", state.global_step, _csv_step, header=1)
 
     @staticmethod
-    def _truncate(path: Path, step: int, step_of: Any) -> None:
+    def _truncate(path: Path, step: int, step_of: Any, header: int = 0) -> None:
+        """Drop the lines of `path` past its first `header` whose step is after `step`."""
         if not path.is_file():
             return
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        keep = [line for i, line in enumerate(lines) if step_of(line, i) <= step]
+        keep = lines[:header] + [line for line in lines[header:] if step_of(line) <= step]
         if len(keep) != len(lines):
             tmp = path.with_name(f".tmp-{path.name}")
             tmp.write_text("".join(keep), encoding="utf-8")
@@ -115,16 +116,14 @@ class _HistoryCallback(TrainerCallback):
                 writer.writerow(row)
 
 
-def _jsonl_step(line: str, index: int) -> float:
+def _jsonl_step(line: str) -> float:
     try:
         return float(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return 0.0  # a torn last line of a killed run: kept, as before
 
 
-def _csv_step(line: str, index: int) -> float:
-    if index == 0:
-        return 0.0  # the header
+def _csv_step(line: str) -> float:
     try:
         return float(line.split(",", 1)[0])
     except ValueError:
@@ -389,34 +388,27 @@ def train(
         skipped_steps=trainer.skipped_steps,
         grad_norm_spikes=trainer.grad_norm_spikes,
     )
-    final = out / "final"
-    if sigterm is not None and sigterm.stopped_at is not None:
-        return TrainResult(
-            output_dir=out,
-            final_dir=final,
-            global_step=output.global_step,
-            metrics=metrics,
-            history=list(trainer.state.log_history),
-            data_stats=dataclasses.asdict(stats),
-            resumed_from=resume,
-            interrupted=True,
-        )
+    stopped = sigterm is not None and sigterm.stopped_at is not None
+    result = TrainResult(
+        output_dir=out,
+        final_dir=out / "final",
+        global_step=output.global_step,
+        metrics=metrics,
+        history=list(trainer.state.log_history),
+        data_stats=dataclasses.asdict(stats),
+        resumed_from=resume,
+        interrupted=stopped,
+    )
+    if stopped:
+        return result
     tmp = out / ".tmp-final"
     if trainer.args.should_save and tmp.exists():
         shutil.rmtree(tmp)
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if result.final_dir.exists():
+            shutil.rmtree(result.final_dir)
+        os.replace(tmp, result.final_dir)
     trainer.accelerator.wait_for_everyone()
-    return TrainResult(
-        output_dir=out,
-        final_dir=final,
-        global_step=output.global_step,
-        metrics=metrics,
-        history=list(trainer.state.log_history),
-        data_stats=dataclasses.asdict(stats),
-        resumed_from=resume,
-    )
+    return result

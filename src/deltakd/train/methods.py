@@ -29,6 +29,7 @@ loss, for methods that are not "λ·SFT + (1−λ)·divergence", e.g. MiniLLM's 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -164,14 +165,23 @@ def sft_sum(batch: StudentBatch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+def counted_chunks(
+    mask: torch.Tensor, size: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(batch rows, positions) of the True entries of `mask` (B, T), `size` pairs at a time
+    (all at once for None): for indexing a [B, T, V] tensor without reshaping it."""
+    b_idx, t_idx = mask.nonzero(as_tuple=True)  # (n,), (n,)
+    step = size or max(b_idx.numel(), 1)
+    for a in range(0, b_idx.numel(), step):
+        yield b_idx[a : a + step], t_idx[a : a + step]
+
+
 @torch.no_grad()
 def sft_sum_for_logging(batch: StudentBatch, rows_per_chunk: int = 1024) -> torch.Tensor:
     """`sft_sum` without gradient, `rows_per_chunk` positions at a time (bounded memory)."""
     logits = batch.student_logits  # (B, T-1, V), often a non-contiguous slice: never reshaped
-    b_idx, t_idx = batch.mask.nonzero(as_tuple=True)  # (N,), (N,)
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for a in range(0, b_idx.numel(), rows_per_chunk):
-        b, t = b_idx[a : a + rows_per_chunk], t_idx[a : a + rows_per_chunk]
+    for b, t in counted_chunks(batch.mask, rows_per_chunk):
         total += torch.nn.functional.cross_entropy(
             logits[b, t].float(), batch.labels[b, t], reduction="sum"
         )

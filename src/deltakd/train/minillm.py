@@ -56,7 +56,13 @@ import torch
 
 from deltakd.errors import ConfigError
 from deltakd.losses.kd import chunked_sum
-from deltakd.train.methods import LossTerms, Method, StudentBatch, register_method
+from deltakd.train.methods import (
+    LossTerms,
+    Method,
+    StudentBatch,
+    counted_chunks,
+    register_method,
+)
 from deltakd.train.on_policy import StudentSampler, check_method_args
 
 if TYPE_CHECKING:
@@ -132,10 +138,7 @@ def minillm_terms(
         logq_y = torch.zeros(mask.shape, dtype=torch.float32, device=student_logits.device)
         logp_y = torch.zeros_like(logq_y)
         rkl = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-        b_idx, t_idx = mask.nonzero(as_tuple=True)  # (n,), (n,)
-        step = chunk_size or max(b_idx.numel(), 1)
-        for a in range(0, b_idx.numel(), step):
-            b, t = b_idx[a : a + step], t_idx[a : a + step]
+        for b, t in counted_chunks(mask, chunk_size):
             logq = torch.log_softmax(student_logits[b, t].float() / temperature, dim=-1)  # (c, V)
             logp = torch.log_softmax(teacher_logits[b, t].float() / temperature, dim=-1)
             logq_y[b, t] = logq.gather(-1, y[b, t, None]).squeeze(-1)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deltakd.references.cache.format import CacheManifest
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,9 +75,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tail_note(m: object) -> str:
-    rank = getattr(m, "tail_rank", 0)
-    if not rank:
+def _tail_note(m: CacheManifest) -> str:
+    if not m.tail_rank:
         return ", tail bucket"
-    size = int(getattr(m, "tail_model", {}).get("bytes", 0))
-    return f", rank-{rank} tail model ({size / 1e6:.2f} MB)"
+    return f", rank-{m.tail_rank} tail model ({int(m.tail_model.get('bytes', 0)) / 1e6:.2f} MB)"

@@ -66,7 +66,7 @@ def check_manifest(found: CacheManifest, expected: CacheManifest, cache_dir: str
                 detail = f"{name} is {have!r} in the cache but {want!r} in this run's config"
             fix = _REBUILD
             if name == "cache.tail_rank":  # the run's own choice: either side may move
-                fix = f"Set cache.tail_rank={have} to train from this cache as built, or r{_REBUILD[1:]}"
+                fix = f"Set cache.tail_rank={have} to train from this cache as built. {_REBUILD}"
             raise CacheError(f"the offline cache at {cache_dir} does not match this run: {detail}. "
                              f"{fix}")  # fmt: skip
 
