@@ -284,6 +284,24 @@ def test_bfloat16_inputs_compute_in_float32():
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_inputs_with_a_mask_match_the_unfused_loss(dtype):
+    # Issue 19: a mask that leaves positions out sends the gradient rows through index_copy_
+    # into the float32 buffer; the 16-bit chunk gradient used to crash it.
+    hs, ws, _, refs = world(dtype=dtype, n=16, v=32, h=8)
+    refs = {r: (h, w) for r, (h, w) in refs.items()}
+    mask = torch.ones(16, dtype=torch.bool)
+    mask[[2, 7, 8]] = False
+    loss = fused_distill_loss(hs, ws, refs, mask=mask, chunk_size=5)
+    g_h, g_w = grads(loss, hs, ws)
+    assert g_h.dtype == dtype and g_w.dtype == dtype
+    assert not bool(g_h[~mask].any())  # uncounted positions get no gradient
+    ref = unfused(hs, ws, None, refs, mask=mask)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip((g_h, g_w), grads(ref, hs, ws)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
 def test_no_grad_and_frozen_inputs():
     hs, ws, _, refs = world()
     ref = unfused(hs, ws, None, refs)
