@@ -35,6 +35,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from deltakd.errors import DeltaKDError, NonFiniteError
+from deltakd.heads import logit_head
+from deltakd.losses.heads import as_logit_head
 from deltakd.references.base import ReferenceBatch, ReferenceSource
 from deltakd.train.config import TrainConfig
 from deltakd.train.methods import LossTerms, Method, StudentBatch
@@ -49,7 +51,8 @@ class RoleLogits:
     """The frozen roles' logits for one micro-batch, aligned with `StudentBatch.student_logits`.
 
     `logits(role)` returns `[B, T-1, V]` (next-token positions, shared vocabulary), computed
-    from hidden states and the role's `lm_head` when the source sent hidden states. `target` is
+    from hidden states and the role's output layer (`LogitHead`: bias, scale and soft cap as the
+    model's forward) when the source sent hidden states. `target` is
     the source's ready `SparseTarget` (offline cache), trimmed the same way, or None.
     """
 
@@ -78,9 +81,9 @@ class RoleLogits:
         if role in self.ref.logits:
             out = self.ref.logits[role][:, :-1, :v]
         elif role in self.ref.hidden:
-            head = self.heads[role][:v]  # (V, H)
+            head = as_logit_head(self.heads[role]).to(self.device)
             hidden = self.ref.hidden[role][:, :-1]  # (B, T-1, H)
-            out = hidden.to(device=self.device, dtype=head.dtype) @ head.to(self.device).T
+            out = head.apply(hidden.to(self.device), vocab=v)  # (B, T-1, V)
         else:
             raise DeltaKDError(
                 f"the reference source returned no output for role {role!r} (it sent "
@@ -284,18 +287,18 @@ class DistillTrainer(Trainer):
                 elif role in refs.ref.hidden:
                     ref_inputs[role] = (
                         refs.ref.hidden[role][:, :-1].to(device),
-                        heads[role].to(device),
+                        as_logit_head(heads[role]).to(device),
                     )
                 else:
                     refs.logits(role)  # raises the "no output for role" error
-        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        # The student's output layer as its forward computes it (refused if not reproducible).
+        head = logit_head(self.accelerator.unwrap_model(self.model))
         lam = cfg.lam
         labels = batch.labels.masked_fill(~batch.mask, -100)
         loss, parts = fused_distill_loss(
             batch.student_hidden,
-            head.weight,
+            head,
             ref_inputs,
-            student_bias=head.bias,
             alpha=cfg.alpha,
             temperature=cfg.temperature,
             beta=cfg.beta,
