@@ -304,3 +304,35 @@ def test_teacher_server_round_trip_of_a_soft_capped_family(tmp_path: Path):
         TeacherServer.from_pretrained(
             "teacher_ft", str(gpt2), output="hidden", endpoint=f"ipc://{tmp_path}/x.sock"
         )
+
+
+def test_training_a_soft_capped_family_fused_equals_unfused(tiny_world, tmp_path: Path):
+    # The reproduction: the same Gemma 2 run with fused_loss false and true gave a
+    # first-step loss of 2.45 against 5.15. Now every logged loss and the weights agree.
+    import json
+
+    from deltakd.data.vocab import load_tokenizer
+    from deltakd.train import load_config, train
+    from tests.conftest import tiny_run_fields
+
+    tok = load_tokenizer(str(tiny_world["tokenizer"]))
+    world = dict(tiny_world)
+    overrides = {**SMALL, **CHECKED["gemma2"], "vocab_size": len(tok)}
+    for role, seed in (("teacher_ft", 1), ("teacher_raw", 2), ("student_raw", 3)):
+        path = tmp_path / role
+        build("gemma2", seed, overrides).float().save_pretrained(path)
+        tok.save_pretrained(path)
+        world[role] = path
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": "what colour is the fox?", "response": "the fox is red."},
+            {"prompt": "seven plus six?", "response": "seven plus six is thirteen."}] * 2  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    base = {**tiny_run_fields(world, data), "method": "delta_kd", "lam": 0.3, "max_steps": 2,
+            "shuffle": False, "learning_rate": 1e-3}  # fmt: skip
+    runs = {}
+    for fused in (False, True):
+        over = {"output_dir": str(tmp_path / f"r{fused}"), "fused_loss": fused, "chunk_size": 8}
+        runs[fused] = train(load_config(None, {**base, **over}))
+    for key in ("loss", "kd_loss", "sft_loss"):
+        for (_, a), (_, b) in zip(runs[False].losses(key), runs[True].losses(key), strict=True):
+            assert a == pytest.approx(b, rel=1e-4), key
