@@ -336,3 +336,10 @@ def test_training_a_soft_capped_family_fused_equals_unfused(tiny_world, tmp_path
     for key in ("loss", "kd_loss", "sft_loss"):
         for (_, a), (_, b) in zip(runs[False].losses(key), runs[True].losses(key), strict=True):
             assert a == pytest.approx(b, rel=1e-4), key
+
+
+def test_usage_lists_every_checked_family():
+    usage = (Path(__file__).parent.parent / "docs" / "USAGE.md").read_text(encoding="utf-8")
+    section = usage.split("### Model families checked", 1)[1].split("\n### ", 1)[0]
+    rows = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    assert rows == set(FAMILIES)

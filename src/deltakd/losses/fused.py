@@ -5,14 +5,17 @@ float32, four times over for Delta-KD, plus the softmax intermediates of the los
 student's forward stops at its last hidden states; `fused_distill_loss` walks the counted
 positions `chunk_size` at a time and, for each chunk,
 
-1. computes the student's logits `h_chunk @ W_s.T` and the target `z* = Σ_i w_i z_i` of the
-   chosen Delta-KD / parallelogram variant (a reference given as hidden states and lm_head is
-   multiplied out straight into one shared target buffer: no per-model logits are kept),
+1. computes the student's logits `h_chunk @ W_s.T` — through the model's own output layer when
+   the head is a `LogitHead` (bias, scale, final soft cap; docs/LOSSES.md "Output layers") —
+   and the target `z* = Σ_i w_i z_i` of the chosen Delta-KD / parallelogram variant (a
+   reference given as hidden states and lm_head is multiplied out straight into one shared
+   target buffer: no per-model logits are kept),
 2. evaluates the divergence (the same `per_position_divergence` / `sparse_fkl_per_position` as
    the unfused `deltakd.losses.kd` losses) plus, optionally, the λ·SFT cross-entropy,
 3. takes the gradient `g` w.r.t. that chunk of student logits with autograd (for the live
    student variants the logits appear both as the student and inside the target; autograd sums
-   both paths), and turns it into `grad_h[chunk] = g @ W_s` and `grad_W_s += g.T @ h_chunk`.
+   both paths), chains it through the soft cap and scale if any, and turns it into
+   `grad_h[chunk] = g @ W_s` and `grad_W_s += g.T @ h_chunk`.
 
 So at most one chunk of logits per model exists at a time, and the gradients of the student's
 hidden states and lm_head are ready when the forward pass returns; the backward pass only scales
