@@ -94,8 +94,13 @@ class _Linear:
             z = torch.mm(h, self.weight.t(), out=out_mm)
         return h, z
 
-    def logits_into(self, out: torch.Tensor, rows, weight: float, first: bool) -> None:
-        """out (+)= weight · head(h[rows]), in place.   # (c, V)"""
+    def logits_into(
+        self, out: torch.Tensor, rows, weight: float, first: bool, scratch: torch.Tensor | None
+    ) -> None:
+        """out (+)= weight · head(h[rows]), in place.   # (c, V)
+
+        A soft-capped head is evaluated in `out` itself when it is the first term, else in
+        `scratch` (a (c, V) buffer of out's dtype reused by every chunk)."""
         head = self.head
         if (
             out.dtype == self.weight.dtype
@@ -107,9 +112,21 @@ class _Linear:
             alpha = weight if head is None else weight * head.scale  # a scale folds into alpha
             torch.addmm(out, h, self.weight.t(), beta=beta, alpha=alpha, out=out)
             return
-        _, z = self.logits(rows)  # a 16-bit chunk, one with a bias, or one to soft-cap
+        if head is not None and not head.is_linear:
+            dest = out if first else scratch
+            assert dest is not None
+            _, z = self.logits(rows, out=dest)
+            if z is not dest:
+                dest.copy_(z)  # 16-bit logits, upcast: the soft cap runs in the compute dtype
+            head.transform_(dest)
+            if first:
+                out.mul_(weight)
+            else:
+                out.add_(dest, alpha=weight)
+            return
+        _, z = self.logits(rows)  # a 16-bit chunk, or one with a bias
         if head is not None:
-            z = head.transform_(z.to(out.dtype))  # in the compute dtype; z is a fresh buffer
+            z = head.transform_(z.to(out.dtype))  # the scale, in the compute dtype
         if first:
             torch.mul(z, weight, out=out)
         else:
@@ -176,6 +193,17 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
     cap = min(plan.chunk_size, max(plan.count, 1))
     zs_buf = torch.empty(cap, vocab, dtype=dtype, device=device)
     work_buf = torch.empty(cap, vocab, dtype=dtype, device=device)
+    # A third buffer only when a soft-capped reference is not the target's first term.
+    capped = [
+        i
+        for i, (_, ref) in enumerate(plan.frozen)
+        if isinstance(ref, _Linear) and ref.head is not None and not ref.head.is_linear
+    ]
+    scratch_buf = (
+        torch.empty(cap, vocab, dtype=dtype, device=device)
+        if any(i > 0 for i in capped) and plan.sparse is None
+        else None
+    )
     for rows, c in _chunks(plan):
         zs = zs_buf[:c]
         h, z = s.logits(rows, out=zs)  # (c, H), (c, V)
@@ -189,7 +217,8 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
             first = True
             for w, ref in plan.frozen:
                 if isinstance(ref, _Linear):
-                    ref.logits_into(work, rows, w, first)
+                    scratch = None if scratch_buf is None else scratch_buf[:c]
+                    ref.logits_into(work, rows, w, first, scratch)
                 elif first:
                     torch.mul(_take(ref, rows).to(dtype), w, out=work)
                 else:

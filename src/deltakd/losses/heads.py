@@ -73,7 +73,8 @@ class LogitHead:
         """dL/d(h @ W.T + b) from dL/dz, in place in `grad`; `z` (the transformed logits) is
         overwritten. d softcap(x)/dx = 1 − tanh² = 1 − (z / c)²."""
         if self.softcap is not None:
-            grad.mul_(z.div_(self.softcap).square_().neg_().add_(1.0))
+            # grad · (1 − z²/c²) as grad − (grad · z²)/c²: two passes over the chunk.
+            grad.addcmul_(grad, z.square_(), value=-1.0 / self.softcap**2)
         if self.scale != 1.0:
             grad.mul_(self.scale)
         return grad
