@@ -336,6 +336,14 @@ def test_training_a_soft_capped_family_fused_equals_unfused(tiny_world, tmp_path
     for key in ("loss", "kd_loss", "sft_loss"):
         for (_, a), (_, b) in zip(runs[False].losses(key), runs[True].losses(key), strict=True):
             assert a == pytest.approx(b, rel=1e-4), key
+    # A student family the fused loss cannot reproduce is refused before the first step.
+    build("gpt2", 4, {"n_embd": 32, "n_layer": 1, "n_head": 4, "vocab_size": len(tok)}).float(
+    ).save_pretrained(tmp_path / "gpt2")  # fmt: skip
+    tok.save_pretrained(tmp_path / "gpt2")
+    over = {"output_dir": str(tmp_path / "refused"), "fused_loss": True,
+            "student_raw": str(tmp_path / "gpt2")}  # fmt: skip
+    with pytest.raises(UnsupportedHeadError, match=r"gpt2.*fused_loss: false"):
+        train(load_config(None, {**base, **over}))
 
 
 def test_usage_lists_every_checked_family():

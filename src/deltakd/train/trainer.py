@@ -127,6 +127,9 @@ class DistillTrainer(Trainer):
         self.skipped_batches = 0
         self.skipped_steps = 0
         self.grad_norm_spikes = 0
+        if config.fused_loss and self._uses_references():
+            # Refuse a student whose logits the fused loss cannot reproduce before any step.
+            logit_head(self.accelerator.unwrap_model(self.model))
 
     def _uses_references(self) -> bool:
         return self.method.uses_kd and self.config.lam < 1.0
