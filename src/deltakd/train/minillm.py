@@ -222,9 +222,7 @@ class MiniLLM(Method):
         if self._teacher is None:
             # Servers / cache answer whole sequences; mixed sampling needs the teacher's
             # distribution at every decoding step, so keep a local copy for sampling.
-            from transformers import AutoModelForCausalLM
-
-            from deltakd.data.vocab import resolve_model_path
+            from deltakd.loading import load_model
 
             config = trainer.config
             if not config.teacher_ft:
@@ -232,13 +230,10 @@ class MiniLLM(Method):
                     "method 'minillm' with teacher_mix > 0 needs teacher_ft=PATH to sample "
                     "from the teacher-mixed distribution (or set method_args.teacher_mix=0)."
                 )
-            model = AutoModelForCausalLM.from_pretrained(
-                resolve_model_path(config.teacher_ft),
-                dtype=next(trainer.model.parameters()).dtype,
-                trust_remote_code=config.trust_remote_code,
-            )
-            model.to(next(trainer.model.parameters()).device).eval().requires_grad_(False)
-            self._teacher = model
+            student = next(trainer.model.parameters())
+            self._teacher = load_model(config.teacher_ft, dtype=student.dtype, role="teacher_ft",
+                                       device=student.device, frozen=True,
+                                       trust_remote_code=config.trust_remote_code)  # fmt: skip
         return self._teacher
 
     def prepare_batch(

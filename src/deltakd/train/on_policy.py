@@ -12,7 +12,7 @@ How a micro-batch is rewritten (`prepare_batch`, before the references and the f
    prompt included), left-truncated to `max_prompt_length` tokens;
 2. the student samples at most `min(max_new_tokens, max_length − longest prompt)` tokens per
    row at temperature `method_args.sample_temperature` (default: `temperature`, GKD's
-   choice), stopping at the tokenizer's eos / `<|im_end|>` (`deltakd.eval.generate`'s stop
+   choice), stopping at the tokenizer's eos / `<|im_end|>` (`deltakd.generation`'s stop
    tokens), which is kept;
 3. rows become `prompt + sample`, right-padded like the collator's; `assistant_mask` (hence the
    loss mask and the token count normalising the loss) covers the sampled tokens only, up to and
@@ -251,7 +251,7 @@ class StudentSampler:
         teacher_mix: float = 0.0,
     ) -> dict[str, Any]:
         """The micro-batch with its responses replaced by samples (see module docstring)."""
-        from deltakd.eval.generate import stop_token_ids
+        from deltakd.generation import stop_token_ids
 
         config = trainer.config
         tokenizer = trainer.processing_class

@@ -5,7 +5,7 @@ plain SFT (cross-entropy on the assistant tokens) on those answers instead of th
 
 - Prompts are each row's messages before its last assistant message; the teacher's reply
   replaces that message (later messages are dropped). Generation goes through
-  `deltakd.eval.generate` (batched, left-padded, stopping at eos / `<|im_end|>`), greedy by
+  `deltakd.generation` (batched, left-padded, stopping at eos / `<|im_end|>`), greedy by
   default, at most `max_new_tokens` tokens.
 - The generations are cached as JSONL in `output_dir/seqkd_generations.jsonl` (or
   `method_args.cache_file`), one line per prompt keyed by a SHA-256 of the rendered prompt, the
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import deltakd.eval.generate as generation
+import deltakd.generation as generation
 from deltakd.errors import CacheError, ConfigError, DataError
 from deltakd.train.methods import SFT, register_method
 from deltakd.train.on_policy import check_method_args
@@ -201,9 +201,10 @@ def teacher_generations(
         try:
             for start in range(0, len(items), CHUNK):
                 chunk = items[start : start + CHUNK]
-                replies = generation.generate(
+                gens = generation.generate(
                     model, tokenizer, [prompts[i] for _, i in chunk], settings, progress=False
                 )
+                replies = [g.text for g in gens]
                 records = [
                     {"key": k, "prompt": texts[i], "response": reply}
                     for (k, i), reply in zip(chunk, replies, strict=True)
@@ -218,27 +219,11 @@ def teacher_generations(
 
 
 def _load_teacher(config: TrainConfig, device: Any) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from deltakd.loading import choose_device, load_model, reference_dtype
 
-    from deltakd.data.vocab import resolve_model_path
-
-    dtype_name = config.reference_dtype if config.reference_dtype != "auto" else config.precision
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(config.teacher_ft or ""),
-            dtype=dtype,
-            trust_remote_code=config.trust_remote_code,
-        )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load the teacher_ft model from {config.teacher_ft!r}: {exc}. Set "
-            "`teacher_ft` to a model directory or Hub name."
-        ) from exc
-    if device is None:
-        device = "cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu"
-    return model.to(device).eval().requires_grad_(False)
+    return load_model(config.teacher_ft or "", dtype=reference_dtype(config), role="teacher_ft",
+                      device=device if device is not None else choose_device(config.device),
+                      trust_remote_code=config.trust_remote_code, frozen=True)  # fmt: skip
 
 
 @register_method

@@ -180,7 +180,7 @@ def from_config(config: Any, roles: tuple[str, ...], device: torch.device) -> Ca
     (spec, split, limit, max_length, truncation and, with `cache.verify_dataset`, the hash of
     the encoded rows) and the fingerprint of every reference model the config names.
     """
-    from deltakd.data.vocab import load_tokenizer
+    from deltakd.loading import load_tokenizer
     from deltakd.references.cache.build import (
         check_cacheable,
         encode_dataset,
