@@ -106,7 +106,8 @@ class Target:
         """The target logits from `get(role)` (frozen roles only), float32 or wider."""
         one = self.single_role
         if one is not None:
-            return get(one).float()
+            z = get(one)
+            return z if z.dtype == torch.float64 else z.float()
         if self.variant is PARALLELOGRAM_VARIANTS["delta"]:  # its closed form, as delta_kd_loss
             return delta_target(get("teacher_ft"), get("teacher_raw"), get("student_raw"),
                                 alpha=self.alpha)  # fmt: skip

@@ -265,6 +265,16 @@ class DistillTrainer(Trainer):
         logger.warning("skipping %s: %s", where, what)
         return what
 
+    # --- the run's summary ---------------------------------------------------------------------
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        # The HF Trainer adds the loss accumulated since the last log to the summary
+        # `train_loss` from this process alone, while the logged losses are means over the
+        # processes; our per-process loss is scaled by the process count (see compute_loss),
+        # so un-gathered it would be rank 0's share × world size. Average it first.
+        if self.args.world_size > 1:
+            self._tr_loss = self.accelerator.reduce(self._tr_loss.detach().clone(), "mean")
+        return super()._finalize_training(*args, **kwargs)
+
     # --- gradients ---------------------------------------------------------------------------
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)

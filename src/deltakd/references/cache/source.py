@@ -1,4 +1,4 @@
-"""`CacheReferences`: the offline cache as a `ReferenceSource` (DESIGN.md §2, source 3).
+"""`CacheReferences`: the offline cache as a `ReferenceSource` (docs/ARCHITECTURE.md §2, source 3).
 
 `fetch` looks each batch row up by the hash of its token ids and returns one `SparseTarget`
 of leading shape [B, T] aligned with `input_ids`: the entry at position t is the target for
