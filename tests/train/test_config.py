@@ -160,3 +160,19 @@ def test_nested_sections_are_typed_and_overridable(tmp_path):
 
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_sections_cover_every_setting_their_consumers_read():
+    import dataclasses
+
+    from deltakd.config import CacheSection, ServersSection
+    from deltakd.references.cache.format import CacheSettings
+    from deltakd.references.client import CLIENT_KEYS, ROLE_KEYS
+
+    names = {f.name for f in dataclasses.fields(CacheSection)}
+    assert names == {f.name for f in dataclasses.fields(CacheSettings)}
+    assert {f.name for f in dataclasses.fields(ServersSection)} == {
+        *CLIENT_KEYS,
+        *ROLE_KEYS,
+        "roles",
+    }

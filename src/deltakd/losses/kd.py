@@ -1,6 +1,6 @@
 """Token-level distillation losses: `kd_loss`, `delta_kd_loss`, `parallelogram_loss`.
 
-Conventions (docs/ARCHITECTURE.md §4): logits are `[..., V]` with any leading shape and any float dtype;
+Conventions (docs/ARCHITECTURE.md §7): logits are `[..., V]` with any leading shape and any float dtype;
 math runs in float32 (float64 stays float64). `mask` is a bool tensor of the leading shape where
 True counts. The loss is the mean over counted positions (`reduction="mean"`) or their sum
 (`reduction="sum"`, for callers that normalise over a whole accumulated batch). Nothing counted
