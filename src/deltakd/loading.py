@@ -93,10 +93,14 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except (OSError, ValueError) as exc:  # ValueError: a directory without a model
-        what, fix = (f"the {role} model", f"Set `{role}` to") if role else ("a model", "Pass")
+        if role is None:
+            raise ConfigError(
+                f"cannot load a model from {str(path)!r} ({exc}); pass a directory saved with "
+                "save_pretrained (e.g. a run's final/ directory), mini:<role>, or a Hub name."
+            ) from exc
         raise ConfigError(
-            f"cannot load {what} from {str(path)!r}: {exc}. {fix} a directory saved with "
-            "save_pretrained (e.g. a run's final/ directory), mini:<role>, or a Hub name."
+            f"cannot load the {role} model from {str(path)!r}: {exc}. Set `{role}` to a model "
+            "directory, mini:<role>, or a Hub name."
         ) from exc
     if device is not None:
         model = model.to(device)

@@ -176,3 +176,15 @@ def test_sections_cover_every_setting_their_consumers_read():
         *ROLE_KEYS,
         "roles",
     }
+
+
+def test_method_args_are_typed_sections_of_their_method():
+    from deltakd.train.methods import get_method
+
+    cfg = load_config(None, {**MINIMAL, "method": "minillm",
+                             "method_args": {"teacher_mix": "0.5", "importance_clip": None}})  # fmt: skip
+    args = get_method("minillm").arguments(cfg)
+    assert (args.teacher_mix, args.importance_clip, args.length_norm) == (0.5, None, True)
+    with pytest.raises(ConfigError, match=r"'method_args.length_norm' = 'sometimes'"):
+        load_config(None, {**MINIMAL, "method": "minillm",
+                           "method_args": {"length_norm": "sometimes"}})  # fmt: skip

@@ -71,4 +71,30 @@ def config_reference_markdown() -> str:
                 lines.append(_row(f"{f.name}.{sf.name}", sf, sub_hints[sf.name]))
             continue
         lines.append(_row(f.name, f, tp))
+    lines += _method_argument_rows()
     return "\n".join(lines).strip() + "\n"
+
+
+def _method_argument_rows() -> list[str]:
+    """One table of every method's `method_args` keys (each method declares a typed section)."""
+    from deltakd.train.methods import get_method, method_names  # the registry (see schema.py)
+
+    rows: list[str] = []
+    seen: set[type] = set()
+    for name in method_names():
+        cls = get_method(name).args
+        if cls is None:
+            continue
+        if cls in seen:
+            continue
+        seen.add(cls)
+        users = [m for m in method_names() if get_method(m).args is cls]
+        hints = field_types(cls)
+        for f in dataclasses.fields(cls):
+            row = _row(f"method_args.{f.name}", f, hints[f.name])
+            rows.append(row.removesuffix(" |") + f" (method {', '.join(users)}) |")
+    if not rows:
+        return []
+    head = ["", "### Method arguments (`method_args`)", "",
+            "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]  # fmt: skip
+    return head + rows

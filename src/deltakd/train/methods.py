@@ -33,13 +33,15 @@ loss, for methods that are not "λ·SFT + (1−λ)·divergence", e.g. MiniLLM's 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from deltakd.config.fields import Section
 from deltakd.errors import ConfigError
 from deltakd.targets import Target, target_of
 
@@ -102,6 +104,14 @@ class Method:
     prefetch_ahead: ClassVar[bool] = True
     #: whether `on_policy_ratio > 0` is implemented for this method
     supports_on_policy: ClassVar[bool] = False
+    #: the typed section of its `method_args` (a `deltakd.config.Section` dataclass with
+    #: `key = "method_args"`), or None when it reads none
+    args: ClassVar[type[Section] | None] = None
+
+    def arguments(self, config: TrainConfig) -> Section:
+        """`config.method_args` as this method's typed section (refusals name the key)."""
+        assert self.args is not None, f"method {self.name!r} reads no method_args"
+        return method_arguments(self.name, self.args, config.method_args)
 
     def prefetches_ahead(self, config: TrainConfig) -> bool:
         """May the trainer draw the next step's micro-batches early (to prefetch references)?"""
@@ -181,6 +191,18 @@ class Method:
         kd = self.kd_sum(batch, refs, config)
         total = kd if lam == 0.0 else lam * sft + (1.0 - lam) * kd
         return LossTerms(total=total, sft=sft, kd=kd)
+
+
+def method_arguments(method: str, cls: type[Section], raw: Mapping[str, Any]) -> Section:
+    """`raw` as the typed section `cls`; unknown keys are refused naming the allowed ones."""
+    allowed = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(
+                f"config field 'method_args.{key}' is not used by method {method!r}: "
+                f"allowed keys are {', '.join(allowed) or '(none)'}; remove it."
+            )
+    return cls(**dict(raw))
 
 
 def sft_sum(batch: StudentBatch) -> torch.Tensor:
