@@ -146,8 +146,8 @@ def mini_run_config(
     overrides: dict[str, Any], *, max_steps: int, seed: int, output_dir: str | Path
 ) -> Any:
     """The demo's training config on the shipped mini world, plus `overrides`."""
+    from deltakd.config import config_from_dict
     from deltakd.data.mini import mini_world_dir
-    from deltakd.train.config import config_from_dict
 
     world = mini_world_dir()
     roles = {r: str(world / r) for r in ("teacher_ft", "teacher_raw", "student_raw")}
@@ -186,7 +186,7 @@ def _needs_teacher_ft2(overrides: dict[str, Any]) -> bool:
 def evaluate_tasks(model: str | Path, settings: DemoSettings, out_dir: Path) -> dict[str, float]:
     """Greedy test-split scores of one model on every mini task: `{task}_rouge1`, ..."""
     from deltakd.eval.evaluate import evaluate_spec
-    from deltakd.eval.generate import GenerationSettings
+    from deltakd.generation import GenerationSettings
 
     scores: dict[str, float] = {}
     for task in TASKS:

@@ -10,7 +10,7 @@ import pytest
 from deltakd.cli import main
 from deltakd.errors import DataError
 from deltakd.eval.evaluate import evaluate, extract_final_answer, load_eval_rows, split_row
-from deltakd.eval.generate import GenerationSettings
+from deltakd.generation import Generation, GenerationSettings
 
 ROWS = [
     {
@@ -87,7 +87,8 @@ def test_evaluate_scores_an_oracle_perfectly(loaded_chat_model, monkeypatch) -> 
 
     model, tok = loaded_chat_model
     rows = [{"prompt": "q", "response": "the answer is 12", "answer": "12"}] * 2
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: ["the answer is 12"] * 2)
+    reply = Generation("the answer is 12", [], "stop")
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: [reply] * 2)
     res = evaluate(model, tok, rows, progress=False)
     assert res.metrics() == {
         "rouge1": 1.0,
@@ -160,7 +161,7 @@ def test_mini_references_score_perfectly(loaded_chat_model, monkeypatch) -> None
     model, tok = loaded_chat_model
     rows = ev.load_eval_rows("mini:math", "test", limit=5)
     refs = [r["messages"][-1]["content"] for r in rows]
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: refs)
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: [Generation(r, [], "stop") for r in refs])
     res = ev.evaluate(model, tok, rows, extract=ev.extractor_for("mini:math"), progress=False)
     assert res.exact_match == 1.0 and res.rouge1 == pytest.approx(1.0)
     # the generic extractor reads the mini world's "Answer: N" lines too

@@ -1,4 +1,5 @@
-"""Batched generation: left padding must not change greedy outputs; stopping; settings."""
+"""Batched generation (`deltakd.generation`, backend hf): left padding must not change greedy
+outputs; stopping and finish reasons; settings; backends by name."""
 
 from __future__ import annotations
 
@@ -6,9 +7,21 @@ from typing import Any
 
 import pytest
 
+import deltakd.generation as gen_mod
 from deltakd.errors import ConfigError, DataError
-from deltakd.eval import generate as gen_mod
-from deltakd.eval.generate import GenerationSettings, generate, render_prompts, stop_token_ids
+from deltakd.generation import (
+    Generation,
+    GenerationSettings,
+    render_prompts,
+    stop_token_ids,
+)
+from deltakd.generation import generate as generate_all
+
+
+def generate(*args: Any, **kw: Any) -> list[str]:
+    """The replies' texts (most tests compare text)."""
+    return [g.text for g in generate_all(*args, **kw)]
+
 
 PROMPTS: list[Any] = [
     [{"role": "user", "content": "what colour is the fox?"}],
@@ -60,8 +73,11 @@ def test_stops_at_end_of_turn(loaded_chat_model, monkeypatch) -> None:
         pytest.skip("the random model repeats its stop candidate; cannot test the cut")
     monkeypatch.setattr(gen_mod, "END_OF_TURN_TOKENS", ("<|im_end|>", stop))
     assert new[2] in stop_token_ids(tok)
-    (reply,) = generate(model, tok, ["hi"], GenerationSettings(max_new_tokens=6), progress=False)
-    assert reply == tok.decode(new[:2], skip_special_tokens=True).strip()
+    (reply,) = generate_all(
+        model, tok, ["hi"], GenerationSettings(max_new_tokens=6), progress=False
+    )
+    assert reply.text == tok.decode(new[:2], skip_special_tokens=True).strip()
+    assert reply.token_ids == new[:2] and reply.finish_reason == "stop"
 
 
 def test_stop_tokens_include_im_end(loaded_chat_model) -> None:
@@ -92,3 +108,37 @@ def test_tokenizer_without_chat_template(loaded_chat_model) -> None:
     bare.chat_template = None
     with pytest.raises(DataError, match="chat template"):
         render_prompts(bare, ["hi"])
+
+
+def test_generations_carry_token_ids_and_length_finish(loaded_chat_model, monkeypatch) -> None:
+    model, tok = loaded_chat_model
+    import deltakd.generation.hf as hf
+
+    monkeypatch.setattr(hf, "stop_token_ids", lambda tok: [])  # every reply runs out
+    gens = generate_all(model, tok, PROMPTS[:2], GenerationSettings(max_new_tokens=5),
+                        progress=False)  # fmt: skip
+    assert all(isinstance(g, Generation) for g in gens)
+    assert [g.finish_reason for g in gens] == ["length", "length"]
+    assert [len(g.token_ids) for g in gens] == [5, 5]
+    assert gens[0].text == tok.decode(gens[0].token_ids, skip_special_tokens=True).strip()
+
+
+def test_backends_are_chosen_by_name(loaded_chat_model, monkeypatch) -> None:
+    model, tok = loaded_chat_model
+    with pytest.raises(ConfigError, match="backend 'tpu' is not allowed: expected one of hf"):
+        GenerationSettings(backend="tpu")
+    seen: list[str] = []
+
+    def fake(model, tokenizer, prompts, settings, *, progress):
+        seen.append(settings.backend)
+        return [Generation("x", [1], "stop") for _ in prompts]
+
+    import sys
+    import types
+
+    module = types.ModuleType("fake_backend")
+    module.generate_batch = fake  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_backend", module)
+    monkeypatch.setitem(gen_mod.BACKENDS, "fake", "fake_backend:generate_batch")
+    out = generate_all(model, tok, ["a", "b"], GenerationSettings(backend="fake"))
+    assert [g.text for g in out] == ["x", "x"] and seen == ["fake"]

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from deltakd.errors import ConfigError
-from deltakd.eval.generate import GenerationSettings
 from deltakd.eval.report import build_report
 from deltakd.eval.sweep import expand_grid, parse_grid, run_name, run_sweep
+from deltakd.generation import GenerationSettings
 
 ROWS = [
     {"prompt": "what colour is the fox?", "response": "the fox is red."},

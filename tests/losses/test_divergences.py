@@ -11,7 +11,7 @@ from deltakd.losses import DIVERGENCES, kd_loss, per_position_divergence
 
 
 def reference(student, target, name, tau, beta):
-    """Textbook formulas in float64 with explicit probabilities (DESIGN.md §1)."""
+    """Textbook formulas in float64 with explicit probabilities (docs/ARCHITECTURE.md §1)."""
     p = torch.softmax(target.double() / tau, -1)
     q = torch.softmax(student.double() / tau, -1)
 

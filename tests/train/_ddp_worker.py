@@ -1,6 +1,7 @@
 """Run `deltakd.train.train` from a JSON config; launched by torchrun in test_distributed.py.
 
-argv: CONFIG_JSON. Rank 0 writes the final losses to `output_dir/losses.json`.
+argv: CONFIG_JSON. Rank 0 writes the logged losses to `output_dir/losses.json` and the run's
+summary metrics (`train_loss`, ...) to `output_dir/metrics.json`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main() -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
             out = result.output_dir / "losses.json"
             out.write_text(json.dumps(result.losses()))
+            (result.output_dir / "metrics.json").write_text(json.dumps(result.metrics))
 
 
 if __name__ == "__main__":

@@ -122,3 +122,69 @@ def test_saved_config_round_trips(tmp_path):
                              "limit": 5, "variant": None})  # fmt: skip
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_max_prompt_length_follows_max_length():
+    """Defect: `max_length: 64` was refused because the default max_prompt_length was 512."""
+    assert load_config(None, {**MINIMAL, "max_length": 64}).max_prompt_length == 32
+    assert load_config(None, MINIMAL).max_prompt_length == 512  # default max_length 1024
+    assert (
+        load_config(None, {**MINIMAL, "max_length": 64, "max_prompt_length": 60}).max_prompt_length
+        == 60
+    )
+    with pytest.raises(ConfigError, match="below max_length"):
+        load_config(None, {**MINIMAL, "max_length": 64, "max_prompt_length": 64})
+
+
+def test_nested_sections_are_typed_and_overridable(tmp_path):
+    cfg = load_config(None, [*(f"{k}={v}" for k, v in MINIMAL.items()), "cache.tail_rank=64",
+                             "cache.k=V", "servers.timeout=30", "servers.roles.teacher_ft.device=cpu",
+                             "cache.verify=false"])  # fmt: skip
+    assert dict(cfg.cache) == {"k": "V", "tail_rank": 64, "verify": False}
+    assert dict(cfg.servers) == {"timeout": 30.0, "roles": {"teacher_ft": {"device": "cpu"}}}
+    assert cfg.cache.rows_per_shard is None  # unset: the cache's own default
+    for override, match in [
+        ("cache.tail_rank=x", r"'cache.tail_rank' = 'x' is not allowed: expected an integer"),
+        ("cache.k=many", r"'cache.k' = 'many' is not allowed"),
+        ("cache.value_dtype=int8", r"'cache.value_dtype' = 'int8' .* fp16, bf16, fp32"),
+        ("servers.transport=udp", r"'servers.transport' = 'udp'"),
+        (
+            "servers.timout=3",
+            r"unknown config key 'servers.timout'. Did you mean 'servers.timeout'",
+        ),
+        ("cache=3", r"'cache' = 3 is not allowed: expected a mapping"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [*(f"{k}={v}" for k, v in MINIMAL.items()), override])
+    from deltakd.train.config import save_config
+
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_sections_cover_every_setting_their_consumers_read():
+    import dataclasses
+
+    from deltakd.config import CacheSection, ServersSection
+    from deltakd.references.cache.format import CacheSettings
+    from deltakd.references.client import CLIENT_KEYS, ROLE_KEYS
+
+    names = {f.name for f in dataclasses.fields(CacheSection)}
+    assert names == {f.name for f in dataclasses.fields(CacheSettings)}
+    assert {f.name for f in dataclasses.fields(ServersSection)} == {
+        *CLIENT_KEYS,
+        *ROLE_KEYS,
+        "roles",
+    }
+
+
+def test_method_args_are_typed_sections_of_their_method():
+    from deltakd.train.methods import get_method
+
+    cfg = load_config(None, {**MINIMAL, "method": "minillm",
+                             "method_args": {"teacher_mix": "0.5", "importance_clip": None}})  # fmt: skip
+    args = get_method("minillm").arguments(cfg)
+    assert (args.teacher_mix, args.importance_clip, args.length_norm) == (0.5, None, True)
+    with pytest.raises(ConfigError, match=r"'method_args.length_norm' = 'sometimes'"):
+        load_config(None, {**MINIMAL, "method": "minillm",
+                           "method_args": {"length_norm": "sometimes"}})  # fmt: skip

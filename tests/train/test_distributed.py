@@ -53,3 +53,24 @@ def test_two_processes_match_one_with_the_same_global_batch(base_overrides, tmp_
 
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_summary_train_loss_is_the_mean_over_processes(base_overrides, tmp_path):
+    """Defect: the summary `train_loss` of a 2-process run was rank 0's local loss × 2 for the
+    steps after the last log. With logging every 2 steps of 3, step 3 is in that remainder; the
+    run's per-step losses come from the same run logged every step."""
+    common = {**base_overrides, "method": "delta_kd", "lam": 0.3, "max_steps": 3,
+              "learning_rate": 1e-3, "per_device_batch_size": 2, "save_steps": 0}  # fmt: skip
+    every = _launch(2, {**common, "output_dir": str(tmp_path / "every"), "logging_steps": 1},
+                    tmp_path)  # fmt: skip
+    sparse = _launch(2, {**common, "output_dir": str(tmp_path / "sparse"), "logging_steps": 2},
+                     tmp_path)  # fmt: skip
+    steps = json.loads((every / "losses.json").read_text())
+    assert [s for s, _ in steps] == [1, 2, 3]
+    per_step = [v for _, v in steps]
+    summary = json.loads((sparse / "metrics.json").read_text())["train_loss"]
+    assert summary == pytest.approx(sum(per_step) / 3, rel=1e-4)
+    assert json.loads((every / "metrics.json").read_text())["train_loss"] == pytest.approx(
+        sum(per_step) / 3, rel=1e-4
+    )

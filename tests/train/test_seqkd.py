@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import deltakd.eval.generate as generation
+import deltakd.generation as generation
 from deltakd.cli import main
 from deltakd.errors import CacheError, ConfigError
 from deltakd.train import load_config, train
@@ -28,7 +28,7 @@ _GENERATE = generation.generate
 
 @pytest.fixture
 def generate_calls(monkeypatch) -> list[int]:
-    """Counts the prompts passed to `deltakd.eval.generate.generate` (still generating)."""
+    """Counts the prompts passed to `deltakd.generation.generate` (still generating)."""
     calls: list[int] = []
 
     def counting(model, tokenizer, prompts, settings=None, **kw):
@@ -65,7 +65,7 @@ def test_seqkd_trains_on_cached_teacher_generations(base_overrides, tiny_world, 
     rows = load_rows(base_overrides["dataset"], None, limit=4)
     prompts = [r["messages"][:-1] for r in rows]
     settings = generation.GenerationSettings(max_new_tokens=10)
-    direct = _GENERATE(teacher, tok, prompts, settings, progress=False)
+    direct = [g.text for g in _GENERATE(teacher, tok, prompts, settings, progress=False)]
     by_prompt = {r["prompt"]: r["response"] for r in records}
     texts = generation.render_prompts(tok, prompts)
     assert [by_prompt[t] for t in texts] == direct

@@ -168,11 +168,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, tmp: Path) -> int:
     import torch
 
+    from deltakd.config import load_config
     from deltakd.losses import delta_target
     from deltakd.references.cache.build import build_cache, encode_dataset
     from deltakd.references.cache.source import CacheReferences
     from deltakd.references.local import LocalReferences
-    from deltakd.train.config import load_config
 
     root, world_note = _world(args.world, tmp)
     base: dict[str, Any] = {

@@ -21,12 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="benchmarks (figures side by side from one run)")
     names = parser.add_subparsers(dest="bench", metavar="NAME", required=True)
     for name, help_text in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(f"deltakd.bench.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"deltakd.bench.{name}":
-                continue  # not built yet
-            raise
+        module = importlib.import_module(f"deltakd.bench.{name}")
         p = names.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="end with one line of JSON")
         module.add_arguments(p)

@@ -25,7 +25,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from deltakd.eval.generate import GenerationSettings
+    from deltakd.generation import GenerationSettings
 
     return GenerationSettings(
         max_new_tokens=args.max_new_tokens,

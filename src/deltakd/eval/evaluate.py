@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltakd.errors import ConfigError, DataError
-from deltakd.eval.generate import GenerationSettings, Message, generate
 from deltakd.eval.metrics import exact_match_per_example, rouge_per_example
+from deltakd.generation import GenerationSettings, Message, generate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -163,20 +163,9 @@ def resolve_path(path: str | Path) -> str:
 
 
 def _load_model(path: str | Path, device: str | None, dtype: str) -> PreTrainedModel:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from deltakd.loading import choose_device, load_model
 
-    resolved = resolve_path(path)
-    torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:  # ValueError: a directory without a model
-        raise ConfigError(
-            f"cannot load a model from {path!r} ({exc}); pass a directory saved with "
-            "save_pretrained (e.g. a run's final/ directory), mini:<role>, or a Hub name."
-        ) from exc
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device)
+    return load_model(str(path), dtype=dtype, device=choose_device(device))
 
 
 def evaluate(
@@ -201,7 +190,7 @@ def evaluate(
     reply (default `extract_final_answer`). With `out_dir`, the predictions and a summary
     are written there.
     """
-    from transformers import AutoTokenizer
+    from deltakd.loading import load_tokenizer
 
     rows = list(rows)
     if not rows:
@@ -218,7 +207,7 @@ def evaluate(
         if not tokenizer:
             raise ConfigError("evaluate() got a model object without a tokenizer; pass one.")
     if isinstance(tokenizer, (str, Path)):
-        tokenizer = AutoTokenizer.from_pretrained(resolve_path(tokenizer))
+        tokenizer = load_tokenizer(str(tokenizer))
 
     prompts: list[list[Message]] = []
     references: list[str] = []
@@ -230,7 +219,7 @@ def evaluate(
     if exact is None:
         exact = all(a is not None for a in answers)
 
-    predictions = generate(model, tokenizer, prompts, settings, progress=progress)
+    predictions = [g.text for g in generate(model, tokenizer, prompts, settings, progress=progress)]
     per = rouge_per_example(predictions, references)
     n = len(predictions)
     correct = (

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from deltakd.config import nest_overrides, parse_scalar, split_override
 from deltakd.errors import ConfigError
-from deltakd.eval.generate import GenerationSettings
-from deltakd.train.config import nest_overrides, parse_scalar, split_override
+from deltakd.generation import GenerationSettings
 
 # train_fn(config_path, overrides) runs one training run to completion; overrides hold
 # `output_dir`. It is the trainer's Python API by default and injectable for tests.
@@ -105,8 +105,8 @@ def is_finished(run_dir: Path) -> bool:
 
 def default_train_fn(config_path: str, overrides: dict[str, Any]) -> Any:
     """Train through the trainer's Python API (`deltakd.train`)."""
+    from deltakd.config import load_config
     from deltakd.train import train  # type: ignore[attr-defined]
-    from deltakd.train.config import load_config
 
     return train(load_config(config_path, nest_overrides(overrides)))
 
@@ -115,8 +115,8 @@ def _eval_defaults(
     config_path: str, overrides: Mapping[str, Any], eval_data: str | None, eval_split: str | None
 ) -> tuple[str, str, bool]:
     """(data spec, tokenizer path, whether the eval rows are the training rows) of a run."""
+    from deltakd.config import load_config
     from deltakd.data.specs import parse_spec
-    from deltakd.train.config import load_config
 
     cfg = load_config(config_path, nest_overrides(overrides))
     data = eval_data or cfg.dataset

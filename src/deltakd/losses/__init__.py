@@ -1,6 +1,6 @@
 """Pure tensor math for distillation: divergences, targets, sparse targets, chunked losses.
 
-No I/O and no models here; nothing else in deltakd is imported (DESIGN.md §3).
+No I/O and no models here; nothing else in deltakd is imported (docs/ARCHITECTURE.md §3).
 """
 
 from deltakd.losses.divergences import DIVERGENCES, per_position_divergence

@@ -113,7 +113,7 @@ def per_position_divergence(
     """D(p ‖ q) per position for `(n, V)` logits; returns `(n,)` in the compute dtype.
 
     `p = softmax(target_logits / τ)`, `q = softmax(student_logits / τ)`; the divergence names
-    and β conventions are those of DESIGN.md §1.
+    and β conventions are those of docs/ARCHITECTURE.md §1.
     """
     dtype = compute_dtype(student_logits, target_logits)
     logq = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (n, V)

@@ -1,6 +1,6 @@
 """Token-level distillation losses: `kd_loss`, `delta_kd_loss`, `parallelogram_loss`.
 
-Conventions (DESIGN.md §4): logits are `[..., V]` with any leading shape and any float dtype;
+Conventions (docs/ARCHITECTURE.md §7): logits are `[..., V]` with any leading shape and any float dtype;
 math runs in float32 (float64 stays float64). `mask` is a bool tensor of the leading shape where
 True counts. The loss is the mean over counted positions (`reduction="mean"`) or their sum
 (`reduction="sum"`, for callers that normalise over a whole accumulated batch). Nothing counted
@@ -259,7 +259,7 @@ def kd_loss(
         target_logits: `[..., V]` target logits (gradient flows into them if they need it), or
             a `SparseTarget` of leading shape `[...]` (forward KL only; its temperature must
             equal `temperature`).
-        divergence: one of `fkl, rkl, jsd, skl, srkl, tvd` (DESIGN.md §1).
+        divergence: one of `fkl, rkl, jsd, skl, srkl, tvd` (docs/ARCHITECTURE.md §1).
         temperature: τ; both distributions are softmaxes of logits / τ. No τ² factor.
         beta: β of `jsd` (TRL's generalized JSD), and the skew of `skl` / `srkl`.
         mask: bool `[...]`, True counts; None counts every position.

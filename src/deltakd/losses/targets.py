@@ -1,4 +1,4 @@
-"""Distillation targets built as linear combinations of role logits (DESIGN.md §1).
+"""Distillation targets built as linear combinations of role logits (docs/ARCHITECTURE.md §1).
 
 Delta-KD keeps the shift that SFT caused in the teacher and applies it to the student's own
 starting point:
@@ -115,6 +115,13 @@ PARALLELOGRAM_VARIANTS: dict[str, ParallelogramVariant] = {
             "z* = ½·(z_teacher_ft + z_teacher_ft2) + α·(z_student_raw − z_teacher_raw)",
             "Two teachers finetuned from one base: the mean of their logits carries the "
             "average SFT shift, applied to the student's base.",
+        ),
+        _v(
+            "student_anchor",
+            [("student_raw", 1, 0), ("teacher_ft", 0, 1), ("teacher_raw", 0, -1)],
+            "z* = z_student_raw + α·(z_teacher_ft − z_teacher_raw)",
+            "The teacher's SFT shift, scaled by α, added to the frozen student base (delta at "
+            "α = 1; the student's own base at α = 0).",
         ),
         _v(
             "live_shift",

@@ -21,7 +21,7 @@ import torch
 
 from deltakd.losses.heads import LogitHead
 
-# Frozen roles (DESIGN.md §1). `student` is the live, trainable model and never a reference.
+# Frozen roles (docs/ARCHITECTURE.md §1). `student` is the live, trainable model and never a reference.
 REFERENCE_ROLES: tuple[str, ...] = ("teacher_ft", "teacher_raw", "student_raw", "teacher_ft2")
 
 

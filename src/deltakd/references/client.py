@@ -112,7 +112,7 @@ class _Conn:
 
 
 class ServerReferences(ReferenceSource):
-    """Reference outputs from teacher servers (DESIGN.md §2).
+    """Reference outputs from teacher servers (docs/ARCHITECTURE.md §2).
 
     Args:
         servers: one `ServerSpec` per role (or a mapping role -> dict of ServerSpec fields).

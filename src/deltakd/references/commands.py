@@ -1,4 +1,4 @@
-"""`deltakd serve`: run one teacher server (DESIGN.md §2)."""
+"""`deltakd serve`: run one teacher server (docs/ARCHITECTURE.md §2)."""
 
 from __future__ import annotations
 

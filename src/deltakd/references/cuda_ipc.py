@@ -23,10 +23,6 @@ from deltakd.errors import ReferenceServerError
 from deltakd.references.wire import dtype_from_name, dtype_name
 
 
-def cuda_ipc_available() -> bool:
-    return torch.cuda.is_available()
-
-
 def export_tensor(tensor: torch.Tensor) -> dict[str, Any]:
     """A msgpack-able handle for a CUDA tensor (the producer must keep `tensor` alive)."""
     if tensor.device.type != "cuda":

@@ -15,23 +15,13 @@ import torch
 
 from deltakd.errors import ConfigError
 from deltakd.heads import UnsupportedHeadError, logit_head
+from deltakd.loading import load_model, parse_dtype
 from deltakd.losses.heads import LogitHead
 from deltakd.references.base import REFERENCE_ROLES, ReferenceBatch, ReferenceSource
 
+__all__ = ["LocalReferences", "parse_dtype"]
+
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ConfigError(
-            f"reference dtype {name!r} is not allowed: expected one of {', '.join(_DTYPES)}."
-        ) from None
 
 
 class LocalReferences(ReferenceSource):
@@ -60,10 +50,8 @@ class LocalReferences(ReferenceSource):
         models: Mapping[str, torch.nn.Module] | None = None,
         hidden_states: bool = False,
     ) -> None:
-        from deltakd.data.vocab import resolve_model_path
-
         self.device = torch.device(device)
-        self.dtype = parse_dtype(dtype)
+        self.dtype = parse_dtype(dtype, what="reference dtype")
         self.models: dict[str, torch.nn.Module] = dict(models or {})
         for role, path in (paths or {}).items():
             if role not in REFERENCE_ROLES:
@@ -73,7 +61,8 @@ class LocalReferences(ReferenceSource):
                 )
             if role in self.models:
                 continue
-            self.models[role] = self._load(role, resolve_model_path(path), trust_remote_code)
+            self.models[role] = load_model(path, dtype=self.dtype, device=self.device, role=role,
+                                           trust_remote_code=trust_remote_code)  # fmt: skip
         for model in self.models.values():
             model.eval()
             model.requires_grad_(False)
@@ -86,20 +75,6 @@ class LocalReferences(ReferenceSource):
                 except UnsupportedHeadError as exc:
                     # Logits from the model's own forward are always right, only larger.
                     log.warning("role %s: %s", role, exc)
-
-    def _load(self, role: str, path: str, trust_remote_code: bool) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=self.dtype, trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot load the {role} model from {path!r}: {exc}. Set `{role}` "
-                "to a model directory or Hub name."
-            ) from exc
-        return model.to(self.device)
 
     @torch.no_grad()
     def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:

@@ -13,8 +13,8 @@ from typing import Any
 __all__ = ["TrainConfig", "TrainResult", "load_config", "register_method", "train"]
 
 _LAZY = {
-    "TrainConfig": "deltakd.train.config",
-    "load_config": "deltakd.train.config",
+    "TrainConfig": "deltakd.config",
+    "load_config": "deltakd.config",
     "TrainResult": "deltakd.train.api",
     "train": "deltakd.train.api",
     "register_method": "deltakd.train.methods",

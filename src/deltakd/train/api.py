@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -19,21 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
+from deltakd.config import TrainConfig, save_config
 from deltakd.errors import ConfigError
+from deltakd.loading import load_model, reference_dtype
 from deltakd.references.base import ReferenceSource
-from deltakd.train.config import TrainConfig, save_config
+from deltakd.references.factory import SOURCE_FACTORIES, build_reference_source
+
+__all__ = ["SOURCE_FACTORIES", "TrainResult", "build_reference_source", "train",
+           "training_arguments"]  # fmt: skip
 
 logger = logging.getLogger("deltakd.train")
-
-#: `references:` kind -> "module:function" building a ReferenceSource from
-#: `(config, roles, device)`. `local` is built here; the others live with their helpers.
-SOURCE_FACTORIES: dict[str, str] = {
-    "servers": "deltakd.references.client:from_config",
-    "cache": "deltakd.references.cache:from_config",
-}
 
 
 @dataclass
@@ -130,40 +127,6 @@ def _csv_step(line: str) -> float:
         return 0.0
 
 
-def build_reference_source(
-    config: TrainConfig, roles: tuple[str, ...], device: torch.device, dtype: torch.dtype
-) -> ReferenceSource:
-    """The configured source of the frozen roles' outputs."""
-    if config.references == "local":
-        from deltakd.references.local import LocalReferences
-
-        paths = {r: getattr(config, r) for r in roles}
-        return LocalReferences(
-            paths,
-            dtype=dtype,
-            device=device,
-            trust_remote_code=config.trust_remote_code,
-            hidden_states=config.fused_loss,
-        )
-    target = SOURCE_FACTORIES[config.references]
-    module_name, _, fn_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(
-            f"references: {config.references} is not available in this install "
-            f"({exc}); use references: local."
-        ) from exc
-    return getattr(module, fn_name)(config, roles, device)
-
-
-def _reference_dtype(config: TrainConfig) -> torch.dtype:
-    name = config.reference_dtype
-    if name == "auto":
-        name = config.precision
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def _resume_path(config: TrainConfig) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -201,11 +164,7 @@ def _result_of_finished_run(config: TrainConfig, checkpoint: str, tokenizer: Any
     is_main = int(os.environ.get("RANK", "0")) == 0
     final = out / "final"
     if is_main:
-        from transformers import AutoModelForCausalLM
-
-        student = AutoModelForCausalLM.from_pretrained(
-            checkpoint, trust_remote_code=config.trust_remote_code
-        )
+        student = load_model(checkpoint, trust_remote_code=config.trust_remote_code)
         tmp = out / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -289,11 +248,12 @@ def train(
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Run one distillation as configured. `references` overrides the configured source."""
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import set_seed
 
     from deltakd.data.specs import load_rows
     from deltakd.data.tokenize import ChatCollator, ChatDataset, encode_rows
-    from deltakd.data.vocab import check_vocabulary, load_tokenizer, resolve_model_path
+    from deltakd.data.vocab import check_vocabulary
+    from deltakd.loading import load_tokenizer
     from deltakd.train.methods import get_method
     from deltakd.train.trainer import DistillTrainer, SigtermCheckpoint
 
@@ -330,17 +290,9 @@ def train(
         )
     dataset = ChatDataset(encoded, kept)
 
-    try:
-        student = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(config.student_init),
-            dtype=torch.float32,
-            trust_remote_code=config.trust_remote_code,
-        )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load the student from {config.student_init!r}: {exc}. Set "
-            "`student_raw` (or `student`) to a model directory or Hub name."
-        ) from exc
+    # Master weights in fp32 whatever `precision` says (the Trainer autocasts the forward).
+    student = load_model(config.student_init, dtype="fp32", role="student_raw",
+                         trust_remote_code=config.trust_remote_code)  # fmt: skip
     student.config.use_cache = False
     # The saved student generates with the run's tokenizer: align its special ids up front
     # (the Trainer would otherwise do it with a warning on every run).
@@ -353,7 +305,7 @@ def train(
 
     own_source = False
     if references is None and roles:
-        references = build_reference_source(config, roles, args.device, _reference_dtype(config))
+        references = build_reference_source(config, roles, args.device, reference_dtype(config))
         own_source = True
 
     out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,15 @@
 """Training methods: one small class per method, registered by name.
 
-A method says which frozen roles it needs and computes its loss terms for one micro-batch.
-The trainer (`deltakd.train.trainer.DistillTrainer`) owns everything else: data, the
-reference source, normalisation over the accumulated batch, logging, checkpoints.
+A method owns its target (`target(config)`, a `deltakd.targets.Target`: KD, Delta-KD and the
+parallelogram variants are one family of weighted role logits), from which follow the frozen
+roles it needs, its divergence term, its fused form (`fused_loss: true`) and what an offline
+cache stores for it. The trainer (`deltakd.train.trainer.DistillTrainer`) owns everything
+else: data, the reference source, normalisation over the accumulated batch, logging,
+checkpoints. docs/ARCHITECTURE.md says where each kind of change goes.
 
-To add a method (e.g. in a new module `deltakd/train/seqkd.py`)::
+A new parallelogram target is one entry in `deltakd.losses.PARALLELOGRAM_VARIANTS`; a new
+method whose loss is not a divergence to such a target (e.g. in a new module
+`deltakd/train/mine.py`)::
 
     from deltakd.train.methods import Method, register_method
 
@@ -28,21 +33,25 @@ loss, for methods that are not "λ·SFT + (1−λ)·divergence", e.g. MiniLLM's 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from deltakd.config.fields import Section
 from deltakd.errors import ConfigError
+from deltakd.targets import Target, target_of
 
 if TYPE_CHECKING:
-    from deltakd.train.config import TrainConfig
-    from deltakd.train.trainer import DistillTrainer, RoleLogits
+    from deltakd.config import TrainConfig
+    from deltakd.losses.heads import LogitHead
+    from deltakd.references.role_logits import RoleLogits
+    from deltakd.train.trainer import DistillTrainer
 
-# Modules registering further methods; imported on first use of the registry. A module that
-# does not exist yet is skipped, so plug-ins can land independently.
+# Modules registering further methods; imported on first use of the registry.
 METHOD_MODULES: tuple[str, ...] = (
     "deltakd.train.seqkd",
     "deltakd.train.minillm",
@@ -96,18 +105,33 @@ class Method:
     prefetch_ahead: ClassVar[bool] = True
     #: whether `on_policy_ratio > 0` is implemented for this method
     supports_on_policy: ClassVar[bool] = False
+    #: the typed section of its `method_args` (a `deltakd.config.Section` dataclass with
+    #: `key = "method_args"`), or None when it reads none
+    args: ClassVar[type[Section] | None] = None
+
+    def arguments(self, config: TrainConfig) -> Section:
+        """`config.method_args` as this method's typed section (refusals name the key)."""
+        assert self.args is not None, f"method {self.name!r} reads no method_args"
+        return method_arguments(self.name, self.args, config.method_args)
 
     def prefetches_ahead(self, config: TrainConfig) -> bool:
         """May the trainer draw the next step's micro-batches early (to prefetch references)?"""
         return self.prefetch_ahead
 
+    def target(self, config: TrainConfig) -> Target | None:
+        """The distillation target this method pulls the student towards (`deltakd.targets`),
+        or None for methods whose loss has no fixed-form target (sft, seqkd, minillm)."""
+        return target_of(config)
+
     def reference_roles(self, config: TrainConfig) -> tuple[str, ...]:
-        """Frozen roles this method needs (from `REFERENCE_ROLES`)."""
-        return ("teacher_ft",)
+        """Frozen roles this method needs (from `REFERENCE_ROLES`): its target's by default."""
+        target = self.target(config)
+        return target.roles if target is not None else ("teacher_ft",)
 
     def validate(self, config: TrainConfig) -> None:
         """Raise ConfigError for settings this method cannot use (call super() when overriding)."""
-        if config.fused_loss and self.uses_kd and self.fused_args(config) is None:
+        target = self.target(config) if self.uses_kd else None
+        if config.fused_loss and self.uses_kd and (target is None or target.fused_args() is None):
             raise ConfigError(
                 f"config field 'fused_loss' = True is not allowed: method {self.name!r} has no "
                 "fused form; set fused_loss=false."
@@ -134,14 +158,27 @@ class Method:
         return int(mask.sum())
 
     def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
-        """Σ over counted positions of the divergence term. Scalar."""
-        raise NotImplementedError
+        """Σ over counted positions of the divergence term to the method's target. Scalar."""
+        target = self.target(config)
+        if target is None:
+            raise NotImplementedError(f"method {self.name!r} defines neither a target nor kd_sum")
+        return target.kd_sum(batch.student_logits, refs, temperature=config.temperature,
+                             beta=config.beta, mask=batch.mask, chunk_size=config.chunk_size)  # fmt: skip
 
-    def fused_args(self, config: TrainConfig) -> dict[str, Any] | None:
-        """Arguments of `deltakd.losses.fused.fused_distill_loss` (`variant`, `target_role`,
-        `divergence`) computing this method's loss from hidden states, or None when the
-        method has no fused form (`fused_loss: true` is then refused)."""
-        return None
+    def fused_terms(
+        self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig, head: LogitHead
+    ) -> LossTerms:
+        """λ·SFT + (1−λ)·KD sums from the student's hidden states and output layer `head`
+        (`deltakd.heads.logit_head(model)`; `fused_loss: true`), computed by the method's
+        target."""
+        target = self.target(config)
+        assert target is not None and batch.student_hidden is not None
+        loss, parts = target.fused_sum(
+            batch.student_hidden, head, refs, labels=batch.labels.masked_fill(~batch.mask, -100),
+            mask=batch.mask, lam=config.lam, temperature=config.temperature, beta=config.beta,
+            chunk_size=config.chunk_size, vocab_size=refs.vocab_size,
+        )  # fmt: skip
+        return LossTerms(total=loss, sft=parts.get("sft"), kd=parts.get("kd"))
 
     def compute(
         self, batch: StudentBatch, refs: RoleLogits | None, config: TrainConfig
@@ -156,6 +193,18 @@ class Method:
         kd = self.kd_sum(batch, refs, config)
         total = kd if lam == 0.0 else lam * sft + (1.0 - lam) * kd
         return LossTerms(total=total, sft=sft, kd=kd)
+
+
+def method_arguments(method: str, cls: type[Section], raw: Mapping[str, Any]) -> Section:
+    """`raw` as the typed section `cls`; unknown keys are refused naming the allowed ones."""
+    allowed = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(
+                f"config field 'method_args.{key}' is not used by method {method!r}: "
+                f"allowed keys are {', '.join(allowed) or '(none)'}; remove it."
+            )
+    return cls(**dict(raw))
 
 
 def sft_sum(batch: StudentBatch) -> torch.Tensor:
@@ -202,12 +251,7 @@ def _load_plugins() -> None:
         return
     _loaded = True
     for module in METHOD_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and module.startswith(exc.name):
-                continue
-            raise
+        importlib.import_module(module)
 
 
 def method_names() -> tuple[str, ...]:
@@ -245,130 +289,26 @@ class SFT(Method):
 
 @register_method
 class KD(Method):
-    """D(π_teacher_ft, π_student) for any divergence."""
+    """D(π_teacher_ft, π_student) for any divergence (`deltakd.targets.kd_target`)."""
 
     name = "kd"
-
-    def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
-        from deltakd.losses import kd_loss
-
-        target = refs.target if refs.target is not None else refs.logits("teacher_ft")
-        return kd_loss(
-            batch.student_logits,
-            target,
-            divergence=config.divergence,
-            temperature=config.temperature,
-            beta=config.beta,
-            mask=batch.mask,
-            chunk_size=config.chunk_size,
-            reduction="sum",
-        )
-
-    def fused_args(self, config: TrainConfig) -> dict[str, Any] | None:
-        return {"variant": None, "target_role": "teacher_ft", "divergence": config.divergence}
 
 
 @register_method
 class DeltaKD(Method):
-    """D(softmax(z*/τ), π_student), z* = z_ft + α(z_student_raw − z_teacher_raw)."""
+    """D(softmax(z*/τ), π_student), z* = z_ft + α(z_student_raw − z_teacher_raw)
+    (`deltakd.targets.delta_kd_target`; at α = 0 the target is teacher_ft alone)."""
 
     name = "delta_kd"
-
-    def reference_roles(self, config: TrainConfig) -> tuple[str, ...]:
-        if config.alpha == 0.0:
-            return ("teacher_ft",)
-        return ("teacher_ft", "teacher_raw", "student_raw")
-
-    def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
-        from deltakd.losses import delta_kd_loss, kd_loss
-
-        common: dict[str, Any] = dict(
-            divergence=config.divergence,
-            temperature=config.temperature,
-            beta=config.beta,
-            mask=batch.mask,
-            chunk_size=config.chunk_size,
-            reduction="sum",
-        )
-        if refs.target is not None:  # a cache already holds z*
-            return kd_loss(batch.student_logits, refs.target, **common)
-        if config.alpha == 0.0:
-            return kd_loss(batch.student_logits, refs.logits("teacher_ft"), **common)
-        return delta_kd_loss(
-            batch.student_logits,
-            refs.logits("teacher_ft"),
-            refs.logits("teacher_raw"),
-            refs.logits("student_raw"),
-            alpha=config.alpha,
-            **common,
-        )
-
-    def fused_args(self, config: TrainConfig) -> dict[str, Any] | None:
-        if config.alpha == 0.0:
-            return {"variant": None, "target_role": "teacher_ft", "divergence": config.divergence}
-        return {"variant": "delta", "divergence": config.divergence}
 
 
 @register_method
 class Parallelogram(Method):
-    """A named target from `deltakd.losses.PARALLELOGRAM_VARIANTS`."""
+    """A named target from `deltakd.losses.PARALLELOGRAM_VARIANTS`
+    (`deltakd.targets.parallelogram_variant_target`)."""
 
     name = "parallelogram"
 
     def validate(self, config: TrainConfig) -> None:
-        from deltakd.losses import PARALLELOGRAM_VARIANTS
-
+        target_of(config)  # refuses an unknown `variant`, naming the catalogue
         super().validate(config)
-        if config.variant not in PARALLELOGRAM_VARIANTS:
-            raise ConfigError(
-                f"config field 'variant' = {config.variant!r} is not allowed: method "
-                f"'parallelogram' needs one of {', '.join(PARALLELOGRAM_VARIANTS)}."
-            )
-
-    def reference_roles(self, config: TrainConfig) -> tuple[str, ...]:
-        from deltakd.losses import get_variant
-
-        if config.variant is None:
-            return ()
-        return get_variant(config.variant).roles
-
-    def kd_sum(self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig) -> torch.Tensor:
-        from deltakd.losses import get_variant, kd_loss, parallelogram_loss
-
-        if refs.target is not None:  # a cache holds the variant's whole target
-            # The variant's own divergence (e.g. delta_rkl's rkl), which a sparse target refuses.
-            divergence = (
-                _variant_divergence(config) or get_variant(config.variant or "").default_divergence
-            )
-            return kd_loss(
-                batch.student_logits,
-                refs.target,
-                divergence=divergence,
-                temperature=config.temperature,
-                beta=config.beta,
-                mask=batch.mask,
-                chunk_size=config.chunk_size,
-                reduction="sum",
-            )
-        roles = get_variant(config.variant or "").roles
-        return parallelogram_loss(
-            batch.student_logits,
-            {r: refs.logits(r) for r in roles},
-            variant=config.variant or "",
-            alpha=config.alpha,
-            temperature=config.temperature,
-            divergence=_variant_divergence(config),
-            beta=config.beta,
-            mask=batch.mask,
-            chunk_size=config.chunk_size,
-            reduction="sum",
-        )
-
-    def fused_args(self, config: TrainConfig) -> dict[str, Any] | None:
-        return {"variant": config.variant, "divergence": _variant_divergence(config)}
-
-
-def _variant_divergence(config: TrainConfig) -> str | None:
-    # `divergence` defaults to fkl; a variant with its own default (e.g. delta_rkl) keeps it
-    # unless the user chose another divergence explicitly.
-    return config.divergence if config.divergence != "fkl" else None

@@ -50,10 +50,12 @@ for the sampling loop, the batch layout and the resume-exact seeding).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from deltakd.config.fields import Section, bad, help_meta
 from deltakd.errors import ConfigError
 from deltakd.losses.kd import chunked_sum
 from deltakd.train.methods import (
@@ -61,46 +63,47 @@ from deltakd.train.methods import (
     Method,
     StudentBatch,
     counted_chunks,
+    method_arguments,
     register_method,
 )
-from deltakd.train.on_policy import StudentSampler, check_method_args
+from deltakd.train.on_policy import StudentSampler
 
 if TYPE_CHECKING:
     from deltakd.train.config import TrainConfig
     from deltakd.train.trainer import DistillTrainer, RoleLogits
 
-#: method_args of minillm and their defaults
-MINILLM_DEFAULTS: dict[str, Any] = {
-    "teacher_mix": 0.2,
-    "importance_clip": 1.0,
-    "length_norm": True,
-}
+
+@dataclass(eq=True)
+class MiniLLMArgs(Section):
+    """`method_args` of `minillm`."""
+
+    key: ClassVar[str] = "method_args"
+
+    teacher_mix: float = field(
+        default=0.2,
+        metadata=help_meta("the teacher's share α of the sampling mixture, in [0, 1) (paper: 0.2)"),
+    )
+    importance_clip: float | None = field(
+        default=1.0,
+        metadata=help_meta("upper clip of the importance weight q/p̃ (> 0), or null for no clip"),
+    )
+    length_norm: bool = field(
+        default=True,
+        metadata=help_meta("average the rewards over the response instead of summing them"),
+    )
+
+    def validate(self) -> None:
+        if not 0.0 <= self.teacher_mix < 1.0:
+            raise bad("method_args.teacher_mix", self.teacher_mix, "a number in [0, 1) (the "
+                      "teacher's share α of the sampling mixture; paper: 0.2)")  # fmt: skip
+        if self.importance_clip is not None and not self.importance_clip > 0:
+            raise bad("method_args.importance_clip", self.importance_clip, "a number > 0 (upper "
+                      "clip of the importance weight q/p̃), or null for no clip")  # fmt: skip
 
 
-def minillm_settings(config: TrainConfig) -> dict[str, Any]:
-    """`method_args` merged over `MINILLM_DEFAULTS`, checked."""
-    check_method_args("minillm", config.method_args, tuple(MINILLM_DEFAULTS))
-    s = {**MINILLM_DEFAULTS, **config.method_args}
-    mix = s["teacher_mix"]
-    if isinstance(mix, bool) or not isinstance(mix, int | float) or not 0.0 <= mix < 1.0:
-        raise ConfigError(
-            f"config field 'method_args.teacher_mix' = {mix!r} is not allowed: expected a "
-            "number in [0, 1) (the teacher's share α of the sampling mixture; paper: 0.2)."
-        )
-    clip = s["importance_clip"]
-    if clip is not None and (
-        isinstance(clip, bool) or not isinstance(clip, int | float) or clip <= 0
-    ):
-        raise ConfigError(
-            f"config field 'method_args.importance_clip' = {clip!r} is not allowed: expected "
-            "a number > 0 (upper clip of the importance weight q/p̃), or null for no clip."
-        )
-    if not isinstance(s["length_norm"], bool):
-        raise ConfigError(
-            f"config field 'method_args.length_norm' = {s['length_norm']!r} is not allowed: "
-            "expected true or false."
-        )
-    return s
+def minillm_settings(config: TrainConfig) -> MiniLLMArgs:
+    """`method_args` as minillm's typed settings (defaults filled, values checked)."""
+    return method_arguments("minillm", MiniLLMArgs, config.method_args)  # type: ignore[return-value]
 
 
 def minillm_terms(
@@ -180,6 +183,7 @@ class MiniLLM(Method):
     """Reverse-KL policy gradient on teacher-mixed student samples (module docstring)."""
 
     name = "minillm"
+    args = MiniLLMArgs
     prefetch_ahead = False  # samples depend on the current weights
 
     def __init__(self) -> None:
@@ -222,9 +226,7 @@ class MiniLLM(Method):
         if self._teacher is None:
             # Servers / cache answer whole sequences; mixed sampling needs the teacher's
             # distribution at every decoding step, so keep a local copy for sampling.
-            from transformers import AutoModelForCausalLM
-
-            from deltakd.data.vocab import resolve_model_path
+            from deltakd.loading import load_model
 
             config = trainer.config
             if not config.teacher_ft:
@@ -232,20 +234,17 @@ class MiniLLM(Method):
                     "method 'minillm' with teacher_mix > 0 needs teacher_ft=PATH to sample "
                     "from the teacher-mixed distribution (or set method_args.teacher_mix=0)."
                 )
-            model = AutoModelForCausalLM.from_pretrained(
-                resolve_model_path(config.teacher_ft),
-                dtype=next(trainer.model.parameters()).dtype,
-                trust_remote_code=config.trust_remote_code,
-            )
-            model.to(next(trainer.model.parameters()).device).eval().requires_grad_(False)
-            self._teacher = model
+            student = next(trainer.model.parameters())
+            self._teacher = load_model(config.teacher_ft, dtype=student.dtype, role="teacher_ft",
+                                       device=student.device, frozen=True,
+                                       trust_remote_code=config.trust_remote_code)  # fmt: skip
         return self._teacher
 
     def prepare_batch(
         self, trainer: DistillTrainer, model: torch.nn.Module, inputs: dict[str, Any]
     ) -> dict[str, Any]:
         s = minillm_settings(trainer.config)
-        mix = float(s["teacher_mix"])
+        mix = float(s.teacher_mix)
         teacher = self._teacher_model(trainer) if mix > 0 else None
         gen = self._sampler.generator(trainer, inputs["input_ids"].device)
         return self._sampler.sample(
@@ -269,9 +268,9 @@ class MiniLLM(Method):
             batch.labels,
             batch.mask,
             temperature=config.temperature,
-            teacher_mix=float(s["teacher_mix"]),
-            importance_clip=s["importance_clip"],
-            length_norm=s["length_norm"],
+            teacher_mix=float(s.teacher_mix),
+            importance_clip=s.importance_clip,
+            length_norm=s.length_norm,
             chunk_size=config.chunk_size,
         )
         return LossTerms(total=surrogate, kd=rkl)

@@ -12,7 +12,7 @@ How a micro-batch is rewritten (`prepare_batch`, before the references and the f
    prompt included), left-truncated to `max_prompt_length` tokens;
 2. the student samples at most `min(max_new_tokens, max_length − longest prompt)` tokens per
    row at temperature `method_args.sample_temperature` (default: `temperature`, GKD's
-   choice), stopping at the tokenizer's eos / `<|im_end|>` (`deltakd.eval.generate`'s stop
+   choice), stopping at the tokenizer's eos / `<|im_end|>` (`deltakd.generation`'s stop
    tokens), which is kept;
 3. rows become `prompt + sample`, right-padded like the collator's; `assistant_mask` (hence the
    loss mask and the token count normalising the loss) covers the sampled tokens only, up to and
@@ -33,16 +33,40 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from deltakd.config.fields import Section, bad, help_meta
 from deltakd.errors import ConfigError
-from deltakd.train.methods import KD, DeltaKD, register_method
+from deltakd.train.methods import KD, DeltaKD, method_arguments, register_method
 
 if TYPE_CHECKING:
     from deltakd.train.config import TrainConfig
     from deltakd.train.trainer import DistillTrainer
+
+
+@dataclass(eq=True)
+class OnPolicyArgs(Section):
+    """`method_args` of `kd` / `delta_kd` with `on_policy_ratio > 0`."""
+
+    key: ClassVar[str] = "method_args"
+
+    sample_temperature: float | None = field(
+        default=None,
+        metadata=help_meta(
+            "the student's sampling temperature (> 0) for on-policy batches",
+            default_text="`temperature`",
+        ),
+    )
+
+    def validate(self) -> None:
+        t = self.sample_temperature
+        if t is not None and (not t > 0 or t == float("inf")):
+            raise bad("method_args.sample_temperature", t,
+                      "a finite number > 0 (the student's sampling temperature)")  # fmt: skip
+
 
 #: method_args keys the on-policy mode reads (for kd and delta_kd)
 ON_POLICY_ARGS: tuple[str, ...] = ("sample_temperature",)
@@ -251,7 +275,7 @@ class StudentSampler:
         teacher_mix: float = 0.0,
     ) -> dict[str, Any]:
         """The micro-batch with its responses replaced by samples (see module docstring)."""
-        from deltakd.eval.generate import stop_token_ids
+        from deltakd.generation import stop_token_ids
 
         config = trainer.config
         tokenizer = trainer.processing_class
@@ -276,34 +300,18 @@ class StudentSampler:
         return build_sampled_batch(inputs, prompts, responses, pad_id)
 
 
-def check_method_args(method: str, args: dict[str, Any], allowed: Sequence[str]) -> None:
-    """Refuse unknown `method_args` keys, naming the allowed ones."""
-    for key in args:
-        if key not in allowed:
-            raise ConfigError(
-                f"config field 'method_args.{key}' is not used by method {method!r}: "
-                f"allowed keys are {', '.join(allowed) or '(none)'}; remove it."
-            )
-
-
 def _sample_temperature(config: TrainConfig) -> float:
-    value = config.method_args.get("sample_temperature", config.temperature)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(
-            f"config field 'method_args.sample_temperature' = {value!r} is not allowed: "
-            "expected a finite number > 0 (the student's sampling temperature)."
-        )
-    return value
+    args = method_arguments(config.method, OnPolicyArgs, config.method_args)
+    t = args.sample_temperature  # type: ignore[attr-defined]
+    return float(t) if t is not None else float(config.temperature)
 
 
 class _OnPolicyMixin:
     """`prepare_batch` that samples a fraction `on_policy_ratio` of the micro-batches."""
 
     supports_on_policy = True
+    #: read only with `on_policy_ratio > 0` (then checked in `validate`)
+    args = OnPolicyArgs
     name: str
 
     def validate(self, config: TrainConfig) -> None:
@@ -316,7 +324,6 @@ class _OnPolicyMixin:
                     "fixed sequences, not for the student's samples; use references: local or "
                     "servers, or on_policy_ratio=0."
                 )
-            check_method_args(self.name, config.method_args, ON_POLICY_ARGS)
             _sample_temperature(config)
 
     def prefetches_ahead(self, config: TrainConfig) -> bool:

@@ -5,7 +5,7 @@ plain SFT (cross-entropy on the assistant tokens) on those answers instead of th
 
 - Prompts are each row's messages before its last assistant message; the teacher's reply
   replaces that message (later messages are dropped). Generation goes through
-  `deltakd.eval.generate` (batched, left-padded, stopping at eos / `<|im_end|>`), greedy by
+  `deltakd.generation` (batched, left-padded, stopping at eos / `<|im_end|>`), greedy by
   default, at most `max_new_tokens` tokens.
 - The generations are cached as JSONL in `output_dir/seqkd_generations.jsonl` (or
   `method_args.cache_file`), one line per prompt keyed by a SHA-256 of the rendered prompt, the
@@ -22,32 +22,51 @@ plain SFT (cross-entropy on the assistant tokens) on those answers instead of th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import deltakd.eval.generate as generation
+import deltakd.generation as generation
+from deltakd.config.fields import Section, help_meta
 from deltakd.errors import CacheError, ConfigError, DataError
-from deltakd.train.methods import SFT, register_method
-from deltakd.train.on_policy import check_method_args
+from deltakd.train.methods import SFT, method_arguments, register_method
 
 if TYPE_CHECKING:
     from deltakd.train.config import TrainConfig
 
 logger = logging.getLogger("deltakd.train")
 
-SEQKD_ARGS: tuple[str, ...] = (
-    "do_sample",
-    "temperature",
-    "top_p",
-    "seed",
-    "batch_size",
-    "cache_file",
-)
+
+@dataclass(eq=True)
+class SeqKDArgs(Section):
+    """`method_args` of `seqkd`: how the teacher decodes, and where its replies are cached."""
+
+    key: ClassVar[str] = "method_args"
+
+    do_sample: bool = field(
+        default=False, metadata=help_meta("sample the teacher's replies instead of greedy")
+    )
+    temperature: float = field(default=1.0, metadata=help_meta("sampling temperature (> 0)"))
+    top_p: float = field(default=1.0, metadata=help_meta("nucleus sampling mass, in (0, 1]"))
+    seed: int | None = field(
+        default=None, metadata=help_meta("sampling seed", default_text="the run's `seed`")
+    )
+    batch_size: int = field(default=16, metadata=help_meta("prompts per generation batch"))
+    cache_file: str | None = field(
+        default=None,
+        metadata=help_meta(
+            "JSONL cache of the replies", default_text="`<output_dir>/seqkd_generations.jsonl`"
+        ),
+    )
+
+
+SEQKD_ARGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SeqKDArgs))
 CACHE_NAME = "seqkd_generations.jsonl"
 #: prompts generated between two appends to the cache file
 CHUNK = 64
@@ -55,22 +74,16 @@ CHUNK = 64
 
 def generation_settings(config: TrainConfig) -> generation.GenerationSettings:
     """The teacher's decoding settings from `max_new_tokens` and `method_args`."""
-    check_method_args("seqkd", config.method_args, SEQKD_ARGS)
-    a = config.method_args
+    a: SeqKDArgs = method_arguments("seqkd", SeqKDArgs, config.method_args)  # type: ignore[assignment]
     try:
         return generation.GenerationSettings(
             max_new_tokens=config.max_new_tokens,
-            batch_size=int(a.get("batch_size", 16)),
-            do_sample=bool(a.get("do_sample", False)),
-            temperature=float(a.get("temperature", 1.0)),
-            top_p=float(a.get("top_p", 1.0)),
-            seed=int(a.get("seed", config.seed)),
+            batch_size=a.batch_size,
+            do_sample=a.do_sample,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            seed=a.seed if a.seed is not None else config.seed,
         )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"config field 'method_args' = {dict(a)!r} is not allowed for seqkd: {exc}. "
-            "Expected do_sample (bool), temperature / top_p (numbers), seed / batch_size (ints)."
-        ) from exc
     except ConfigError as exc:
         raise ConfigError(f"seqkd method_args: {exc}") from exc
 
@@ -176,7 +189,8 @@ def teacher_generations(
     texts = generation.render_prompts(tokenizer, prompts)
     identity = teacher_identity(config.teacher_ft)
     keys = [cache_key(t, identity, settings) for t in texts]
-    path = Path(config.method_args.get("cache_file") or Path(config.output_dir) / CACHE_NAME)
+    cache_file = method_arguments("seqkd", SeqKDArgs, config.method_args).cache_file  # type: ignore[attr-defined]
+    path = Path(cache_file or Path(config.output_dir) / CACHE_NAME)
     cached = read_cache(path)
     todo: dict[str, int] = {}  # key -> first row with that prompt
     for i, k in enumerate(keys):
@@ -201,9 +215,10 @@ def teacher_generations(
         try:
             for start in range(0, len(items), CHUNK):
                 chunk = items[start : start + CHUNK]
-                replies = generation.generate(
+                gens = generation.generate(
                     model, tokenizer, [prompts[i] for _, i in chunk], settings, progress=False
                 )
+                replies = [g.text for g in gens]
                 records = [
                     {"key": k, "prompt": texts[i], "response": reply}
                     for (k, i), reply in zip(chunk, replies, strict=True)
@@ -218,27 +233,11 @@ def teacher_generations(
 
 
 def _load_teacher(config: TrainConfig, device: Any) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from deltakd.loading import choose_device, load_model, reference_dtype
 
-    from deltakd.data.vocab import resolve_model_path
-
-    dtype_name = config.reference_dtype if config.reference_dtype != "auto" else config.precision
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(config.teacher_ft or ""),
-            dtype=dtype,
-            trust_remote_code=config.trust_remote_code,
-        )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load the teacher_ft model from {config.teacher_ft!r}: {exc}. Set "
-            "`teacher_ft` to a model directory or Hub name."
-        ) from exc
-    if device is None:
-        device = "cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu"
-    return model.to(device).eval().requires_grad_(False)
+    return load_model(config.teacher_ft or "", dtype=reference_dtype(config), role="teacher_ft",
+                      device=device if device is not None else choose_device(config.device),
+                      trust_remote_code=config.trust_remote_code, frozen=True)  # fmt: skip
 
 
 @register_method
@@ -246,6 +245,7 @@ class SeqKD(SFT):
     """SFT on teacher_ft's (cached) responses to the training prompts."""
 
     name = "seqkd"
+    args = SeqKDArgs
 
     def validate(self, config: TrainConfig) -> None:
         super().validate(config)

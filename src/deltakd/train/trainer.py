@@ -34,68 +34,19 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from deltakd.errors import DeltaKDError, NonFiniteError
+from deltakd.config import TrainConfig
+from deltakd.errors import NonFiniteError
 from deltakd.heads import logit_head
-from deltakd.losses.heads import as_logit_head
-from deltakd.references.base import ReferenceBatch, ReferenceSource
-from deltakd.train.config import TrainConfig
+from deltakd.references.base import ReferenceSource
+from deltakd.references.role_logits import RoleLogits
 from deltakd.train.methods import LossTerms, Method, StudentBatch
+
+__all__ = ["REF_KEY", "DistillTrainer", "RoleLogits", "SigtermCheckpoint"]
 
 logger = logging.getLogger("deltakd.train")
 
 #: key of the int that ties a micro-batch to its prefetched references
 REF_KEY = "_ref_key"
-
-
-class RoleLogits:
-    """The frozen roles' logits for one micro-batch, aligned with `StudentBatch.student_logits`.
-
-    `logits(role)` returns `[B, T-1, V]` (next-token positions, shared vocabulary), computed
-    from hidden states and the role's output layer (`LogitHead`: bias, scale and soft cap as the
-    model's forward) when the source sent hidden states. `target` is
-    the source's ready `SparseTarget` (offline cache), trimmed the same way, or None.
-    """
-
-    def __init__(
-        self,
-        ref: ReferenceBatch,
-        heads: Mapping[str, torch.Tensor],
-        vocab_size: int,
-        device: torch.device,
-    ) -> None:
-        self.ref = ref
-        self.heads = heads
-        self.vocab_size = vocab_size
-        self.device = device
-        self._cache: dict[str, torch.Tensor] = {}
-        self.target = _trim_sparse(ref.target, device) if ref.target is not None else None
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        return tuple(self.ref.logits) + tuple(self.ref.hidden)
-
-    def logits(self, role: str) -> torch.Tensor:
-        if role in self._cache:
-            return self._cache[role]
-        v = self.vocab_size
-        if role in self.ref.logits:
-            out = self.ref.logits[role][:, :-1, :v]
-        elif role in self.ref.hidden:
-            head = as_logit_head(self.heads[role]).to(self.device)
-            hidden = self.ref.hidden[role][:, :-1]  # (B, T-1, H)
-            out = head.apply(hidden.to(self.device), vocab=v)  # (B, T-1, V)
-        else:
-            raise DeltaKDError(
-                f"the reference source returned no output for role {role!r} (it sent "
-                f"{', '.join(self.roles) or 'nothing'}); configure that role for the source."
-            )
-        out = out.to(self.device, non_blocking=True)
-        self._cache[role] = out
-        return out
-
-
-def _trim_sparse(target: Any, device: torch.device) -> Any:
-    return target.map_positions(lambda t: t[:, :-1].to(device))
 
 
 class DistillTrainer(Trainer):
@@ -232,7 +183,9 @@ class DistillTrainer(Trainer):
         if skip_reason is None:
             if fused:
                 assert refs is not None
-                terms = self._fused_terms(batch, refs)
+                # The student's output layer as its forward computes it (deltakd.heads).
+                head = logit_head(self.accelerator.unwrap_model(model))
+                terms = self.method.fused_terms(batch, refs, self.config, head)
             else:
                 terms = self.method.compute(batch, refs, self.config)
             if not torch.isfinite(terms.total.detach()).all():
@@ -269,52 +222,6 @@ class DistillTrainer(Trainer):
         # DDP averages gradients over processes; the normaliser already counts all of them.
         loss = terms.total / denom * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
-
-    def _fused_terms(self, batch: StudentBatch, refs: RoleLogits) -> LossTerms:
-        """λ·SFT + (1−λ)·KD sums straight from the student's hidden states (`fused_loss`)."""
-        from deltakd.losses.fused import fused_distill_loss
-
-        cfg = self.config
-        args = dict(self.method.fused_args(cfg) or {})
-        device = batch.input_ids.device
-        ref_inputs: dict[str, Any] = {}
-        if refs.target is not None:
-            # A cached target is the whole z*: plain KD against it.
-            args.update(variant=None, target_role="teacher_ft")
-            ref_inputs["teacher_ft"] = refs.target
-        else:
-            heads = refs.heads
-            for role in self.needed_roles:
-                if role in refs.ref.logits:
-                    ref_inputs[role] = refs.ref.logits[role][:, :-1].to(device)
-                elif role in refs.ref.hidden:
-                    ref_inputs[role] = (
-                        refs.ref.hidden[role][:, :-1].to(device),
-                        as_logit_head(heads[role]).to(device),
-                    )
-                else:
-                    refs.logits(role)  # raises the "no output for role" error
-        # The student's output layer as its forward computes it (refused if not reproducible).
-        head = logit_head(self.accelerator.unwrap_model(self.model))
-        lam = cfg.lam
-        labels = batch.labels.masked_fill(~batch.mask, -100)
-        loss, parts = fused_distill_loss(
-            batch.student_hidden,
-            head,
-            ref_inputs,
-            alpha=cfg.alpha,
-            temperature=cfg.temperature,
-            beta=cfg.beta,
-            mask=batch.mask,
-            chunk_size=cfg.chunk_size,
-            reduction="sum",
-            sft_weight=lam,
-            labels=labels if lam > 0 else None,
-            vocab_size=self.vocab_size,
-            return_components=True,
-            **args,
-        )
-        return LossTerms(total=loss, sft=parts.get("sft"), kd=parts.get("kd"))
 
     def _check_refs(self, refs: RoleLogits, batch: StudentBatch, key: int) -> str | None:
         mask = batch.mask
@@ -362,6 +269,16 @@ class DistillTrainer(Trainer):
             )
         logger.warning("skipping %s: %s", where, what)
         return what
+
+    # --- the run's summary ---------------------------------------------------------------------
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        # The HF Trainer adds the loss accumulated since the last log to the summary
+        # `train_loss` from this process alone, while the logged losses are means over the
+        # processes; our per-process loss is scaled by the process count (see compute_loss),
+        # so un-gathered it would be rank 0's share × world size. Average it first.
+        if self.args.world_size > 1:
+            self._tr_loss = self.accelerator.reduce(self._tr_loss.detach().clone(), "mean")
+        return super()._finalize_training(*args, **kwargs)
 
     # --- gradients ---------------------------------------------------------------------------
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:

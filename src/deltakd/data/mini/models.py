@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,6 @@ def make_model(shape: ModelShape, tokenizer: Any, *, seed: int):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     return model
-
-
-def shape_dict(shape: ModelShape) -> dict[str, int]:
-    return asdict(shape)
 
 
 def pack_corpus(docs: list[str], tokenizer: Any, block: int = BLOCK):

@@ -1,4 +1,4 @@
-"""Offline target cache (DESIGN.md §2, source 3): sparse z* computed once, trained from often.
+"""Offline target cache (docs/ARCHITECTURE.md §2, source 3): sparse z* computed once, trained from often.
 
 Public API (imported lazily so `deltakd --help` does not load torch)::
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from deltakd.errors import CacheError, ConfigError, NonFiniteError
+from deltakd.loading import choose_device, reference_dtype
 from deltakd.references.cache.format import (
-    CACHEABLE_METHODS,
     FORMAT_NAME,
     SHARD_PATTERN,
     TAIL_MODEL_NAME,
@@ -39,6 +39,7 @@ from deltakd.references.cache.format import (
     write_manifest,
 )
 from deltakd.references.cache.writer import CachedRow, encode_rows, write_shard
+from deltakd.targets import TARGET_BUILDERS, Target, target_of
 
 logger = logging.getLogger("deltakd.cache")
 
@@ -72,14 +73,15 @@ class EncodedDataset:
 
 
 def encode_dataset(config: Any, tokenizer: Any) -> EncodedDataset:
-    """Load and encode the config's training set the way `deltakd.train.api.train` does."""
+    """Load and encode the config's training set the way `deltakd.train.api.train` does.
+
+    Cacheable targets belong to methods that train on the dataset's rows as they are (a
+    method that rewrites them, as SeqKD does, has no fixed target), so no `prepare_rows` runs.
+    """
     from deltakd.data.specs import load_rows
     from deltakd.data.tokenize import encode_rows as encode_chat_rows
-    from deltakd.train.methods import get_method
 
-    method = get_method(config.method)
     rows = load_rows(config.dataset, config.train_split, limit=config.limit)
-    rows = method.prepare_rows(rows, {"config": config, "tokenizer": tokenizer})
     encoded, kept, stats = encode_chat_rows(tokenizer, rows, max_length=config.max_length,
                                             truncation=config.truncation)  # fmt: skip
     ids = [e.input_ids for e in encoded]
@@ -87,61 +89,31 @@ def encode_dataset(config: Any, tokenizer: Any) -> EncodedDataset:
                           keys=[row_key(x) for x in ids], stats=stats)  # fmt: skip
 
 
-def check_cacheable(config: Any) -> None:
-    """Refuse methods and settings whose target is not a fixed function of the frozen models."""
-    if config.method not in CACHEABLE_METHODS:
+def cacheable_target(config: Any) -> Target:
+    """The config's target, refused (ConfigError naming the cause) when it is not a fixed
+    function of the frozen models and the dataset, or uses another divergence than fkl."""
+    target = target_of(config)
+    if target is None:
         raise ConfigError(f"method {config.method!r} cannot train from an offline cache: its "
                           f"target is not a fixed function of the frozen models. The cache "
-                          f"serves {', '.join(CACHEABLE_METHODS)}; use references: local or "
+                          f"serves {', '.join(TARGET_BUILDERS)}; use references: local or "
                           "servers.")  # fmt: skip
-    if config.method == "parallelogram":
-        from deltakd.losses import get_variant
-
-        variant = get_variant(config.variant or "")
-        live = [r for r, _, _ in variant.terms if r in ("student", "student_sg")]
-        if live:
-            raise ConfigError(f"parallelogram variant {variant.name!r} puts the live student "
-                              f"({live[0]}) inside the target, which changes every step, so it "
-                              "cannot be cached; use references: local or servers.")  # fmt: skip
-    divergence = config.divergence
-    if config.method == "parallelogram" and divergence == "fkl":
-        # The trainer uses the variant's own divergence unless another one is chosen.
-        from deltakd.losses import get_variant
-
-        divergence = get_variant(config.variant or "").default_divergence
-    if divergence != "fkl":
-        raise ConfigError(f"divergence {divergence!r} (config field 'divergence' = "
-                          f"{config.divergence!r}, method {config.method!r}) cannot use an "
-                          "offline cache: sparse top-k targets support the forward KL (fkl) "
-                          "only. Use an fkl method/variant or references: local / servers.")  # fmt: skip
+    target.check_cacheable(config)
     if getattr(config, "on_policy_ratio", 0.0) > 0:
         raise ConfigError(f"config field 'on_policy_ratio' = {config.on_policy_ratio} cannot use "
                           "an offline cache: on-policy samples are new text the cache has never "
                           "seen. Set on_policy_ratio=0 or use references: local / servers.")  # fmt: skip
+    return target
 
 
-def target_description(config: Any, k: int) -> dict[str, Any]:
-    """The manifest's `target` entry: which distribution the stored top-k belong to."""
-    if config.method == "kd":
-        alpha, formula = None, "z = z_teacher_ft"
-    elif config.method == "delta_kd":
-        alpha, formula = (
-            float(config.alpha),
-            "z* = z_teacher_ft + α·(z_student_raw − z_teacher_raw)",
-        )
-    else:
-        from deltakd.losses import get_variant
-
-        alpha, formula = float(config.alpha), get_variant(config.variant or "").formula
-    return {"method": config.method, "variant": config.variant if config.method == "parallelogram"
-            else None, "alpha": alpha, "temperature": float(config.temperature), "k": int(k),
-            "formula": formula}  # fmt: skip
+def check_cacheable(config: Any) -> None:
+    """Refuse methods and settings whose target is not a fixed function of the frozen models."""
+    cacheable_target(config)
 
 
 def reference_roles(config: Any) -> tuple[str, ...]:
-    from deltakd.train.methods import get_method
-
-    return tuple(get_method(config.method).reference_roles(config))
+    """Frozen roles the config's target needs."""
+    return cacheable_target(config).roles
 
 
 def expected_manifest(config: Any, settings: CacheSettings, tokenizer: Any,
@@ -183,7 +155,7 @@ def expected_manifest(config: Any, settings: CacheSettings, tokenizer: Any,
     from deltakd import __version__
 
     return CacheManifest(
-        target=target_description(config, k),
+        target=cacheable_target(config).describe(k, config.temperature),
         models=models,
         tokenizer={
             "path": str(config.tokenizer_path),
@@ -207,7 +179,7 @@ def expected_manifest(config: Any, settings: CacheSettings, tokenizer: Any,
         rows_per_shard=settings.rows_per_shard,
         references={
             "source": settings.source,
-            "dtype": str(_reference_dtype(config)).removeprefix("torch."),
+            "dtype": str(reference_dtype(config)).removeprefix("torch."),
             "servers": dict(config.servers) if settings.source == "servers" else None,
         },
         created_by=f"deltakd {__version__}",
@@ -223,29 +195,7 @@ def _response_count(mask: Sequence[bool]) -> int:
 
 def target_logits(config: Any, logits: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """The target logits `[B, T-1, V]` of the config's method from the roles' logits."""
-    from deltakd.losses import delta_target, parallelogram_target
-
-    if config.method == "kd" or (config.method == "delta_kd" and config.alpha == 0.0):
-        return logits("teacher_ft").float()
-    if config.method == "delta_kd":
-        return delta_target(logits("teacher_ft"), logits("teacher_raw"), logits("student_raw"),
-                            alpha=config.alpha)  # fmt: skip
-    from deltakd.losses import get_variant
-
-    variant = get_variant(config.variant or "")
-    refs = {r: logits(r) for r in variant.roles}
-    return parallelogram_target(variant, None, refs, alpha=config.alpha)  # type: ignore[arg-type]
-
-
-def _reference_dtype(config: Any) -> torch.dtype:
-    name = config.reference_dtype if config.reference_dtype != "auto" else config.precision
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def _device(config: Any) -> torch.device:
-    if config.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
+    return cacheable_target(config).logits(logits)
 
 
 # --- the build ---------------------------------------------------------------------------------
@@ -350,7 +300,9 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
                 next_key = _FIT_KEYS
                 _write_tail_model(tail_path, tail_model, h)
         # Moved once to where the targets are made, so each row's projection stays there.
-        basis, offset = (t.to(_device(config)) for t in tail_model) if tail_model else (None, None)
+        basis, offset = (
+            (t.to(choose_device(config.device)) for t in tail_model) if tail_model else (None, None)
+        )
         bar = tqdm(total=len(uniq), unit="row", desc=f"cache {cache_dir.name}", disable=not show)
         for s in range(n_shards):
             lo, hi = s * rps, min((s + 1) * rps, len(uniq))
@@ -438,10 +390,10 @@ def _batch_target(config: Any, source: Any, vocab_size: int, key: int,
                   batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The method's target logits `(B, T-1, V)` for a collated batch, and its response mask
     `(B, T-1)` (the positions the trainer counts)."""
-    from deltakd.train.trainer import RoleLogits
+    from deltakd.references.role_logits import RoleLogits
 
     ref = source.fetch(key, batch)
-    logits = RoleLogits(ref, source.lm_heads(), vocab_size, _device(config)).logits
+    logits = RoleLogits(ref, source.lm_heads(), vocab_size, choose_device(config.device)).logits
     mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
     return target_logits(config, logits), mask
 
@@ -503,11 +455,12 @@ def _write_tail_model(path: Path, model: tuple[torch.Tensor, torch.Tensor], h: s
 
 
 def _build_source(config: Any, settings: CacheSettings, roles: Sequence[str]) -> Any:
-    from deltakd.train.api import build_reference_source
+    from deltakd.references.factory import build_reference_source
 
     # `references: cache` in the training config: build from `cache.source` instead.
     cfg = config.replace(references=settings.source)
-    return build_reference_source(cfg, tuple(roles), _device(config), _reference_dtype(config))
+    return build_reference_source(cfg, tuple(roles), choose_device(config.device),
+                                  reference_dtype(config))  # fmt: skip
 
 
 def _first_difference(old: CacheManifest, new: CacheManifest) -> tuple[str, Any, Any]:

@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _build(args: argparse.Namespace) -> int:
     import logging
 
+    from deltakd.config import load_config
     from deltakd.references.cache.build import build_cache
-    from deltakd.train.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, args.overrides)

@@ -1,4 +1,4 @@
-"""`CacheReferences`: the offline cache as a `ReferenceSource` (DESIGN.md §2, source 3).
+"""`CacheReferences`: the offline cache as a `ReferenceSource` (docs/ARCHITECTURE.md §2, source 3).
 
 `fetch` looks each batch row up by the hash of its token ids and returns one `SparseTarget`
 of leading shape [B, T] aligned with `input_ids`: the entry at position t is the target for
@@ -180,7 +180,7 @@ def from_config(config: Any, roles: tuple[str, ...], device: torch.device) -> Ca
     (spec, split, limit, max_length, truncation and, with `cache.verify_dataset`, the hash of
     the encoded rows) and the fingerprint of every reference model the config names.
     """
-    from deltakd.data.vocab import load_tokenizer
+    from deltakd.loading import load_tokenizer
     from deltakd.references.cache.build import (
         check_cacheable,
         encode_dataset,

@@ -1,0 +1,158 @@
+"""Typed nested sections of the training config: `cache:` and `servers:`.
+
+Each field is optional: unset means the consumer's default, which its help names (the cache
+builder's `CacheSettings`, the teacher-server client). Types, allowed values and ranges are
+checked here, when the config is read, with the `section.key` name in every refusal; the
+sections read as mappings of what the user set, so the consumers receive exactly that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from deltakd.config.fields import Section, at_least, bad, help_meta, positive
+
+_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _opt(text: str, *, choices: tuple[str, ...] | None = None, default: str) -> Any:
+    return field(default=None, metadata=help_meta(text, choices=choices, default_text=default))
+
+
+@dataclass(eq=True)
+class CacheSection(Section):
+    """`references: cache` and `deltakd cache build` (docs/USAGE.md, 'Offline target cache')."""
+
+    key: ClassVar[str] = "cache"
+
+    dir: str | None = _opt("cache directory", default="`<output_dir>/target_cache`")
+    k: int | str | None = _opt(
+        "top-k entries kept per position (`V` = the whole vocabulary)", default="`64`"
+    )
+    tail_rank: int | None = _opt(
+        "rank r of the tail model (0 = tail bucket only); costs r × value bytes per position",
+        default="`0`",
+    )
+    tail_fit_positions: int | None = _opt(
+        "response positions (from the first rows) the tail model is fitted on", default="`4096`"
+    )
+    value_dtype: str | None = _opt(
+        "log-probabilities (and tail coefficients) as `fp16`, `bf16` or `fp32`",
+        choices=_DTYPES,
+        default="`fp16`",
+    )
+    index_dtype: str | None = _opt(
+        "token ids: `uint16` (V ≤ 65536), `uint24`, `int32`, or `auto` (the narrowest)",
+        choices=("auto", "uint16", "uint24", "int32"),
+        default="`auto`",
+    )
+    rows_per_shard: int | None = _opt("rows per shard file, the unit of resume", default="`1024`")
+    batch_size: int | None = _opt(
+        "rows per reference forward pass while building", default="`per_device_batch_size`"
+    )
+    source: str | None = _opt(
+        "where the build gets the frozen models' outputs: `local` or `servers`",
+        choices=("local", "servers"),
+        default="`local`",
+    )
+    verify: bool | None = _opt(
+        "check each shard's sha256 the first time a run reads it", default="`true`"
+    )
+    verify_dataset: bool | None = _opt(
+        "tokenize the run's dataset at start and compare its hash with the cache's",
+        default="`true`",
+    )
+
+    def validate(self) -> None:
+        if isinstance(self.k, str) and self.k.upper() != "V":
+            raise bad("cache.k", self.k, "an integer >= 1, or V for the whole vocabulary")
+        if isinstance(self.k, int) and self.k < 0:
+            raise bad("cache.k", self.k, "an integer >= 1, or V for the whole vocabulary")
+        if self.tail_rank is not None and self.tail_rank < 0:
+            raise bad("cache.tail_rank", self.tail_rank, "an integer >= 0 (0 = no tail model, "
+                      "the tail is one bucket; e.g. 64)")  # fmt: skip
+        for name in ("tail_fit_positions", "rows_per_shard", "batch_size"):
+            if getattr(self, name) is not None:
+                at_least(f"cache.{name}", getattr(self, name), 1)
+
+
+@dataclass(eq=True)
+class ServersSection(Section):
+    """`references: servers` (docs/USAGE.md, 'Teacher servers'). The keys from `model` down
+    set every role's server; `roles: {ROLE: {...}}` overrides them per role."""
+
+    key: ClassVar[str] = "servers"
+
+    timeout: float | None = _opt(
+        "seconds to wait for one reply before the server counts as hung or dead", default="`60`"
+    )
+    start_timeout: float | None = _opt(
+        "seconds a launched server may take to load its model", default="`300`"
+    )
+    restart: bool | None = _opt(
+        "relaunch a launched server that died or hung and send its batches again",
+        default="`false`",
+    )
+    max_restarts: int | None = _opt("restarts allowed per role over the run", default="`3`")
+    max_inflight: int | None = _opt(
+        "requests per role sent ahead and not yet fetched (prefetch depth)", default="`2`"
+    )
+    transport: str | None = _opt(
+        "`shm` (same host), `frame` (ZeroMQ frames, any host), `cuda` (CUDA IPC), `auto` (shm "
+        "for local endpoints, else frame)",
+        choices=("auto", "shm", "frame", "cuda"),
+        default="`auto`",
+    )
+    zero_copy: bool | None = _opt(
+        "read replies as views into the shared-memory slots instead of private copies",
+        default="`true`",
+    )
+    threads: int | None = _opt("torch CPU threads of launched servers", default="torch's default")
+    run_id: str | None = _opt("names this run's shared memory and sockets", default="random")
+    cuda_device: str | None = _opt(
+        "the GPU the trainer receives CUDA IPC tensors on", default="the student's device"
+    )
+    curve_client_key: str | None = _opt(
+        "this client's CURVE `.key_secret` file, for servers with `curve_server_key`",
+        default="none",
+    )
+    model: str | None = _opt(
+        "model a launched server loads (and where hidden-state mode reads the lm_head)",
+        default="the role's path in the config",
+    )
+    endpoint: str | None = _opt("ZeroMQ address of a running server", default="none (launch one)")
+    device: str | None = _opt("device of a launched server", default="`cpu`")
+    output: str | None = _opt(
+        "`logits`, or `hidden` (last hidden states; the trainer applies the lm_head, e.g. with "
+        "`fused_loss`)",
+        choices=("logits", "hidden"),
+        default="`logits`",
+    )
+    dtype: str | None = _opt("dtype on the wire", choices=_DTYPES, default="`bf16`")
+    launch: bool | None = _opt("start the server here", default="`true` without an endpoint")
+    curve_server_key: str | None = _opt(
+        "the running server's public CURVE `.key` file", default="none"
+    )
+    fault: str | None = _opt("fault injection, for the reliability tests only", default="none")
+    roles: dict[str, Any] | None = field(
+        default=None,
+        metadata=help_meta(
+            "per-role settings: `roles.<role>.<key>` with the keys from `model` down",
+            default_text="none",
+        ),
+    )
+
+    def validate(self) -> None:
+        for name in ("timeout", "start_timeout"):
+            if getattr(self, name) is not None:
+                positive(f"servers.{name}", getattr(self, name))
+        for name, lo in (("max_restarts", 0), ("max_inflight", 1), ("threads", 1)):
+            if getattr(self, name) is not None:
+                at_least(f"servers.{name}", getattr(self, name), lo)
+        for role, entry in (self.roles or {}).items():
+            if not isinstance(entry, dict):
+                raise bad(f"servers.roles.{role}", entry, "a mapping of server settings")
+
+
+SECTIONS: dict[str, type[Section]] = {"cache": CacheSection, "servers": ServersSection}
