@@ -29,8 +29,8 @@ from deltakd.references.cache.format import (
     CacheManifest,
     CacheSettings,
     ShardInfo,
-    bytes_per_position,
     dataset_hash,
+    encoding_fields,
     file_sha256,
     model_fingerprint,
     read_manifest,
@@ -192,11 +192,7 @@ def expected_manifest(config: Any, settings: CacheSettings, tokenizer: Any,
         },
         dataset=dataset,
         encoding={
-            "index_dtype": index_dtype,
-            "value_dtype": settings.value_dtype,
-            "tail_dtype": "fp32",
-            "position_dtype": "int32",
-            "bytes_per_position": bytes_per_position(k, index_dtype, settings.value_dtype, rank),
+            **encoding_fields(k, index_dtype, settings.value_dtype, rank, v),
             # Only with a tail model, so caches built before it existed keep their hash.
             **(
                 {"tail_rank": rank, "tail_fit_positions": settings.tail_fit_positions}
