@@ -86,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed calls per implementation (--peers only)"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a torch.profiler table of one more call of each implementation (--peers only)",
+    )
 
 
 # --------------------------------------------------------------------------- memory probes

@@ -223,6 +223,15 @@ def _worker(args: argparse.Namespace) -> int:
         loss = call()
         times.append(time.perf_counter() - start)
     peak = probe.peak()
+    profile = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            call()
+        profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18,
+                                            max_name_column_width=40)  # fmt: skip
     out = {
         "method": method,
         "seconds": statistics.median(times),
@@ -232,6 +241,7 @@ def _worker(args: argparse.Namespace) -> int:
         "peak_rss_bytes": peak,
         "loss": loss,
         "threads": torch.get_num_threads(),
+        "profile": profile,
     }
     if method not in ("matmul", "delta_matmul"):
         out["grad_hidden_norm"] = float(hid["student"].grad.norm())
@@ -254,6 +264,8 @@ def _run_worker(method: str, args: argparse.Namespace) -> dict | str:
            "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
            "--beta", str(args.beta), "--seed", str(args.seed), "--threads", str(args.threads),
            "--repeats", str(args.repeats)]  # fmt: skip
+    if getattr(args, "profile", False):
+        cmd.append("--profile")
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -292,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
             failed[method] = r
         else:
             results[method] = r
+            if r.get("profile"):
+                print(f"torch.profiler, one more {method} call (self CPU time):\n{r['profile']}")
     _table(results, args)
     if args.json:
         keys = ("seconds", "baseline_rss_bytes", "peak_rss_bytes", "loss", "warmup_seconds")
@@ -359,6 +373,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default=None)
+    parser.add_argument("--profile", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:

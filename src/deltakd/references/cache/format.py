@@ -28,8 +28,8 @@ trainer then spreads each position's tail mass like the dense target instead of 
 **Format version 2** (`cache.index_dtype: packed` and/or `cache.value_dtype: q6 | q7 | q8`,
 see `deltakd.references.cache.packing`) stores the same targets in fewer bytes: each position's
 entries in ascending id order, the ids Elias–Fano coded (`indices` (N, B) uint8 and
-`ef_universe` (1,) int64) and the values as b-bit levels (`logprobs` (N, ⌈k·b/8⌉) uint8 plus
-`top_logprob` fp16 (N,)); the tail mass and tail-model coefficients in fp16; and instead of
+`ef_universe` (1,) int64) and the values as b-bit levels (`logprobs` (N, ⌈k·b/8⌉) uint8); the
+tail mass and tail-model coefficients in fp16; and instead of
 `positions`, the runs of consecutive positions of each row (`span_start`, `span_length` int32
 (S,), `row_spans` int64 (R + 1,)). The reader gives back the same tensors as for version 1
 (entries most probable first). Version-1 caches stay readable; a reader older than version 2
@@ -118,7 +118,7 @@ def bytes_per_position(k: int, index_dtype: str, value_dtype: str, tail_rank: in
         else:
             ids = k * INDEX_DTYPES[index_dtype]
         bits = QUANTISED_VALUES.get(value_dtype)
-        values = (k * bits + 7) // 8 + 2 if bits else k * VALUE_DTYPES[value_dtype]
+        values = (k * bits + 7) // 8 if bits else k * VALUE_DTYPES[value_dtype]
         return ids + values + 2 * tail_rank + 2
     return (
         k * (INDEX_DTYPES[index_dtype] + VALUE_DTYPES[value_dtype])

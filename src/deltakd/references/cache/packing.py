@@ -9,9 +9,9 @@ an offset table, and it is within 2 bits per id of log2 C(U, k), the least any c
 arbitrary k-subsets can use: 843 bits (106 bytes) for k = 64 of V = 151936 where 24-bit ids
 take 192 bytes.
 
-**Values** (`cache.value_dtype: q6 | q7 | q8`). The position's largest log-probability `top`
-is kept in fp16; every value is stored as a b-bit level of `a = (p / p_max)^(1/3)` ∈ (0, 1]
-(rounded to nearest, the top entry at the highest level, so it comes back exact). KL to the
+**Values** (`cache.value_dtype: q6 | q7 | q8`). Every value is stored as a b-bit level of
+`a = (p / p_max)^(1/3)` ∈ (0, 1] (rounded to nearest, the top entry at the highest level); p_max
+itself is not stored but recovered from the stored tail mass (the entries sum to 1 − tail). KL to the
 unquantised target is about ½·Σ p_i·ε_i² for log-errors ε_i; with a uniform step in `a` that sum
 weighs entry i by p_i^(1/3), the minimum of the high-resolution bound for mass-weighted log
 errors (a uniform step in log p weighs every entry by p_i and wastes levels on the tail; one
@@ -81,23 +81,29 @@ def decode_ids(packed: np.ndarray, k: int, universe: int) -> np.ndarray:
     return (highs << low) | lows
 
 
-def encode_values(logprobs: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, k) log-probabilities -> (levels packed (N, ⌈k·bits/8⌉) uint8, top (N,) float16)."""
-    n, k = logprobs.shape
-    top = logprobs.max(axis=1).astype(np.float16) if k else np.zeros(n, np.float16)
+def encode_values(logprobs: np.ndarray, bits: int) -> np.ndarray:
+    """(N, k) log-probabilities -> b-bit levels of (p / p_max)^(1/3), packed (N, ⌈k·b/8⌉)."""
     levels_max = (1 << bits) - 1
-    a = np.exp((logprobs.astype(np.float64) - top.astype(np.float64)[:, None]) / 3.0)
+    lp = logprobs.astype(np.float64)
+    top = lp.max(axis=1, keepdims=True) if lp.shape[1] else np.zeros((lp.shape[0], 1))
+    a = np.exp((lp - top) / 3.0)
     levels = np.clip(np.rint(a * levels_max), 0, levels_max).astype(np.int64)
-    return np.packbits(_bits(levels, bits), axis=1, bitorder="little"), top
+    return np.packbits(_bits(levels, bits), axis=1, bitorder="little")
 
 
-def decode_values(packed: np.ndarray, top: np.ndarray, k: int, bits: int) -> np.ndarray:
-    """Inverse of `encode_values` up to the quantisation: -> (N, k) float32 log-probabilities."""
+def decode_values(packed: np.ndarray, tail_mass: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """Inverse of `encode_values` up to the quantisation: (N, k) float32 log-probabilities.
+
+    p_max is not stored: the levels give every entry relative to it, and the stored tail mass
+    gives their sum (1 − tail), so the position's mass splits between top-k and tail exactly as
+    stored, whatever the rounding of the levels (which would otherwise shift it)."""
     levels_max = (1 << bits) - 1
     raw = np.unpackbits(packed, axis=1, count=k * bits, bitorder="little")
     levels = _ints(raw, k, bits).astype(np.float64)
-    a = np.maximum(levels, 0.25) / levels_max
-    return (top.astype(np.float64)[:, None] + 3.0 * np.log(a)).astype(np.float32)
+    log_rel = 3.0 * np.log(np.maximum(levels, 0.25) / levels_max)  # log(p / p_max), (N, k)
+    head = np.log(np.clip(1.0 - tail_mass.astype(np.float64), 1e-30, 1.0))  # log Σ top-k
+    norm = np.log(np.exp(log_rel).sum(axis=1)) if k else np.zeros(len(levels))
+    return (log_rel + (head - norm)[:, None]).astype(np.float32)
 
 
 def positions_to_spans(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,6 @@ from safetensors import SafetensorError, safe_open
 
 from deltakd.errors import CacheError
 from deltakd.references.cache.format import (
-    QUANTISED_VALUES,
     TAIL_MODEL_NAME,
     CacheManifest,
     file_sha256,
@@ -27,8 +26,7 @@ from deltakd.references.cache.writer import decode_indices, decode_packed_rows
 
 _REQUIRED = ("row_keys", "row_index", "row_offsets", "positions", "indices", "logprobs",
              "tail_mass")  # fmt: skip
-#: a format-version-2 shard's tensors (`packing`); `ef_universe` / `top_logprob` come with
-#: packed ids / quantised values
+#: a format-version-2 shard's tensors (`packing`); `ef_universe` comes with packed ids
 _REQUIRED_PACKED = ("row_keys", "row_index", "row_offsets", "span_start", "span_length",
                     "row_spans", "indices", "logprobs", "tail_mass")  # fmt: skip
 
@@ -40,7 +38,6 @@ def _required(manifest: CacheManifest) -> tuple[str, ...]:
     else:
         names = _REQUIRED_PACKED
         names += ("ef_universe",) if enc["index_dtype"] == "packed" else ()
-        names += ("top_logprob",) if enc["value_dtype"] in QUANTISED_VALUES else ()
     return (*names, "tail_coeffs") if manifest.tail_rank else names
 
 

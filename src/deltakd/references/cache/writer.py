@@ -101,9 +101,9 @@ def _encode_packed(rows: list[CachedRow], k: int, index_dtype: str, value_dtype:
     else:
         out["indices"] = encode_indices(torch.from_numpy(ids), index_dtype)
     if value_dtype in packing.VALUE_BITS:
-        levels, top = packing.encode_values(lps, packing.VALUE_BITS[value_dtype])
-        out["logprobs"] = torch.from_numpy(levels)
-        out["top_logprob"] = torch.from_numpy(top)
+        out["logprobs"] = torch.from_numpy(
+            packing.encode_values(lps, packing.VALUE_BITS[value_dtype])
+        )
     else:
         out["logprobs"] = torch.from_numpy(lps).to(_torch_dtype(value_dtype)).contiguous()
     tails = [r.tail_mass.reshape(-1).float().cpu() for r in rows]
@@ -131,8 +131,8 @@ def decode_packed_rows(t: dict[str, torch.Tensor], a: int, b: int, span_a: int, 
     else:
         ids = decode_indices(stored)
     if value_dtype in packing.VALUE_BITS:
-        lps = torch.from_numpy(packing.decode_values(t["logprobs"][a:b].numpy(),
-                                                     t["top_logprob"][a:b].numpy(), k,
+        tail = t["tail_mass"][a:b].float().numpy()
+        lps = torch.from_numpy(packing.decode_values(t["logprobs"][a:b].numpy(), tail, k,
                                                      packing.VALUE_BITS[value_dtype]))  # fmt: skip
     else:
         lps = t["logprobs"][a:b].float()
