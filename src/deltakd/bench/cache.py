@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--value-dtype",
         default="fp16",
-        choices=("fp16", "bf16", "fp32", "q6", "q7", "q8"),
+        choices=("fp16", "bf16", "fp32", "q4", "q5", "q6", "q7", "q8"),
         help="cache.value_dtype (q6/q7/q8: b-bit companded levels, format version 2)",
     )
     parser.add_argument(

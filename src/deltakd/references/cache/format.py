@@ -68,7 +68,7 @@ ROW_KEY_BYTES = 16
 #: value dtypes the cache can store the log-probabilities in -> bytes per value
 VALUE_DTYPES: dict[str, int] = {"fp16": 2, "bf16": 2, "fp32": 4}
 #: quantised value dtypes (format version 2) -> bits per value
-QUANTISED_VALUES: dict[str, int] = {"q6": 6, "q7": 7, "q8": 8}
+QUANTISED_VALUES: dict[str, int] = {"q4": 4, "q5": 5, "q6": 6, "q7": 7, "q8": 8}
 #: index dtypes -> bytes per index; `auto` picks the narrowest that holds every id of V;
 #: `packed` (format version 2) is Elias–Fano coded, its width depends on V and k
 INDEX_DTYPES: dict[str, int] = {"uint16": 2, "uint24": 3, "int32": 4, "packed": 0}

@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 #: bits per value of the quantised value dtypes
-VALUE_BITS: dict[str, int] = {"q6": 6, "q7": 7, "q8": 8}
+VALUE_BITS: dict[str, int] = {"q4": 4, "q5": 5, "q6": 6, "q7": 7, "q8": 8}
 
 
 def ef_layout(universe: int, k: int) -> tuple[int, int]:
