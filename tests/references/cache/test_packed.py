@@ -159,3 +159,24 @@ def test_version_one_manifest_is_read_and_an_unknown_version_refused(built_cache
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(CacheError, match=r"format version 3.*rebuild the cache"):
         read_manifest(copy)
+
+
+def test_quantised_values_store_int8_tail_coefficients(tmp_path):
+    from safetensors.torch import load_file
+
+    from deltakd.references.cache.writer import decode_packed_rows, encode_rows, write_shard
+
+    rows = _rows(3000, 16)
+    g = torch.Generator().manual_seed(1)
+    for r in rows:
+        r.tail_coeffs = torch.randn(len(r.positions), 8, generator=g) * 5
+    write_shard(tmp_path / "s.safetensors", encode_rows(rows, 16, "packed", "q6", 8), {})
+    t = load_file(tmp_path / "s.safetensors")
+    assert t["tail_coeffs"].dtype == torch.int8 and t["tail_coeff_scale"].shape == (8,)
+    offsets, spans = t["row_offsets"].tolist(), t["row_spans"].tolist()
+    for i, row in enumerate(rows):
+        d = decode_packed_rows(t, offsets[i], offsets[i + 1], spans[i], spans[i + 1], 16, "q6")
+        # Half a step of 1/127 of the component's largest |c| in the shard.
+        step = torch.cat([r.tail_coeffs for r in rows]).abs().amax(0) / 127
+        assert ((d["tail_coeffs"] - row.tail_coeffs).abs() <= 0.5001 * step).all()
+    assert bytes_per_position(64, "packed", "q5", 8, vocab_size=151936) == 106 + 40 + 8 + 2

@@ -25,14 +25,16 @@ With a tail model the directory also holds `tail_model.safetensors` (basis (r, V
 (V,), float32, fitted once on the first `cache.tail_fit_positions` response positions); the
 trainer then spreads each position's tail mass like the dense target instead of as one bucket.
 
-**Format version 2** (`cache.index_dtype: packed` and/or `cache.value_dtype: q6 | q7 | q8`,
-see `deltakd.references.cache.packing`) stores the same targets in fewer bytes: each position's
+**Format version 2** (`cache.index_dtype: packed` and/or `cache.value_dtype: q4 … q8`, see
+`deltakd.references.cache.packing`) stores the same targets in fewer bytes: each position's
 entries in ascending id order, the ids Elias–Fano coded (`indices` (N, B) uint8 and
 `ef_universe` (1,) int64) and the values as b-bit levels (`logprobs` (N, ⌈k·b/8⌉) uint8); the
-tail mass and tail-model coefficients in fp16; and instead of
-`positions`, the runs of consecutive positions of each row (`span_start`, `span_length` int32
-(S,), `row_spans` int64 (R + 1,)). The reader gives back the same tensors as for version 1
-(entries most probable first). Version-1 caches stay readable; a reader older than version 2
+tail mass in fp16; the tail-model coefficients in fp16, or with quantised values in int8
+(`tail_coeffs`) scaled per component by `tail_coeff_scale` float32 (r,) (the component's largest
+|c| in the shard, at level 127); and
+instead of `positions`, the runs of consecutive positions of each row (`span_start`,
+`span_length` int32 (S,), `row_spans` int64 (R + 1,)). The reader gives back the same tensors
+as for version 1 (entries most probable first). Version-1 caches stay readable; a reader older than version 2
 refuses a version-2 cache and says to rebuild it.
 
 Rows are found by the hash of their token ids, so the trainer passes nothing but the batch it
@@ -119,7 +121,8 @@ def bytes_per_position(k: int, index_dtype: str, value_dtype: str, tail_rank: in
             ids = k * INDEX_DTYPES[index_dtype]
         bits = QUANTISED_VALUES.get(value_dtype)
         values = (k * bits + 7) // 8 if bits else k * VALUE_DTYPES[value_dtype]
-        return ids + values + 2 * tail_rank + 2
+        coeffs = tail_rank if bits else 2 * tail_rank
+        return ids + values + coeffs + 2
     return (
         k * (INDEX_DTYPES[index_dtype] + VALUE_DTYPES[value_dtype])
         + tail_rank * VALUE_DTYPES[value_dtype]

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from deltakd.errors import CacheError
 from deltakd.references.cache.format import (
+    QUANTISED_VALUES,
     TAIL_MODEL_NAME,
     CacheManifest,
     file_sha256,
@@ -26,7 +27,9 @@ from deltakd.references.cache.writer import decode_indices, decode_packed_rows
 
 _REQUIRED = ("row_keys", "row_index", "row_offsets", "positions", "indices", "logprobs",
              "tail_mass")  # fmt: skip
-#: a format-version-2 shard's tensors (`packing`); `ef_universe` comes with packed ids
+#: a format-version-2 shard's tensors (`packing`); `ef_universe` comes with packed ids,
+#: `tail_coeff_scale` (per shard) with int8 tail-model coefficients (quantised values and a tail
+#: model)
 _REQUIRED_PACKED = ("row_keys", "row_index", "row_offsets", "span_start", "span_length",
                     "row_spans", "indices", "logprobs", "tail_mass")  # fmt: skip
 
@@ -38,6 +41,8 @@ def _required(manifest: CacheManifest) -> tuple[str, ...]:
     else:
         names = _REQUIRED_PACKED
         names += ("ef_universe",) if enc["index_dtype"] == "packed" else ()
+        quantised = enc["value_dtype"] in QUANTISED_VALUES
+        names += ("tail_coeff_scale",) if manifest.tail_rank and quantised else ()
     return (*names, "tail_coeffs") if manifest.tail_rank else names
 
 
@@ -175,8 +180,7 @@ class CacheReader:
                 sa, sb = int(self._spans[s][r]), int(self._spans[s][r + 1])
                 d = decode_packed_rows(t, a, b, sa, sb, self.k,
                                        self.manifest.encoding["value_dtype"])  # fmt: skip
-                coeffs = t["tail_coeffs"][a:b].float() if self.tail_rank else None
-                return RowTargets(**d, tail_coeffs=coeffs)
+                return RowTargets(**d)
             out = RowTargets(
                 positions=t["positions"][a:b].long(),
                 indices=decode_indices(t["indices"][a:b]),

@@ -113,14 +113,23 @@ def _encode_packed(rows: list[CachedRow], k: int, index_dtype: str, value_dtype:
                   if r.tail_coeffs is not None]  # fmt: skip
         if len(coeffs) != len(rows):
             raise ValueError("every row needs tail_coeffs when the cache has a tail model")
-        out["tail_coeffs"] = torch.cat(coeffs).half() if coeffs else torch.zeros(0, tail_rank)
+        c = torch.cat(coeffs) if coeffs else torch.zeros(0, tail_rank)  # (N, r)
+        if value_dtype in packing.VALUE_BITS:
+            # With quantised values, int8 coefficients with one scale per tail-model component
+            # and shard (its largest |c| there): r bytes a position instead of 2r.
+            scale = (c.abs().amax(dim=0) if len(c) else torch.ones(tail_rank)).clamp_min(1e-30)
+            out["tail_coeff_scale"] = scale.float()  # (r,)
+            out["tail_coeffs"] = (c / scale * 127).round().clamp(-127, 127).to(torch.int8)
+        else:
+            out["tail_coeffs"] = c.half()
     return {name: t.contiguous() for name, t in out.items()}
 
 
 def decode_packed_rows(t: dict[str, torch.Tensor], a: int, b: int, span_a: int, span_b: int,
                        k: int, value_dtype: str) -> dict[str, torch.Tensor]:  # fmt: skip
     """Positions [a, b) of a version-2 shard (whose spans are [span_a, span_b)) -> positions,
-    indices (most probable first), float32 logprobs and tail mass, like a version-1 row."""
+    indices (most probable first), float32 logprobs and tail mass (and tail-model coefficients
+    where the shard has them), like a version-1 row."""
     from deltakd.references.cache import packing
 
     positions = packing.spans_to_positions(t["span_start"][span_a:span_b].numpy(),
@@ -137,7 +146,13 @@ def decode_packed_rows(t: dict[str, torch.Tensor], a: int, b: int, span_a: int, 
     else:
         lps = t["logprobs"][a:b].float()
     lps, order = lps.sort(dim=1, descending=True, stable=True)
-    return {"positions": torch.from_numpy(positions), "indices": ids.gather(1, order),
+    out = {}
+    if "tail_coeffs" in t:
+        c = t["tail_coeffs"][a:b].float()
+        if "tail_coeff_scale" in t:
+            c = c * (t["tail_coeff_scale"].float() / 127)
+        out["tail_coeffs"] = c
+    return out | {"positions": torch.from_numpy(positions), "indices": ids.gather(1, order),
             "logprobs": lps, "tail_mass": t["tail_mass"][a:b].float()}  # fmt: skip
 
 
