@@ -9,6 +9,7 @@ builder and evaluation all load through here, so a model path means the same eve
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from deltakd.data.vocab import load_tokenizer, resolve_model_path
@@ -54,11 +55,15 @@ def reference_dtype(config: Any) -> torch.dtype:
 
 
 def choose_device(setting: str | None = "auto") -> torch.device:
-    """`auto` (or None): CUDA when present, else the CPU; anything else as given (`cpu`, `cuda:1`)."""
+    """`auto` (or None): this process's GPU (`cuda:LOCAL_RANK`) when CUDA is present, else the CPU; anything else as given (`cpu`, `cuda:1`)."""
     import torch
 
     if setting in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun / accelerate launch each process takes its own GPU, not all cuda:0.
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(setting)
 
 

@@ -38,13 +38,15 @@ class CacheSection(Section):
         "response positions (from the first rows) the tail model is fitted on", default="`4096`"
     )
     value_dtype: str | None = _opt(
-        "log-probabilities (and tail coefficients) as `fp16`, `bf16` or `fp32`",
-        choices=_DTYPES,
+        "log-probabilities as `fp16`, `bf16`, `fp32`, or `q4`…`q8` (b-bit levels of (p/p_max)^(1/3); "
+        "tail coefficients then int8)",
+        choices=(*_DTYPES, "q4", "q5", "q6", "q7", "q8"),
         default="`fp16`",
     )
     index_dtype: str | None = _opt(
-        "token ids: `uint16` (V ≤ 65536), `uint24`, `int32`, or `auto` (the narrowest)",
-        choices=("auto", "uint16", "uint24", "int32"),
+        "token ids: `uint16` (V ≤ 65536), `uint24`, `int32`, `auto` (the narrowest), or `packed` "
+        "(each position's id set Elias–Fano coded; cache format version 2)",
+        choices=("auto", "uint16", "uint24", "int32", "packed"),
         default="`auto`",
     )
     rows_per_shard: int | None = _opt("rows per shard file, the unit of resume", default="`1024`")
