@@ -83,6 +83,7 @@ class RunConsole(ProgressCallback):
         self.name = name
         self.bar = bar
         self._start = time.perf_counter()
+        self._post: dict[str, str] = {}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._start = time.perf_counter()
@@ -106,7 +107,7 @@ class RunConsole(ProgressCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs or self.training_bar is None:
             return
-        post: dict[str, str] = {}
+        post = self._post
         for key, label in (("loss", "loss"), ("kd_loss", "kd"), ("eval_loss", "eval")):
             if key in logs:
                 post[label] = _fmt(float(logs[key]))

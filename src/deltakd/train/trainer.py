@@ -415,6 +415,10 @@ class DistillTrainer(Trainer):
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
         self.save_model(tmp, _internal_call=True)
+        if self.state.best_global_step:  # as the HF Trainer does (metric_for_best_model)
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step == self.state.global_step or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
         if not self.args.save_only_model:
             self._save_optimizer_and_scheduler(tmp)
             self._save_scaler(tmp)
