@@ -109,7 +109,7 @@ def test_training_args_and_model_kwargs_pass_through(tmp_path):
     assert config.model_kwargs == {"attn_implementation": "eager", "dtype": "fp32"}
     trainer = DeltaKDTrainer(args=config)
     assert trainer.model.config._attn_implementation == "eager"
-    with pytest.raises(ConfigError, match="model_kwargs.dtype"):
+    with pytest.raises(ConfigError, match=r"model_kwargs\.dtype"):
         config_from_dict({**base, "model_kwargs": {"dtype": "float8"}})
 
 
@@ -163,10 +163,12 @@ def test_lora_from_yaml_peft_section(tmp_path):
     assert config.peft.lora_config().lora_alpha == 4  # default alpha = 2r
     result = train(config)
     assert (result.final_dir / "model.safetensors").is_file()  # merged
-    with pytest.raises(ConfigError, match="peft.r"):
+    with pytest.raises(ConfigError, match=r"peft\.r"):
         config_from_dict({**RUN, **MINI, "output_dir": str(tmp_path), "peft": {"alpha": 8}})
     with pytest.raises(ConfigError, match=r"peft\.dropuot.*Did you mean 'peft\.dropout'"):
-        config_from_dict({**RUN, **MINI, "output_dir": str(tmp_path), "peft": {"r": 8, "dropuot": 0.1}})
+        config_from_dict(
+            {**RUN, **MINI, "output_dir": str(tmp_path), "peft": {"r": 8, "dropuot": 0.1}}
+        )
 
 
 def test_evaluation_during_training_and_best_checkpoint(tmp_path, capsys):
