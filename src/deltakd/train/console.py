@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from typing import Any
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -40,6 +41,10 @@ def quiet_libraries(verbose: bool) -> None:
     except ImportError:  # pragma: no cover - datasets is a dependency
         pass
     logging.getLogger("accelerate").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # peft 0.21 asks transformers 5 a deprecated question on every LoRA model it wraps
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)  # fmt: skip
 
 
 def _fmt(value: float) -> str:
