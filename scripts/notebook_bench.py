@@ -40,7 +40,9 @@ def lora(out: Path) -> dict[str, Any]:
     from deltakd import DeltaKDConfig, DeltaKDTrainer
     from deltakd.data.specs import load_rows
 
-    data = Dataset.from_list([{"messages": r["messages"]} for r in load_rows("mini:instruct", limit=32)])
+    data = Dataset.from_list(
+        [{"messages": r["messages"]} for r in load_rows("mini:instruct", limit=32)]
+    )
     base = {"method": "delta_kd", "max_steps": 2, "per_device_batch_size": 8, "max_length": 128,
             "save_steps": 0, "progress": False, "device": "cpu", "resume": "never"}  # fmt: skip
     variants = {
@@ -62,7 +64,9 @@ def lora(out: Path) -> dict[str, Any]:
             "student_param_bytes": _param_bytes(trainer.model),
             "reference_param_bytes": frozen,
             "total_param_bytes": _param_bytes(trainer.model) + sum(frozen.values()),
-            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "trainable_params": sum(
+                p.numel() for p in trainer.model.parameters() if p.requires_grad
+            ),
             "rss_growth_mib": round(_rss_mib() - before, 1),
         }
         trainer.close()
@@ -101,7 +105,9 @@ def padding(out: Path, steps: int, repeats: int) -> dict[str, Any]:
     summary = {}
     for name, runs in results.items():
         summary[name] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
-    summary["speedup"] = summary["group_by_length"]["tokens_per_s"] / summary["random"]["tokens_per_s"]
+    summary["speedup"] = (
+        summary["group_by_length"]["tokens_per_s"] / summary["random"]["tokens_per_s"]
+    )
     return {"runs": results, "mean": summary}
 
 

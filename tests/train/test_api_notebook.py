@@ -247,3 +247,42 @@ def test_group_by_length_logs_less_padding(tmp_path):
         assert len(logged) == 10 and all(0.0 <= p < 1.0 for p in logged)
         pads[grouped] = sum(logged) / len(logged)
     assert pads[True] < 0.5 * pads[False], pads
+
+
+def test_rerunning_a_finished_lora_run_saves_its_adapters_again(tmp_path):
+    config = config_from_dict({**RUN, **MINI, "method": "sft", "lam": 1.0,
+                               "dataset": "mini:instruct", "limit": 8, "max_steps": 1,
+                               "resume": "auto", "output_dir": str(tmp_path),
+                               "peft": {"r": 2}})  # fmt: skip
+    first = train(config)
+    again = train(config)
+    assert again.resumed_from is not None and again.global_step == first.global_step == 1
+    assert (again.final_dir / "adapter_config.json").is_file()
+
+
+def test_verbose_brings_the_library_output_back(tmp_path):
+    import transformers.utils.logging as tf_logging
+
+    from deltakd.train.console import quiet_libraries
+
+    try:
+        quiet_libraries(verbose=False)
+        assert tf_logging.get_verbosity() == tf_logging.ERROR
+        assert not tf_logging.is_progress_bar_enabled()
+        quiet_libraries(verbose=True)
+        assert tf_logging.get_verbosity() == tf_logging.INFO
+        assert tf_logging.is_progress_bar_enabled()
+    finally:
+        quiet_libraries(verbose=False)
+    config = config_from_dict({**RUN, **MINI, "output_dir": str(tmp_path), "verbose": True})
+    args = training_arguments(config)
+    assert args.log_level == "info"
+
+
+def test_cli_verbose_flag_after_the_overrides(tmp_path, capsys):
+    from deltakd.cli import main
+
+    yaml_file = Path(__file__).resolve().parents[2] / "configs" / "mini" / "sft.yaml"
+    assert main(["train", str(yaml_file), f"output_dir={tmp_path}", "--verbose",
+                 "--print-config"]) == 0  # fmt: skip
+    assert "verbose: true" in capsys.readouterr().out

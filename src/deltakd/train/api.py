@@ -165,7 +165,14 @@ def _result_of_finished_run(config: TrainConfig, checkpoint: str, tokenizer: Any
     is_main = int(os.environ.get("RANK", "0")) == 0
     final = out / "final"
     if is_main:
-        student = load_model(checkpoint, trust_remote_code=config.trust_remote_code)
+        if (Path(checkpoint) / "adapter_config.json").is_file():  # a LoRA run's checkpoint
+            from peft import AutoPeftModelForCausalLM
+
+            student = AutoPeftModelForCausalLM.from_pretrained(checkpoint)
+            if config.peft.get("merge", False):
+                student = student.merge_and_unload()
+        else:
+            student = load_model(checkpoint, trust_remote_code=config.trust_remote_code)
         tmp = out / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
