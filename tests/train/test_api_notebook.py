@@ -190,6 +190,12 @@ def test_evaluation_during_training_and_best_checkpoint(tmp_path, capsys):
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
     card = (result.final_dir / "README.md").read_text(encoding="utf-8")
     assert "## Evaluation" in card and "eval_kd_loss" in card
+    # eval_steps: 0 evaluates once, at the end
+    config = config.replace(eval_steps=0, save_steps=0, metric_for_best_model=None,
+                            eval_generate_samples=0, output_dir=str(tmp_path / "end"))  # fmt: skip
+    end = train(config)
+    assert [h["step"] for h in end.history if "eval_loss" in h] == [4]
+    assert "eval_kd_loss" in end.metrics
     with pytest.raises(ConfigError, match="save_steps a multiple of it"):
         config_from_dict({**RUN, **MINI, "eval_dataset": "mini:math", "eval_steps": 3,
                           "save_steps": 2, "metric_for_best_model": "eval_loss",

@@ -228,6 +228,10 @@ def train(
         trainer.add_callback(sigterm)
     try:
         output = trainer.train(resume_from_checkpoint=resume)
+        stopped = sigterm is not None and sigterm.stopped_at is not None
+        if trainer.eval_dataset is not None and config.eval_steps == 0 and not stopped:
+            # eval_steps: 0 evaluates once, at the end (logged, and in the model card)
+            output.metrics.update(trainer.evaluate())
     finally:
         trainer.close()
     metrics = dict(output.metrics)
@@ -236,7 +240,6 @@ def train(
         skipped_steps=trainer.skipped_steps,
         grad_norm_spikes=trainer.grad_norm_spikes,
     )
-    stopped = sigterm is not None and sigterm.stopped_at is not None
     result = TrainResult(
         output_dir=out,
         final_dir=out / "final",
