@@ -84,6 +84,9 @@ def test_every_method_is_reachable_and_bad_arguments_are_named(tmp_path):
     with pytest.raises(ConfigError, match="needs the teacher_ft model"):
         DeltaKDTrainer(model="mini:student_raw",
                        args=DeltaKDConfig(output_dir=str(tmp_path), method="kd"))  # fmt: skip
+    with pytest.raises(ConfigError, match="eval_steps=5 needs validation rows"):
+        DeltaKDTrainer(model="mini:student_raw", args=DeltaKDConfig(
+            output_dir=str(tmp_path), method="sft", lam=1.0, eval_steps=5))  # fmt: skip
     with pytest.raises(ConfigError, match="DeltaKDConfig"):
         DeltaKDTrainer(model="mini:student_raw", args={"output_dir": str(tmp_path)})  # type: ignore[arg-type]
 

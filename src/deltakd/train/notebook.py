@@ -267,6 +267,9 @@ class DeltaKDTrainer(DistillTrainer):
         self.run_config = config
         method = get_method(config.method)
         method.validate(config)
+        if config.eval_steps > 0 and eval_dataset is None and not config.eval_dataset:
+            raise ConfigError(f"eval_steps={config.eval_steps} needs validation rows: pass "
+                              "eval_dataset=... or set the config's eval_dataset.")  # fmt: skip
 
         tokenizer = processing_class
         if tokenizer is None:
