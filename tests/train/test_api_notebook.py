@@ -76,7 +76,7 @@ def test_yaml_and_notebook_paths_give_the_same_weights(rows, tmp_path):
     assert any(not torch.equal(start[k], v) for k, v in from_yaml.items())
 
 
-def test_every_method_is_reachable_and_bad_arguments_are_named(tmp_path):
+def test_bad_arguments_are_named_with_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="Did you mean 'learning_rate'"):
         DeltaKDConfig(output_dir=str(tmp_path), lerning_rate=1e-3)
     with pytest.raises(ConfigError, match="'per_device_batch_size'"):
@@ -89,6 +89,32 @@ def test_every_method_is_reachable_and_bad_arguments_are_named(tmp_path):
             output_dir=str(tmp_path), method="sft", lam=1.0, eval_steps=5))  # fmt: skip
     with pytest.raises(ConfigError, match="DeltaKDConfig"):
         DeltaKDTrainer(model="mini:student_raw", args={"output_dir": str(tmp_path)})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method": "sft", "lam": 1.0},
+        {"method": "kd"},
+        {"method": "parallelogram", "variant": "live_anchor_sg"},
+        {"method": "seqkd"},
+        {"method": "minillm"},
+        {"method": "delta_kd", "on_policy_ratio": 1.0},
+    ],  # fmt: skip
+    ids=lambda m: m["method"] + ("+on_policy" if "on_policy_ratio" in m else ""),
+)
+def test_every_method_trains_from_the_notebook_api(rows, tmp_path, method):
+    data, _ = rows
+    args = DeltaKDConfig(**{**RUN, **method, "max_steps": 1, "max_new_tokens": 8},
+                         output_dir=str(tmp_path))  # fmt: skip
+    trainer = DeltaKDTrainer(model="mini:student_raw", teacher_ft="mini:teacher_ft",
+                             teacher_raw="mini:teacher_raw", args=args,
+                             train_dataset=data[:4])  # fmt: skip
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert trainer.state.global_step == 1
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_training_args_and_model_kwargs_pass_through(tmp_path):

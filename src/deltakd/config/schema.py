@@ -614,7 +614,8 @@ class TrainConfig:
         # Method-specific checks (e.g. parallelogram's `variant`) live with the method.
         from deltakd.train.methods import get_method  # the registry: see the module docstring
 
-        get_method(self.method).validate(self)
+        if self._require_models:  # DeltaKDConfig: the trainer validates once models are known
+            get_method(self.method).validate(self)
         if self._require_models and self.references == "local" and self.method_needs_roles():
             for role in self.method_needs_roles():
                 if not getattr(self, role):
