@@ -100,7 +100,7 @@ def test_bad_arguments_are_named_with_the_fix(tmp_path):
         {"method": "seqkd"},
         {"method": "minillm"},
         {"method": "delta_kd", "on_policy_ratio": 1.0},
-    ],  # fmt: skip
+    ],
     ids=lambda m: m["method"] + ("+on_policy" if "on_policy_ratio" in m else ""),
 )
 def test_every_method_trains_from_the_notebook_api(rows, tmp_path, method):
