@@ -321,3 +321,23 @@ def test_cli_verbose_flag_after_the_overrides(tmp_path, capsys):
     assert main(["train", str(yaml_file), f"output_dir={tmp_path}", "--verbose",
                  "--print-config"]) == 0  # fmt: skip
     assert "verbose: true" in capsys.readouterr().out
+
+
+def test_model_card_metadata_names_hub_models_and_datasets(tmp_path):
+    from deltakd.train.card import model_card
+
+    config = config_from_dict({**RUN, "student_raw": "Qwen/Qwen2.5-1.5B",
+                               "teacher_ft": "Qwen/Qwen2.5-7B-Instruct",
+                               "teacher_raw": "Qwen/Qwen2.5-7B",
+                               "dataset": "ultrachat:HuggingFaceH4/ultrachat_200k",
+                               "peft": {"r": 16}, "output_dir": str(tmp_path / "qwen-dkd")})  # fmt: skip
+    history = [{"step": 10, "loss": 1.5, "kd_loss": 1.4, "sft_loss": 2.0},
+               {"step": 10, "eval_loss": 1.6, "eval_rouge1": 0.42}]  # fmt: skip
+    card = model_card(config, history, 10, ("teacher_ft", "teacher_raw", "student_raw"),
+                      adapter=True)  # fmt: skip
+    assert card.data.base_model == "Qwen/Qwen2.5-1.5B"
+    assert card.data.datasets == ["HuggingFaceH4/ultrachat_200k"]
+    assert card.data.library_name == "peft" and "lora" in card.data.tags
+    text = str(card)
+    assert "teacher_raw: `Qwen/Qwen2.5-7B`" in text and "| eval_rouge1 | 0.4200 |" in text
+    assert "final kd_loss: 1.4000" in text and text.startswith("---\n")
