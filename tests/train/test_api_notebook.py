@@ -341,3 +341,21 @@ def test_model_card_metadata_names_hub_models_and_datasets(tmp_path):
     text = str(card)
     assert "teacher_raw: `Qwen/Qwen2.5-7B`" in text and "| eval_rouge1 | 0.4200 |" in text
     assert "final kd_loss: 1.4000" in text and text.startswith("---\n")
+
+
+def test_lora_run_resumes_exactly_from_an_adapter_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    fields = {**RUN, **MINI, "dataset": "mini:instruct", "limit": 16, "peft": {"r": 2},
+              "resume": "auto"}  # fmt: skip
+    straight = train(config_from_dict({**fields, "output_dir": str(tmp_path / "a")}))
+    train(config_from_dict({**fields, "max_steps": 2, "save_steps": 1,
+                            "output_dir": str(tmp_path / "b")}))  # fmt: skip
+    resumed = train(config_from_dict({**fields, "save_steps": 1,
+                                      "output_dir": str(tmp_path / "b")}))  # fmt: skip
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith("checkpoint-2")
+    a = load_file(straight.final_dir / "adapter_model.safetensors")
+    b = load_file(resumed.final_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
