@@ -102,9 +102,10 @@ def test_the_graph_is_read():
         ({"train"}, {"eval"}),  # evaluation sits above training
         ({"loading", "generation"}, {"train", "eval", "references"}),
         ({"targets"}, {"train", "eval", "references", "data", "config"}),
+        ({"heads"}, {"train", "eval", "references", "data", "config", "loading", "targets"}),
         ({"config"}, {"eval", "references", "data", "losses", "generation", "loading"}),
     ],
-    ids=["references,data", "train", "loading,generation", "targets", "config"],
+    ids=["references,data", "train", "loading,generation", "targets", "heads", "config"],
 )
 def test_no_arrow_up(lower, higher):
     assert _arrows(lower, higher) == []

@@ -30,6 +30,7 @@ from deltakd.losses import (
     parallelogram_loss,
     parallelogram_target,
 )
+from deltakd.losses.heads import LogitHead
 from deltakd.losses.targets import LIVE_ROLES
 
 #: Plain KD as a (one-term) member of the family; not a catalogue entry.
@@ -161,7 +162,7 @@ class Target:
     def fused_sum(
         self,
         student_hidden: torch.Tensor,
-        head: torch.nn.Module,
+        head: LogitHead | torch.nn.Module,
         refs: Any,
         *,
         labels: torch.Tensor,
@@ -173,10 +174,12 @@ class Target:
         vocab_size: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """λ·SFT + (1−λ)·KD sums straight from the student's last hidden states `(B, T-1, H)`
-        and output layer `head`, never holding more than a chunk of logits per model.
+        and output layer `head` (a `LogitHead` with the family's bias, scale and soft cap, from
+        `deltakd.heads.logit_head`; a plain `nn.Linear` is `h @ W.T + b`), never holding more
+        than a chunk of logits per model.
 
         `refs` is a `deltakd.references.role_logits.RoleLogits` (its `ref` holds each role's
-        logits or hidden states, `heads` the roles' output matrices). Returns the loss and
+        logits or hidden states, `heads` the roles' output layers). Returns the loss and
         `{"sft", "kd"}` (detached) for logging.
         """
         from deltakd.losses import fused_distill_loss
@@ -200,11 +203,12 @@ class Target:
                                         refs.heads[role].to(device))  # fmt: skip
                 else:
                     refs.logits(role)  # raises the "no output for role" error
+        s_head, s_bias = (head, None) if isinstance(head, LogitHead) else (head.weight, head.bias)
         loss, parts = fused_distill_loss(
             student_hidden,
-            head.weight,
+            s_head,
             ref_inputs,
-            student_bias=head.bias,
+            student_bias=s_bias,
             alpha=self.alpha,
             temperature=temperature,
             beta=beta,

@@ -17,6 +17,7 @@ from deltakd.losses import (
     parallelogram_loss,
 )
 from deltakd.losses.fused import fused_distill_loss
+from deltakd.losses.heads import LogitHead
 
 N, H, V = 7, 5, 11
 F64 = torch.float64
@@ -284,6 +285,24 @@ def test_bfloat16_inputs_compute_in_float32():
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_inputs_with_a_mask_match_the_unfused_loss(dtype):
+    # Issue 19: a mask that leaves positions out sends the gradient rows through index_copy_
+    # into the float32 buffer; the 16-bit chunk gradient used to crash it.
+    hs, ws, _, refs = world(dtype=dtype, n=16, v=32, h=8)
+    refs = {r: (h, w) for r, (h, w) in refs.items()}
+    mask = torch.ones(16, dtype=torch.bool)
+    mask[[2, 7, 8]] = False
+    loss = fused_distill_loss(hs, ws, refs, mask=mask, chunk_size=5)
+    g_h, g_w = grads(loss, hs, ws)
+    assert g_h.dtype == dtype and g_w.dtype == dtype
+    assert not bool(g_h[~mask].any())  # uncounted positions get no gradient
+    ref = unfused(hs, ws, None, refs, mask=mask)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip((g_h, g_w), grads(ref, hs, ws)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
 def test_no_grad_and_frozen_inputs():
     hs, ws, _, refs = world()
     ref = unfused(hs, ws, None, refs)
@@ -389,3 +408,36 @@ def test_sparse_target_with_tail_model_matches_kd_loss():
     fused = fused_distill_loss(hs, ws, {"cache": sparse}, variant=None, target_role="cache",
                                mask=mask, chunk_size=3, softmax_chunk_size=2)  # fmt: skip
     assert_same(fused, ref, (hs, ws))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_logit_heads_with_scale_soft_cap_and_bias_match_their_logits(dtype):
+    # The student's head and every reference's go through the model's own output layer
+    # (deltakd.losses.heads.LogitHead); soft-capped references after the first use the scratch
+    # buffer, 16-bit ones are capped after the upcast.
+    hs, ws, _, refs = world(dtype=dtype, n=16, v=32, h=8)
+    bs = randn(32, seed=4, dtype=dtype).requires_grad_()
+    heads = {
+        "teacher_ft": dict(softcap=1.5),
+        "teacher_raw": dict(scale=0.5, softcap=2.0),
+        "student_raw": dict(scale=3.0),
+        "teacher_ft2": dict(softcap=1.0),
+    }
+    s_head = LogitHead(ws, bs, scale=0.8, softcap=2.5)
+    given = {r: (h, LogitHead(w, **heads[r])) for r, (h, w) in refs.items()}
+    mask = torch.ones(16, dtype=torch.bool)
+    mask[[1, 9]] = False
+    kw = dict(variant="multi_teacher", alpha=0.7, mask=mask, sft_weight=0.2,
+              labels=torch.arange(16) % 32)  # fmt: skip
+    fused = fused_distill_loss(hs, s_head, given, chunk_size=5, **kw)
+    dense = {r: head.apply(h).float() for r, (h, head) in given.items()}
+    z = s_head.apply(hs).float()
+    kw.pop("variant")
+    sft, labels = kw.pop("sft_weight"), kw.pop("labels")
+    ref = (1 - sft) * parallelogram_loss(z, dense, variant="multi_teacher", **kw)
+    ref = ref + sft * F.cross_entropy(z[mask], labels[mask])
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(fused.to(ref.dtype), ref, **tol)
+    for a, b in zip(grads(fused, hs, ws, bs), grads(ref, hs, ws, bs)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), **tol)

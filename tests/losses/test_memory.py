@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -62,9 +63,30 @@ def test_chunked_delta_kd_allocates_only_the_student_gradient_at_full_size():
 
     large = _large(run)
     # One buffer for the student's gradient; nothing else scales with N (no z*, no softmax).
-    # `s` is a leaf, so autograd copies that buffer into s.grad (the loss keeps it for a
-    # repeated backward); the trainer's logits are not leaves (see the sliced test below).
-    assert [op for op, _ in large] == ["aten.zeros.default", "aten.new_empty_strided.default"]
+    # `s` is a leaf: the loss hands that buffer over, so it becomes s.grad without a copy
+    # (issue 19: it used to be cloned, 2 × [N, V]).
+    assert [op for op, _ in large] == ["aten.zeros.default"], large
+    expected = torch.autograd.grad(delta_kd_loss(s, *refs, alpha=0.5, mask=mask), s)[0]
+    torch.testing.assert_close(s.grad, expected)
+
+
+def test_chunked_loss_repeated_backward_after_handing_the_buffer_over():
+    # retain_graph: the second backward recomputes the handed-over gradient, scaled anew.
+    s = torch.randn(N, V, requires_grad=True)
+    refs = [torch.randn(N, V) for _ in range(3)]
+    mask = torch.rand(N) > 0.2
+    expected = torch.autograd.grad(delta_kd_loss(s, *refs, mask=mask), s)[0]
+    loss = delta_kd_loss(s, *refs, mask=mask, chunk_size=CHUNK)
+    (2.0 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(s.grad, 2.0 * expected)
+    first = s.grad
+    (3.0 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(s.grad, 5.0 * expected)
+    (0.0 * loss).backward()
+    torch.testing.assert_close(s.grad, 5.0 * expected)
+    del first
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()  # the graph is freed: no silent reuse of the handed-over buffer
 
 
 def test_chunked_loss_reads_sliced_logits_without_copying_them():

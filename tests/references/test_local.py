@@ -50,5 +50,5 @@ def test_hidden_state_mode_matches_logits(tiny_world):
     heads = src.lm_heads()
     assert not out.logits and set(out.hidden) == set(heads) == set(paths)
     for role in paths:
-        assert out.hidden[role].shape == (2, 6, heads[role].shape[1])
-        torch.testing.assert_close(out.hidden[role] @ heads[role].T, dense.logits[role])
+        assert out.hidden[role].shape == (2, 6, heads[role].weight.shape[1])
+        torch.testing.assert_close(heads[role].apply(out.hidden[role]), dense.logits[role])

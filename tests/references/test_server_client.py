@@ -101,8 +101,9 @@ def test_pipelined_fetch_matches_the_model_exactly(
                 out = refs.fetch(k, batch)
                 held.append(out)  # keep zero-copy views alive across later fetches
                 assert torch.equal(out.logits["teacher_ft"], _expected(models["teacher_ft"], batch))
-                head = refs.lm_heads()["student_raw"]  # [V, H]
-                logits = out.hidden["student_raw"] @ head.T
+                head = refs.lm_heads()["student_raw"]  # LogitHead: [V, H] weight, no bias
+                assert head.bias is None and head.scale == 1.0 and head.softcap is None
+                logits = head.apply(out.hidden["student_raw"])
                 ref = _expected(models["student_raw"], batch, torch.float32)
                 torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
                 assert out.wait_seconds >= 0.0

@@ -5,6 +5,7 @@ No I/O and no models here; nothing else in deltakd is imported (docs/ARCHITECTUR
 
 from deltakd.losses.divergences import DIVERGENCES, per_position_divergence
 from deltakd.losses.fused import fused_distill_loss
+from deltakd.losses.heads import LogitHead
 from deltakd.losses.kd import delta_kd_loss, kd_loss, parallelogram_loss
 from deltakd.losses.sparse import SparseTarget, fit_tail_model, sparse_fkl_per_position
 from deltakd.losses.targets import (
@@ -18,6 +19,7 @@ from deltakd.losses.targets import (
 __all__ = [
     "DIVERGENCES",
     "PARALLELOGRAM_VARIANTS",
+    "LogitHead",
     "ParallelogramVariant",
     "SparseTarget",
     "delta_kd_loss",

@@ -5,14 +5,17 @@ float32, four times over for Delta-KD, plus the softmax intermediates of the los
 student's forward stops at its last hidden states; `fused_distill_loss` walks the counted
 positions `chunk_size` at a time and, for each chunk,
 
-1. computes the student's logits `h_chunk @ W_s.T` and the target `z* = Σ_i w_i z_i` of the
-   chosen Delta-KD / parallelogram variant (a reference given as hidden states and lm_head is
-   multiplied out straight into one shared target buffer: no per-model logits are kept),
+1. computes the student's logits `h_chunk @ W_s.T` — through the model's own output layer when
+   the head is a `LogitHead` (bias, scale, final soft cap; docs/LOSSES.md "Output layers") —
+   and the target `z* = Σ_i w_i z_i` of the chosen Delta-KD / parallelogram variant (a
+   reference given as hidden states and lm_head is multiplied out straight into one shared
+   target buffer: no per-model logits are kept),
 2. evaluates the divergence (the same `per_position_divergence` / `sparse_fkl_per_position` as
    the unfused `deltakd.losses.kd` losses) plus, optionally, the λ·SFT cross-entropy,
 3. takes the gradient `g` w.r.t. that chunk of student logits with autograd (for the live
    student variants the logits appear both as the student and inside the target; autograd sums
-   both paths), and turns it into `grad_h[chunk] = g @ W_s` and `grad_W_s += g.T @ h_chunk`.
+   both paths), chains it through the soft cap and scale if any, and turns it into
+   `grad_h[chunk] = g @ W_s` and `grad_W_s += g.T @ h_chunk`.
 
 So at most one chunk of logits per model exists at a time, and the gradients of the student's
 hidden states and lm_head are ready when the forward pass returns; the backward pass only scales
@@ -35,15 +38,18 @@ import torch
 import torch.nn.functional as F
 
 from deltakd.losses.divergences import check_divergence_args, per_position_divergence
+from deltakd.losses.heads import LogitHead
 from deltakd.losses.kd import check_mask_dtype, check_positive_int, check_reduction
 from deltakd.losses.sparse import SparseTarget, sparse_fkl_per_position
 from deltakd.losses.targets import get_variant
 
 Reduction = Literal["mean", "sum"]
 
-#: A reference given as `(hidden [..., H_r], head [V_r, H_r])` or with a bias `[V_r]` third.
+#: A reference given as `(hidden [..., H_r], head [V_r, H_r])`, with a bias `[V_r]` third, or
+#: as `(hidden, LogitHead)` (a head with the model's own scale / soft cap / bias).
 LinearRef = (
-    tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+    tuple[torch.Tensor, torch.Tensor | LogitHead]
+    | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 )
 #: What a role may map to: dense logits `[..., V_r]`, a `SparseTarget`, or a `LinearRef`.
 RefInput = torch.Tensor | SparseTarget | LinearRef
@@ -72,6 +78,8 @@ class _Linear:
     hidden: torch.Tensor  # (N, H) flattened, original dtype
     weight: torch.Tensor  # (V, H) in the matmul dtype
     bias: torch.Tensor | None  # (V,) in the matmul dtype
+    # Scale / soft cap applied after `h @ W.T + b` (the model's own head), None for none.
+    head: LogitHead | None = None
 
     def logits(self, rows, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h[rows] in the matmul dtype (c, H), logits h @ W.T + b (c, V)).
@@ -86,14 +94,39 @@ class _Linear:
             z = torch.mm(h, self.weight.t(), out=out_mm)
         return h, z
 
-    def logits_into(self, out: torch.Tensor, rows, weight: float, first: bool) -> None:
-        """out (+)= weight · (h[rows] @ W.T + b), in place.   # (c, V)"""
-        if out.dtype == self.weight.dtype and self.bias is None:
+    def logits_into(
+        self, out: torch.Tensor, rows, weight: float, first: bool, scratch: torch.Tensor | None
+    ) -> None:
+        """out (+)= weight · head(h[rows]), in place.   # (c, V)
+
+        A soft-capped head is evaluated in `out` itself when it is the first term, else in
+        `scratch` (a (c, V) buffer of out's dtype reused by every chunk)."""
+        head = self.head
+        if (
+            out.dtype == self.weight.dtype
+            and self.bias is None
+            and (head is None or head.is_linear)
+        ):
             h = _take(self.hidden, rows).to(self.weight.dtype)  # (c, H)
             beta = 0.0 if first else 1.0
-            torch.addmm(out, h, self.weight.t(), beta=beta, alpha=weight, out=out)
+            alpha = weight if head is None else weight * head.scale  # a scale folds into alpha
+            torch.addmm(out, h, self.weight.t(), beta=beta, alpha=alpha, out=out)
+            return
+        if head is not None and not head.is_linear:
+            dest = out if first else scratch
+            assert dest is not None
+            _, z = self.logits(rows, out=dest)
+            if z is not dest:
+                dest.copy_(z)  # 16-bit logits, upcast: the soft cap runs in the compute dtype
+            head.transform_(dest)
+            if first:
+                out.mul_(weight)
+            else:
+                out.add_(dest, alpha=weight)
             return
         _, z = self.logits(rows)  # a 16-bit chunk, or one with a bias
+        if head is not None:
+            z = head.transform_(z.to(out.dtype))  # the scale, in the compute dtype
         if first:
             torch.mul(z, weight, out=out)
         else:
@@ -160,18 +193,32 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
     cap = min(plan.chunk_size, max(plan.count, 1))
     zs_buf = torch.empty(cap, vocab, dtype=dtype, device=device)
     work_buf = torch.empty(cap, vocab, dtype=dtype, device=device)
+    # A third buffer only when a soft-capped reference is not the target's first term.
+    capped = [
+        i
+        for i, (_, ref) in enumerate(plan.frozen)
+        if isinstance(ref, _Linear) and ref.head is not None and not ref.head.is_linear
+    ]
+    scratch_buf = (
+        torch.empty(cap, vocab, dtype=dtype, device=device)
+        if any(i > 0 for i in capped) and plan.sparse is None
+        else None
+    )
     for rows, c in _chunks(plan):
         zs = zs_buf[:c]
         h, z = s.logits(rows, out=zs)  # (c, H), (c, V)
         if z is not zs:
             zs.copy_(z)  # 16-bit logits, upcast
             del z
+        if s.head is not None:
+            s.head.transform_(zs)  # the model's scale / soft cap: zs are its logits now
         work = work_buf[:c]  # the target (c, V), then the gradient
         if plan.sparse is None:
             first = True
             for w, ref in plan.frozen:
                 if isinstance(ref, _Linear):
-                    ref.logits_into(work, rows, w, first)
+                    scratch = None if scratch_buf is None else scratch_buf[:c]
+                    ref.logits_into(work, rows, w, first, scratch)
                 elif first:
                     torch.mul(_take(ref, rows).to(dtype), w, out=work)
                 else:
@@ -223,13 +270,17 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
                 del loss, kd_sum, leaf
         if not any_grad:
             continue
+        if s.head is not None:
+            # Chain rule through scale and soft cap: dL/d(h @ W.T + b). zs is consumed.
+            s.head.backward_(work, zs)
         g = work if s.weight.dtype == dtype else work.to(s.weight.dtype)  # (c, V)
         if need_h:
-            gh = g @ s.weight  # (c, H)
+            gh = g @ s.weight  # (c, H), in the matmul dtype
             if isinstance(rows, slice):
                 grad_h[rows] = gh
             else:
-                grad_h.index_copy_(0, rows, gh)
+                # index_copy_ does not cast: a 16-bit chunk into the compute-dtype buffer.
+                grad_h.index_copy_(0, rows, gh.to(grad_h.dtype))
         if need_w:
             grad_w.addmm_(work.t(), h.to(dtype))  # (V, H) += (V, c) @ (c, H), compute dtype
         if need_b:
@@ -306,8 +357,10 @@ def _linear(
     n_total: int,
     vocab: int,
     dtype: torch.dtype,
+    transform: LogitHead | None = None,
 ) -> _Linear:
-    """Flatten hidden states, slice an lm_head (and bias) to the shared vocabulary."""
+    """Flatten hidden states, slice an lm_head (and bias) to the shared vocabulary;
+    `transform` carries the head's scale / soft cap (None or an identity: plain linear)."""
     hidden_size = hidden.shape[-1]
     if head.dim() != 2 or head.shape[1] != hidden_size:
         raise ValueError(
@@ -330,12 +383,27 @@ def _linear(
                 f"{name} lm_head bias must be [{head.shape[0]}], got {tuple(bias.shape)}"
             )
         b = bias.detach()[:vocab].to(mm_dtype)
-    return _Linear(hidden.reshape(n_total, hidden_size), w, b)
+    if transform is not None and transform.scale == 1.0 and transform.softcap is None:
+        transform = None
+    return _Linear(hidden.reshape(n_total, hidden_size), w, b, transform)
+
+
+def _split_head(
+    name: str, head: torch.Tensor | LogitHead, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, LogitHead | None]:
+    """(weight, bias, transform) of a plain weight (+ bias) or of a `LogitHead`."""
+    if not isinstance(head, LogitHead):
+        return head, bias, None
+    if bias is not None and head.bias is not None:
+        raise ValueError(
+            f"{name} bias is given twice (as a separate bias and in its LogitHead); pass one"
+        )
+    return head.weight, head.bias if bias is None else bias, head
 
 
 def fused_distill_loss(
     student_hidden: torch.Tensor,
-    student_head: torch.Tensor,
+    student_head: torch.Tensor | LogitHead,
     refs: Mapping[str, RefInput],
     *,
     student_bias: torch.Tensor | None = None,
@@ -358,19 +426,24 @@ def fused_distill_loss(
     """Delta-KD / parallelogram / plain KD loss computed straight from hidden states.
 
     `L = λ · L_SFT + (1 − λ) · D(π_target, π_student)` reduced over counted positions, where
-    the student's logits are `student_hidden @ student_head[:V].T (+ bias)`, never materialised
-    for more than `chunk_size` positions at a time (see the module docstring; after
-    Liger-Kernel's fused linear cross-entropy / JSD).
+    the student's logits are `student_hidden @ student_head[:V].T (+ bias)` — or, for a
+    `LogitHead`, that model's own `softcap((h @ W.T + b) · scale)` — never materialised for more
+    than `chunk_size` positions at a time (see the module docstring; after Liger-Kernel's fused
+    linear cross-entropy / JSD).
 
     Args:
         student_hidden: `[..., H]` the student's last hidden states (`model.model(...)`
             `.last_hidden_state`), already aligned (the state at t scores token t+1).
-        student_head: `[V_s, H]` the student's lm_head weight, `V_s ≥ V` (padded rows allowed).
+        student_head: `[V_s, H]` the student's lm_head weight, `V_s ≥ V` (padded rows allowed),
+            or a `deltakd.losses.heads.LogitHead` holding it with the family's bias, scale and
+            soft cap (`deltakd.heads.logit_head(model)`); the gradient flows through them into
+            the head's weight and bias.
         refs: role → one of
             - dense logits `[..., V_r]` (`V_r ≥ V`; sliced to `V`),
             - a `SparseTarget` of leading shape `[...]` (plain KD, forward KL only),
-            - `(hidden [..., H_r], head [V_r, H_r])` or `(hidden, head, bias [V_r])`: the
-              reference's logits are computed one chunk at a time, like the student's.
+            - `(hidden [..., H_r], head [V_r, H_r])`, `(hidden, head, bias [V_r])` or
+              `(hidden, LogitHead)`: the reference's logits are computed one chunk at a time,
+              like the student's.
             Frozen roles: `teacher_ft`, `teacher_raw`, `student_raw`, `teacher_ft2` (whatever
             the variant names). They receive no gradient.
         student_bias: `[V_s]` lm_head bias, if the student has one (gets a gradient).
@@ -429,6 +502,9 @@ def fused_distill_loss(
         )
     lead = student_hidden.shape[:-1]
     n_total = lead.numel()
+    student_head, student_bias, s_transform = _split_head(
+        "the student's", student_head, student_bias
+    )
     vocab = student_head.shape[0] if vocab_size is None else int(vocab_size)
     if vocab < 1:
         raise ValueError(f"vocab_size must be ≥ 1, got {vocab_size!r}")
@@ -453,11 +529,20 @@ def fused_distill_loss(
         if isinstance(ref, torch.Tensor):
             tensors.append(ref)
         elif isinstance(ref, (tuple, list)):
-            tensors.extend(t for t in ref if t is not None)
+            for t in ref:
+                tensors.extend([t.weight] if isinstance(t, LogitHead) else [t])
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
     student = _linear(
-        "the student's", student_hidden, student_head, student_bias, n_total, vocab, dtype
+        "the student's",
+        student_hidden,
+        student_head,
+        student_bias,
+        n_total,
+        vocab,
+        dtype,
+        s_transform,
     )
 
     frozen: list[tuple[float, torch.Tensor | _Linear]] = []
@@ -503,11 +588,20 @@ def fused_distill_loss(
             dense = ref.detach().reshape(n_total, ref.shape[-1])[:, :vocab]
             frozen.append((w, dense))
         elif isinstance(ref, (tuple, list)) and len(ref) in (2, 3):
-            r_hidden, r_head = ref[0], ref[1]
-            r_bias = ref[2] if len(ref) == 3 else None
+            r_hidden = ref[0]
+            r_head, r_bias, r_transform = _split_head(
+                f"refs[{role!r}]", ref[1], ref[2] if len(ref) == 3 else None
+            )
             _check_lead(f"refs[{role!r}] hidden states", r_hidden.shape[:-1], lead, "hidden states")
             linear = _linear(
-                f"refs[{role!r}]", r_hidden.detach(), r_head, r_bias, n_total, vocab, dtype
+                f"refs[{role!r}]",
+                r_hidden.detach(),
+                r_head,
+                r_bias,
+                n_total,
+                vocab,
+                dtype,
+                r_transform,
             )
             frozen.append((w, linear))
         else:

@@ -99,7 +99,13 @@ class _ChunkedLoss(torch.autograd.Function):
     Inputs keep their shape `[*lead, ...]` (a sliced, non-contiguous view is read row by row,
     never copied whole); `rows` are the counted positions, flat over `lead`. Gradients of every
     input that needs one are accumulated into one buffer per input during forward; backward
-    scales them by the incoming gradient in place, so memory stays bounded.
+    scales them by the incoming gradient in place and hands them over, so memory stays bounded.
+
+    Handing over: the buffers are saved tensors, not ctx attributes. Without retain_graph
+    autograd releases them as soon as backward returns, before the gradient is accumulated, so
+    a leaf input's `.grad` takes the buffer itself instead of a clone (one [N, V] tensor, not
+    two). With retain_graph they stay saved, autograd clones them into `.grad`, and the next
+    backward rescales them (`ctx.scale` is the factor they carry).
     """
 
     @staticmethod
@@ -129,25 +135,28 @@ class _ChunkedLoss(torch.autograd.Function):
                     if need:
                         buffer.index_copy_(0, idx, next(chunk_grads))
             total += loss.detach()
-        ctx.grads = grads
+        ctx.has_grad = [g is not None for g in grads]
+        ctx.save_for_backward(*[g for g in grads if g is not None])
         ctx.scale = torch.ones((), dtype=total.dtype, device=total.device)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
-        # Buffers are rescaled in place (no second [N, V] copy); ctx.scale remembers the factor
-        # they currently carry, so a repeated backward (retain_graph) stays correct.
+        saved = iter(ctx.saved_tensors)  # raises on a second backward without retain_graph
+        grads = [next(saved) if has else None for has in ctx.has_grad]
         if not bool(grad_output):  # zero incoming gradient: buffers untouched, stride-0 zeros
-            zeros = [None if g is None else g.new_zeros(()).expand_as(g) for g in ctx.grads]
+            zeros = [None if g is None else g.new_zeros(()).expand_as(g) for g in grads]
             return (None, None, None, None, *zeros)
         if not torch.equal(grad_output, ctx.scale):
+            # Rescaled in place (no second [N, V] copy). Through `.data`, which does not bump
+            # the saved tensor's version, so a retained graph can unpack it again.
             factor = grad_output / ctx.scale
-            for g in ctx.grads:
+            for g in grads:
                 if g is not None:
-                    g.mul_(factor.to(g.dtype))
+                    g.data.mul_(factor.to(g.dtype))
             ctx.scale = grad_output.clone()
-        return (None, None, None, None, *ctx.grads)
+        return (None, None, None, None, *grads)
 
 
 def check_positive_int(name: str, value: object) -> None:

@@ -3,7 +3,8 @@
 A source answers, for a batch of token ids, the outputs of the frozen roles the run needs
 (`teacher_ft`, `teacher_raw`, `student_raw`, and optionally extra teachers such as
 `teacher_ft2`). Sources may answer with full logits, with last hidden states (the trainer then
-applies each role's frozen `lm_head`), or with a ready sparse target (the offline cache).
+applies each role's frozen output layer, a `LogitHead` from `lm_heads()` that reproduces the
+model's own bias, scale and soft cap), or with a ready sparse target (the offline cache).
 
 Pipelining: the trainer calls `prefetch(key, batch)` for batch k+1 before it trains on batch k
 and `fetch(key, batch)` when it needs the outputs. A source that cannot prefetch (local models)
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltakd.losses.heads import LogitHead
+
 # Frozen roles (docs/ARCHITECTURE.md §1). `student` is the live, trainable model and never a reference.
 REFERENCE_ROLES: tuple[str, ...] = ("teacher_ft", "teacher_raw", "student_raw", "teacher_ft2")
 
@@ -28,7 +31,8 @@ class ReferenceBatch:
 
     Exactly one of the three forms is filled for each role:
     - `logits[role]`: [B, T, V] logits (any float dtype);
-    - `hidden[role]`: [B, T, H] last hidden states; logits = hidden @ lm_head[role].T;
+    - `hidden[role]`: [B, T, H] last hidden states (after the final norm);
+      logits = `lm_heads()[role].apply(hidden)`;
     - `target`: a precomputed sparse target for the whole batch (offline cache), an instance
       of `deltakd.losses.SparseTarget` of leading shape [B, T].
     """
@@ -56,8 +60,10 @@ class ReferenceSource(abc.ABC):
         `batch` holds at least `input_ids` and `attention_mask` ([B, T] each).
         """
 
-    def lm_heads(self) -> dict[str, torch.Tensor]:
-        """Frozen lm_head weights ([V, H]) for roles answered as hidden states; default none."""
+    def lm_heads(self) -> dict[str, LogitHead]:
+        """The frozen output layer (`LogitHead`: [V, H] weight, bias, scale, soft cap) of each
+        role answered as hidden states; default none. Consumers also accept a plain [V, H]
+        weight here (`deltakd.losses.heads.as_logit_head`), for sources written before."""
         return {}
 
     def close(self) -> None:  # noqa: B027

@@ -35,6 +35,7 @@ import torch
 import zmq
 
 from deltakd.errors import ConfigError, DeltaKDError, ReferenceServerError, VocabularyError
+from deltakd.losses.heads import LogitHead
 from deltakd.references import wire
 from deltakd.references.base import ReferenceBatch, ReferenceSource
 from deltakd.references.server import OUTPUTS, default_endpoint
@@ -185,7 +186,7 @@ class ServerReferences(ReferenceSource):
         # The owner's pid is in the name, so a later run can remove what a SIGKILL left behind.
         self._tmp = Path(tempfile.mkdtemp(prefix=f"deltakd-{self.run_id}-p{os.getpid()}-"))
         self._closed = False
-        self._lm_heads: dict[str, torch.Tensor] | None = None
+        self._lm_heads: dict[str, LogitHead] | None = None
         self._conns: dict[str, _Conn] = {}
         try:
             for spec in specs:
@@ -250,8 +251,9 @@ class ServerReferences(ReferenceSource):
         out.wait_seconds = time.perf_counter() - t0
         return out
 
-    def lm_heads(self) -> dict[str, torch.Tensor]:
-        """[V, H] lm_head weights of the roles served as hidden states (loaded once)."""
+    def lm_heads(self) -> dict[str, LogitHead]:
+        """Output layers of the roles served as hidden states (loaded once): weight and bias
+        from the role's safetensors files, scale and soft cap as its server described them."""
         if self._lm_heads is None:
             heads = {}
             for role, conn in self._conns.items():
@@ -808,12 +810,42 @@ def _stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> N
         proc.wait(10)
 
 
-def _load_lm_head(conn: _Conn) -> torch.Tensor:
-    """The role's [V, H] lm_head from its safetensors files (names the server reported)."""
+def _load_lm_head(conn: _Conn) -> LogitHead:
+    """The role's output layer: [V, H] weight (and [V] bias) from its safetensors files under
+    the names the server reported, with the scale and soft cap the server read from its model
+    (`deltakd.heads`). Plain numbers and names travel in the signed msgpack header; tensors
+    are read here with safetensors: nothing is unpickled."""
+    described = conn.info.get("logit_head")
+    if not isinstance(described, dict):
+        raise ReferenceServerError(
+            f"role {conn.spec.role}: the server at {conn.endpoint} sends hidden states but does "
+            "not describe its model's output layer (an older deltakd?); run the same deltakd "
+            "version on trainer and server, or use output: logits"
+        )
+    weight = _load_tensor(conn, list(conn.info.get("lm_head_keys") or ["lm_head.weight"]))
+    bias_keys = list(described.get("bias_keys") or [])
+    bias = _load_tensor(conn, bias_keys) if bias_keys else None
+    try:
+        softcap = described.get("softcap")
+        return LogitHead(
+            weight,
+            bias,
+            scale=float(described.get("scale", 1.0)),
+            softcap=None if softcap is None else float(softcap),
+            family=str(described.get("family")),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ReferenceServerError(
+            f"role {conn.spec.role}: the server described an unusable output layer ({exc}); "
+            "run the same deltakd version on trainer and server, or use output: logits"
+        ) from None
+
+
+def _load_tensor(conn: _Conn, keys: list[str]) -> torch.Tensor:
+    """The first of `keys` found in the role's safetensors files."""
     from safetensors import safe_open
 
     path = Path(conn.spec.model or conn.info.get("model_path", ""))
-    keys = list(conn.info.get("lm_head_keys") or ["lm_head.weight"])
     index = path / "model.safetensors.index.json"
     files: list[Path]
     if index.is_file():
@@ -828,7 +860,7 @@ def _load_lm_head(conn: _Conn) -> torch.Tensor:
                 if k in names:
                     return st.get_tensor(k)
     raise ConfigError(
-        f"role {conn.spec.role}: hidden-state mode needs the lm_head weight, but none of "
+        f"role {conn.spec.role}: hidden-state mode needs the lm_head, but none of "
         f"{keys} is in the safetensors files at {path}; give `model:` the checkpoint directory "
         "for this role or use output: logits"
     )

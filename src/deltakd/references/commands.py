@@ -23,7 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="ZeroMQ address to bind (default ipc://TMPDIR/deltakd-RUNID-ROLE.sock)",
     )
-    p.add_argument("--output", choices=("logits", "hidden"), default="logits")
+    p.add_argument(
+        "--output",
+        choices=("logits", "hidden"),
+        default="logits",
+        help="reply with logits, or last hidden states (the client applies the model's own "
+        "output layer; families not in docs/USAGE.md 'Model families checked' are refused)",
+    )
     p.add_argument(
         "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="wire dtype of replies"
     )

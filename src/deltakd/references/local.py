@@ -7,16 +7,21 @@ vocabulary). There is nothing to prefetch: the computation happens in `fetch`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
 import torch
 
 from deltakd.errors import ConfigError
+from deltakd.heads import UnsupportedHeadError, logit_head
 from deltakd.loading import load_model, parse_dtype
+from deltakd.losses.heads import LogitHead
 from deltakd.references.base import REFERENCE_ROLES, ReferenceBatch, ReferenceSource
 
 __all__ = ["LocalReferences", "parse_dtype"]
+
+log = logging.getLogger(__name__)
 
 
 class LocalReferences(ReferenceSource):
@@ -30,8 +35,9 @@ class LocalReferences(ReferenceSource):
             for sharing one model between roles.
         hidden_states: answer with last hidden states ([B, T, H]) and `lm_heads()` instead of
             logits, for the fused loss, which makes logits one chunk at a time (a hidden state is
-            ~40× smaller than a 152k-vocabulary logit row). Models whose output layer has a
-            bias still answer with logits.
+            ~40× smaller than a 152k-vocabulary logit row). `lm_heads()` holds each model's
+            output layer as `deltakd.heads.logit_head` describes it (bias, scale, soft cap);
+            a model whose output layer it cannot reproduce still answers with logits.
     """
 
     def __init__(
@@ -61,12 +67,14 @@ class LocalReferences(ReferenceSource):
             model.eval()
             model.requires_grad_(False)
         self.roles = tuple(self.models)
-        self._heads: dict[str, torch.Tensor] = {}
+        self._heads: dict[str, LogitHead] = {}
         if hidden_states:
             for role, model in self.models.items():
-                head = model.get_output_embeddings()
-                if isinstance(head, torch.nn.Linear) and head.bias is None:
-                    self._heads[role] = head.weight
+                try:
+                    self._heads[role] = logit_head(model, fix="It answers with logits instead.")
+                except UnsupportedHeadError as exc:
+                    # Logits from the model's own forward are always right, only larger.
+                    log.warning("role %s: %s", role, exc)
 
     @torch.no_grad()
     def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
@@ -88,7 +96,7 @@ class LocalReferences(ReferenceSource):
             logits=logits, hidden=hidden, wait_seconds=time.perf_counter() - start
         )
 
-    def lm_heads(self) -> dict[str, torch.Tensor]:
+    def lm_heads(self) -> dict[str, LogitHead]:
         return dict(self._heads)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from deltakd.errors import DeltaKDError
+from deltakd.losses.heads import LogitHead, as_logit_head
 from deltakd.references.base import ReferenceBatch
 
 
@@ -19,14 +20,16 @@ class RoleLogits:
     """The frozen roles' logits for one micro-batch, aligned with `StudentBatch.student_logits`.
 
     `logits(role)` returns `[B, T-1, V]` (next-token positions, shared vocabulary), computed
-    from hidden states and the role's `lm_head` when the source sent hidden states. `target` is
-    the source's ready `SparseTarget` (offline cache), trimmed the same way, or None.
+    from hidden states and the role's output layer (`heads[role]`, a `LogitHead`: bias, scale
+    and soft cap as the model's forward; a plain [V, H] weight also works) when the source sent
+    hidden states. `target` is the source's ready `SparseTarget` (offline cache), trimmed the
+    same way, or None.
     """
 
     def __init__(
         self,
         ref: ReferenceBatch,
-        heads: Mapping[str, torch.Tensor],
+        heads: Mapping[str, LogitHead | torch.Tensor],
         vocab_size: int,
         device: torch.device,
     ) -> None:
@@ -48,9 +51,9 @@ class RoleLogits:
         if role in self.ref.logits:
             out = self.ref.logits[role][:, :-1, :v]
         elif role in self.ref.hidden:
-            head = self.heads[role][:v]  # (V, H)
+            head = as_logit_head(self.heads[role]).to(self.device)
             hidden = self.ref.hidden[role][:, :-1]  # (B, T-1, H)
-            out = hidden.to(device=self.device, dtype=head.dtype) @ head.to(self.device).T
+            out = head.apply(hidden.to(self.device), vocab=v)  # (B, T-1, V)
         else:
             raise DeltaKDError(
                 f"the reference source returned no output for role {role!r} (it sent "

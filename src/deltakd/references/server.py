@@ -1,7 +1,9 @@
 """One teacher server: a frozen model behind a ZeroMQ ROUTER socket.
 
 Requests (small) carry ``input_ids`` and ``attention_mask`` as raw frames; replies carry the
-model's logits ``[B, T, V]`` or last hidden states ``[B, T, H]`` in the wire dtype, written
+model's logits ``[B, T, V]`` or last hidden states ``[B, T, H]`` in the wire dtype (with
+hidden states, the server's ``info`` describes the model's output layer — scale, soft cap,
+where its weight and bias are stored — so the client reproduces its logits), written
 straight into the trainer's shared-memory slot (``shm``), sent as zero-copy frames
 (``frame``) or exported through CUDA IPC (``cuda``), whichever the request asks for.
 
@@ -130,7 +132,6 @@ class TeacherServer:
         model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs)
         model.to(device).eval().requires_grad_(False)
         cfg = model.config
-        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         head = model.get_output_embeddings()
         info: dict[str, Any] = {
             "output": output,
@@ -142,14 +143,20 @@ class TeacherServer:
             "lm_head_keys": _lm_head_keys(model),
         }
         if output == "hidden":
-            if getattr(head, "bias", None) is not None or getattr(
-                text_cfg, "final_logit_softcapping", None
-            ):
-                raise ConfigError(
-                    f"role {role}: {cfg.model_type} does not compute logits as hidden @ "
-                    "lm_head.T (bias or softcapping), so hidden-state mode would be wrong; "
-                    "use --output logits"
-                )
+            from deltakd.heads import logit_head
+
+            # The client recomputes logits from hidden states: refuse a model whose output
+            # layer deltakd cannot reproduce, and tell the client the one it has.
+            described = logit_head(
+                model,
+                fix=f"Serve role {role} with `output: logits` (`deltakd serve --output logits`).",
+            )
+            info["logit_head"] = {
+                "family": described.family,
+                "scale": described.scale,
+                "softcap": described.softcap,
+                "bias_keys": _param_keys(model, head.bias) if head.bias is not None else [],
+            }
             base = model.base_model
 
             def compute(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -357,11 +364,15 @@ def _parse_fault(spec: str | None) -> dict[str, Any]:
 
 def _lm_head_keys(model: Any) -> list[str]:
     """Names under which the lm_head weight may be stored in the model's safetensors files."""
-    head = model.get_output_embeddings().weight
-    keys = [name for name, p in model.named_parameters(remove_duplicate=False) if p is head]
+    return _param_keys(model, model.get_output_embeddings().weight) or ["lm_head.weight"]
+
+
+def _param_keys(model: Any, param: torch.Tensor) -> list[str]:
+    """Names of a parameter (all of them when tied), the output head's first."""
+    keys = [name for name, p in model.named_parameters(remove_duplicate=False) if p is param]
     # The output head first, then tied input embeddings (checkpoints store only one of them).
     keys.sort(key=lambda k: 0 if "lm_head" in k else 1)
-    return keys or ["lm_head.weight"]
+    return keys
 
 
 def run_server(args: Any) -> int:

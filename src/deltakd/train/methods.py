@@ -47,6 +47,7 @@ from deltakd.targets import Target, target_of
 
 if TYPE_CHECKING:
     from deltakd.config import TrainConfig
+    from deltakd.losses.heads import LogitHead
     from deltakd.references.role_logits import RoleLogits
     from deltakd.train.trainer import DistillTrainer
 
@@ -165,10 +166,11 @@ class Method:
                              beta=config.beta, mask=batch.mask, chunk_size=config.chunk_size)  # fmt: skip
 
     def fused_terms(
-        self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig, head: torch.nn.Module
+        self, batch: StudentBatch, refs: RoleLogits, config: TrainConfig, head: LogitHead
     ) -> LossTerms:
         """λ·SFT + (1−λ)·KD sums from the student's hidden states and output layer `head`
-        (`fused_loss: true`), computed by the method's target."""
+        (`deltakd.heads.logit_head(model)`; `fused_loss: true`), computed by the method's
+        target."""
         target = self.target(config)
         assert target is not None and batch.student_hidden is not None
         loss, parts = target.fused_sum(

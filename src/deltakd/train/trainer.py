@@ -36,6 +36,7 @@ from transformers import Trainer, TrainerCallback
 
 from deltakd.config import TrainConfig
 from deltakd.errors import NonFiniteError
+from deltakd.heads import logit_head
 from deltakd.references.base import ReferenceSource
 from deltakd.references.role_logits import RoleLogits
 from deltakd.train.methods import LossTerms, Method, StudentBatch
@@ -80,6 +81,9 @@ class DistillTrainer(Trainer):
         #: `(model) -> {"rouge1": ..}` run at each evaluation (generation-based scores); set by
         #: `DeltaKDTrainer` from `eval_generate_samples`
         self.generation_eval: Any = None
+        if config.fused_loss and self._uses_references():
+            # Refuse a student whose logits the fused loss cannot reproduce before any step.
+            logit_head(self.accelerator.unwrap_model(self.model))
 
     def _uses_references(self) -> bool:
         return self.method.uses_kd and self.config.lam < 1.0
@@ -183,7 +187,8 @@ class DistillTrainer(Trainer):
         if skip_reason is None:
             if fused:
                 assert refs is not None
-                head = self.accelerator.unwrap_model(model).get_output_embeddings()
+                # The student's output layer as its forward computes it (deltakd.heads).
+                head = logit_head(self.accelerator.unwrap_model(model))
                 terms = self.method.fused_terms(batch, refs, self.config, head)
             else:
                 terms = self.method.compute(batch, refs, self.config)

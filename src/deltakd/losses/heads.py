@@ -1,0 +1,100 @@
+"""`LogitHead`: what a causal LM computes between its last hidden state and its logits.
+
+Most families compute `logits = hidden @ W.T`, but some do more: an lm_head bias (Phi), a
+multiplier (Cohere's `logit_scale`) or divisor (Granite's `logits_scaling`), a final soft cap
+`c · tanh(z / c)` (Gemma 2 / 3's `final_logit_softcapping`). A `LogitHead` describes all of it,
+so every place that makes logits from hidden states (the fused loss, hidden-state references,
+the cache builder) reproduces the model's own forward:
+
+    z = softcap((hidden @ weight.T + bias) · scale)        softcap(x) = c · tanh(x / c)
+
+Pure tensor code: which family has which head is decided in `deltakd.heads`, not here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class LogitHead:
+    """A model's output layer: `z = softcap((h @ weight.T + bias) · scale)`.
+
+    Attributes:
+        weight: `[V, H]` lm_head weight (may require grad: the student's head).
+        bias: `[V]` lm_head bias, or None.
+        scale: multiplies the logits (Cohere: `logit_scale`; Granite: `1 / logits_scaling`).
+        softcap: `c` of the final soft cap `c · tanh(z / c)` (Gemma 2 / 3), or None.
+        family: the model family it was read from (for messages), or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+    family: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight.dim() != 2:
+            raise ValueError(f"LogitHead weight must be [V, H], got {tuple(self.weight.shape)}")
+        if self.bias is not None and self.bias.shape != (self.weight.shape[0],):
+            raise ValueError(
+                f"LogitHead bias must be [{self.weight.shape[0]}], got {tuple(self.bias.shape)}"
+            )
+        if not (math.isfinite(self.scale) and self.scale != 0.0):
+            raise ValueError(f"LogitHead scale must be finite and non-zero, got {self.scale!r}")
+        if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0):
+            raise ValueError(f"LogitHead softcap must be a positive number, got {self.softcap!r}")
+
+    @property
+    def is_linear(self) -> bool:
+        """True when the logits are `h @ W.T + b` times a constant (no soft cap)."""
+        return self.softcap is None
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """The same head with weight and bias moved / cast (no copy when nothing changes)."""
+        w = self.weight.to(device=device, dtype=dtype)
+        b = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
+        return replace(self, weight=w, bias=b)
+
+    def transform_(self, z: torch.Tensor) -> torch.Tensor:
+        """Apply scale and soft cap to `h @ W.T + b` in place; returns `z`."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is not None:
+            # The order of the models' own forward (Gemma 2): divide, tanh, multiply.
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    def backward_(self, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """dL/d(h @ W.T + b) from dL/dz, in place in `grad`; `z` (the transformed logits) is
+        overwritten. d softcap(x)/dx = 1 − tanh² = 1 − (z / c)²."""
+        if self.softcap is not None:
+            # grad · (1 − z²/c²) as grad − (grad · z²)/c²: two passes over the chunk.
+            grad.addcmul_(grad, z.square_(), value=-1.0 / self.softcap**2)
+        if self.scale != 1.0:
+            grad.mul_(self.scale)
+        return grad
+
+    def apply(self, hidden: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+        """Logits `[..., V]` of hidden states `[..., H]` (rows beyond `vocab` dropped), computed
+        in the head's dtype, as the model's forward does. Differentiable."""
+        w = self.weight if vocab is None else self.weight[:vocab]
+        b = self.bias if vocab is None or self.bias is None else self.bias[:vocab]
+        z = torch.nn.functional.linear(hidden.to(w.dtype), w, b)
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def as_logit_head(head: torch.Tensor | LogitHead) -> LogitHead:
+    """A `LogitHead` from a head description or a plain `[V, H]` weight (`h @ W.T`)."""
+    return head if isinstance(head, LogitHead) else LogitHead(head)
+
+
+__all__ = ["LogitHead", "as_logit_head"]
