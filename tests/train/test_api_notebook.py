@@ -359,3 +359,23 @@ def test_lora_run_resumes_exactly_from_an_adapter_checkpoint(tmp_path):
     assert a.keys() == b.keys() and a
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_shared_base_feeds_the_fused_loss_with_hidden_states(rows, tmp_path):
+    from datasets import Dataset
+
+    data, _ = rows
+    losses = {}
+    for fused in (False, True):
+        args = DeltaKDConfig(**RUN, output_dir=str(tmp_path / str(fused)), fused_loss=fused,
+                             peft={"r": 4, "target_modules": ["q_proj", "v_proj"]})  # fmt: skip
+        trainer = DeltaKDTrainer(model="mini:student_raw", teacher_ft="mini:teacher_ft",
+                                 teacher_raw="mini:teacher_raw", args=args,
+                                 train_dataset=Dataset.from_list(data))  # fmt: skip
+        if fused:  # student_raw answers with hidden states through the adapter-free base
+            assert "student_raw" in trainer.references.lm_heads()
+        trainer.train()
+        losses[fused] = [h["kd_loss"] for h in trainer.state.log_history if "kd_loss" in h]
+    assert len(losses[True]) == 3
+    for a, b in zip(losses[False], losses[True]):
+        assert b == pytest.approx(a, rel=1e-4)

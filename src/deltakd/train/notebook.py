@@ -139,18 +139,30 @@ class AdapterDisabled(torch.nn.Module):
         super().__init__()
         self._student = [peft_model]
 
-    def forward(self, **kwargs: Any) -> Any:
+    def _run(self, fn: Callable[[], Any]) -> Any:
         model = self._student[0]
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), model.disable_adapter():
-                return model(**kwargs)
+                return fn()
         finally:
             model.train(was_training)
 
-    def get_output_embeddings(self) -> None:
-        return None  # answer with logits (no hidden-state mode through the wrapper)
+    def forward(self, **kwargs: Any) -> Any:
+        """Logits of the base model (the reference source's logits path)."""
+        return self._run(lambda: self._student[0](**kwargs))
+
+    def get_base_model(self) -> torch.nn.Module:
+        """The transformers model under the adapters: `deltakd.heads.logit_head` reads its
+        output layer (not adapted) for the fused loss."""
+        return self._student[0].get_base_model()
+
+    @property
+    def base_model(self) -> Callable[..., Any]:
+        """Last hidden states of the base model (the hidden-state path, `fused_loss`)."""
+        inner = self._student[0].get_base_model().base_model
+        return lambda **kwargs: self._run(lambda: inner(**kwargs))
 
     @property
     def config(self) -> Any:
