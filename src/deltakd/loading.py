@@ -76,6 +76,7 @@ def load_model(
     revision: str | None = None,
     role: str | None = None,
     frozen: bool = False,
+    **from_pretrained_kwargs: Any,
 ) -> Any:
     """An `AutoModelForCausalLM` from `path` (see the module docstring for what a path is).
 
@@ -86,10 +87,17 @@ def load_model(
         revision: a Hub branch, tag or commit.
         role: the config field named in the error when loading fails (`teacher_ft`, ...).
         frozen: eval mode with gradients off (references, teachers).
+        from_pretrained_kwargs: passed on (`attn_implementation`, ...: the config's
+            `model_kwargs`); `dtype` there is used when `dtype` is None.
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    extra = dict(from_pretrained_kwargs)
+    if dtype is None:
+        dtype = extra.pop("dtype", None)
+    else:
+        extra.pop("dtype", None)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **extra}
     if dtype is not None:
         kwargs["dtype"] = "auto" if dtype == "auto" else parse_dtype(dtype)
     if revision is not None:
