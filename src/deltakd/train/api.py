@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -244,6 +245,14 @@ def training_arguments(config: TrainConfig) -> Any:
     warmup = config.warmup_steps if config.warmup_steps > 0 else config.warmup_ratio
     if schedule == "constant" and warmup:
         schedule = "constant_with_warmup"
+    # transformers 5.20 renamed gradient_checkpointing to activation_checkpointing; vLLM 0.32
+    # needs transformers < 5.20, so both spellings are in use.
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    ckpt = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in params
+        else "gradient_checkpointing"
+    )
     return TrainingArguments(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.per_device_batch_size,
@@ -261,7 +270,7 @@ def training_arguments(config: TrainConfig) -> Any:
         max_grad_norm=config.max_grad_norm,
         bf16=config.precision == "bf16",
         fp16=config.precision == "fp16",
-        activation_checkpointing=config.gradient_checkpointing,
+        **{ckpt: config.gradient_checkpointing},
         dataloader_pin_memory=False,
         seed=config.seed,
         data_seed=config.seed,
