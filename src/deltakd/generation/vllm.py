@@ -224,6 +224,23 @@ class VLLMEngine:
             torch.set_num_threads = set_num_threads
             _set_global_rng_state(rng)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        if not on_gpu:
+            self._check_cpu_head_size()
+
+    def _check_cpu_head_size(self) -> None:
+        # vLLM's CPU attention kernels exist for some head sizes only, and an unsupported one
+        # surfaces as a kernel error at the first generate call; refuse it up front.
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        head = int(self.llm.llm_engine.model_config.get_head_size())
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head not in sizes:
+            self.close()
+            raise ConfigError(
+                f"vLLM cannot run the model {self.model_name!r} on this CPU: its attention head "
+                f"size is {head}, and vLLM's CPU attention supports {sizes}. Use backend hf "
+                "for this model (or vLLM on a GPU)."
+            )
 
     @classmethod
     def from_model(
@@ -272,7 +289,9 @@ class VLLMEngine:
         items = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
         items = [(_strip_wrappers(name), t.detach()) for name, t in items]
         start = time.perf_counter()
-        self.llm.apply_model(lambda m: m.load_weights(iter(items)))
+        # The worker's in-place reload, not the model's own `load_weights`: on CPU the layers
+        # repack their weights after loading, and only the reload path undoes and redoes that.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
 
