@@ -1,0 +1,197 @@
+"""`deltakd bench generate`: the same prompts and model through `hf` and `vllm`, side by side.
+
+Each backend runs in its own child process (same interpreter, same torch thread count), so
+its peak memory is its own and one engine's threads do not slow the other. Per backend:
+
+- ``load_s``: loading the model (for vLLM: building the engine, which loads it);
+- ``first_reply_s``: generating the reply to the first prompt alone (a warm model, one request);
+- ``batch_s`` and ``tokens_per_s``: generating every prompt's reply in one call (hf in batches
+  of ``--batch-size``; vLLM schedules its own), new tokens counted with their stop token;
+- ``peak_rss_mib``: the child's peak resident memory (imports, model, KV cache, everything).
+
+Greedy decoding by default, so the run also reports how many replies the two backends agree on.
+Figures from a shared machine are noisy; the ratio of the two, taken in one run, is the figure
+to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+BACKENDS = ("hf", "vllm")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="mini:teacher_ft", help="model (mini:teacher_ft)")
+    parser.add_argument(
+        "--data",
+        default="mini:instruct,mini:math",
+        help="comma-separated data specs whose test prompts are generated",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="prompts per data spec (all)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="reply cap (128)")
+    parser.add_argument("--batch-size", type=int, default=16, help="hf batch size (16)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="weights (float32)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per backend (1)")
+    parser.add_argument(
+        "--backends", default="hf,vllm", help="comma-separated, in run order (hf,vllm)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from deltakd.errors import ConfigError
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in BACKENDS:
+            raise ConfigError(f"--backends {b!r}: expected a comma-separated subset of hf,vllm.")
+    job = {
+        "model": args.model,
+        "data": args.data,
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "threads": args.threads,
+    }
+    results: dict[str, Any] = {}
+    replies: dict[str, list[str]] = {}
+    for backend in backends:
+        out = _run_child({**job, "backend": backend})
+        replies[backend] = out.pop("replies")
+        results[backend] = out
+    n = len(next(iter(replies.values()))) if replies else 0
+    print(
+        f"model {args.model}  prompts {n}  max_new_tokens {args.max_new_tokens}  "
+        f"dtype {args.dtype}  torch threads {args.threads}"
+    )
+    print(
+        f"{'backend':<8}{'load s':>9}{'first reply s':>15}{'batch s':>10}"
+        f"{'new tokens':>12}{'tokens/s':>10}{'peak RSS MiB':>14}"
+    )
+    for b, r in results.items():
+        print(
+            f"{b:<8}{r['load_s']:>9.2f}{r['first_reply_s']:>15.3f}{r['batch_s']:>10.2f}"
+            f"{r['new_tokens']:>12d}{r['tokens_per_s']:>10.1f}{r['peak_rss_mib']:>14.0f}"
+        )
+    summary: dict[str, Any] = {"n": n, **results}
+    if "hf" in results and "vllm" in results:
+        speedup = results["vllm"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+        agree = sum(a == b for a, b in zip(replies["hf"], replies["vllm"], strict=True))
+        summary.update(speedup=speedup, agreement=agree / max(n, 1), agree=agree)
+        print(f"vllm / hf tokens/s: {speedup:.2f}x")
+        print(f"identical replies (greedy): {agree}/{n}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _run_child(job: dict[str, Any]) -> dict[str, Any]:
+    from deltakd.errors import DeltaKDError
+
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(job["threads"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltakd.bench.generate", json.dumps(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise DeltaKDError(f"the {job['backend']} generation run failed:\n{tail}")
+    return json.loads(lines[-1])
+
+
+def _prompts(data: str, limit: int | None) -> list[Any]:
+    from deltakd.eval.evaluate import load_eval_rows, split_row
+
+    prompts: list[Any] = []
+    for spec in (s.strip() for s in data.split(",") if s.strip()):
+        rows = load_eval_rows(spec, None, limit=limit)
+        prompts += [split_row(r, i)[0] for i, r in enumerate(rows)]
+    return prompts
+
+
+def _child(job: dict[str, Any]) -> dict[str, Any]:
+    """One backend's figures (runs in the child process)."""
+    import resource
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from deltakd.data.vocab import resolve_model_path
+    from deltakd.eval.generate import GenerationSettings
+
+    torch.set_num_threads(int(job["threads"]))
+    path = resolve_model_path(job["model"])
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = _prompts(job["data"], job["limit"])
+    settings = GenerationSettings(
+        max_new_tokens=int(job["max_new_tokens"]), batch_size=int(job["batch_size"])
+    )
+    start = time.perf_counter()
+    if job["backend"] == "vllm":
+        from deltakd.generation.vllm import VLLMEngine, VLLMSettings
+
+        engine = VLLMEngine(path, VLLMSettings(dtype=job["dtype"]))
+        load_s = time.perf_counter() - start
+
+        def gen(ps: list[Any]) -> tuple[list[str], int]:
+            out = engine.generate(tok, ps, settings)
+            return [g.text for g in out], sum(
+                len(g.token_ids) + (g.finish_reason == "stop") for g in out
+            )
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from deltakd.eval.generate import generate
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, job["dtype"]))
+        load_s = time.perf_counter() - start
+
+        def gen(ps: list[Any]) -> tuple[list[str], int]:
+            out = generate(model, tok, ps, settings, progress=False)
+            if out and not isinstance(out[0], str):  # `Generation`s (the generation/ package)
+                return [g.text for g in out], sum(
+                    len(g.token_ids) + (g.finish_reason == "stop") for g in out
+                )
+            # Text only: count the new tokens by re-encoding, +1 for the stop token of a reply
+            # that ended before the cap (vLLM's count includes it).
+            n = 0
+            for t in out:
+                k = len(tok(t, add_special_tokens=False)["input_ids"]) if t else 0
+                n += min(k + 1, settings.max_new_tokens)
+            return list(out), n
+
+    start = time.perf_counter()
+    gen(prompts[:1])
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    texts, new_tokens = gen(prompts)
+    batch = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {
+        "load_s": load_s,
+        "first_reply_s": first,
+        "batch_s": batch,
+        "new_tokens": new_tokens,
+        "tokens_per_s": new_tokens / batch,
+        "peak_rss_mib": peak,
+        "replies": texts,
+    }
+
+
+if __name__ == "__main__":
+    # The child: vLLM may spawn processes, which re-import this module under this guard.
+    print(json.dumps(_child(json.loads(sys.argv[1]))))
