@@ -33,6 +33,8 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    #: `hf` or `vllm` (`deltakd.generation.vllm`; the model is then a path or a VLLMEngine)
+    backend: str = "hf"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -48,6 +50,10 @@ class GenerationSettings:
             )
         if not (0 < self.top_p <= 1):
             raise ConfigError(f"top_p={self.top_p}: must be in (0, 1].")
+        if self.backend not in ("hf", "vllm"):
+            raise ConfigError(
+                f"generation backend {self.backend!r} is not allowed: expected hf or vllm."
+            )
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -96,6 +102,12 @@ def generate(
     from tqdm.auto import tqdm
 
     settings = settings or GenerationSettings()
+    if settings.backend == "vllm":
+        from deltakd.generation.vllm import generate_batch
+
+        return [
+            g.text for g in generate_batch(model, tokenizer, prompts, settings, progress=progress)
+        ]
     texts = render_prompts(tokenizer, prompts)
     if not texts:
         return []

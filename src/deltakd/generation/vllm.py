@@ -443,9 +443,77 @@ def _strip_wrappers(name: str) -> str:
     return name
 
 
-# ---------------------------------------------------------------------- backend entry point
+# ---------------------------------------------------------------------- configuration
 
 _SHARED: dict[str, Any] = {}
+
+BACKEND_NAMES: tuple[str, ...] = ("hf", "vllm")
+#: keys of a config's `generation` section besides `backend` (VLLMSettings fields)
+ENGINE_KEYS: tuple[str, ...] = (
+    "dtype",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "kv_cache_gib",
+    "tensor_parallel_size",
+    "enforce_eager",
+    "max_num_seqs",
+)
+
+
+def backend_from_section(
+    section: Mapping[str, Any] | None, *, where: str = "generation"
+) -> tuple[str, VLLMSettings | None]:
+    """(`backend`, engine settings or None for hf) from a config's `generation` section."""
+    import dataclasses
+
+    section = dict(section or {})
+    backend = section.pop("backend", "hf")
+    if backend not in BACKEND_NAMES:
+        raise ConfigError(
+            f"config field '{where}.backend' = {backend!r} is not allowed: expected one of "
+            f"{', '.join(BACKEND_NAMES)}."
+        )
+    for key in section:
+        if key not in ENGINE_KEYS:
+            raise ConfigError(
+                f"config field '{where}.{key}' is unknown: allowed keys are backend, "
+                f"{', '.join(ENGINE_KEYS)}."
+            )
+    if backend == "hf":
+        if section:
+            raise ConfigError(
+                f"config field '{where}.{next(iter(section))}' sets up the vLLM engine, but "
+                f"'{where}.backend' is hf; set {where}.backend=vllm or remove it."
+            )
+        return backend, None
+    types = {f.name: f.type for f in dataclasses.fields(VLLMSettings)}
+    for key, value in section.items():
+        expected = types[key]
+        ok = (
+            isinstance(value, str)
+            if "str" in expected
+            else isinstance(value, bool)
+            if "bool" in expected
+            else isinstance(value, int | float) and not isinstance(value, bool)
+        )
+        if "int" in expected and "float" not in expected and isinstance(value, float):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"config field '{where}.{key}' = {value!r} is not allowed: expected {expected}."
+            )
+    try:
+        return backend, VLLMSettings(**section)
+    except ConfigError as exc:
+        raise ConfigError(f"config section '{where}': {exc}") from exc
+
+
+def configure_engine(settings: VLLMSettings) -> None:
+    """The engine settings `engine_for` uses when given none (set by the command line)."""
+    _SHARED["defaults"] = settings
+
+
+# ---------------------------------------------------------------------- backend entry point
 
 
 def engine_for(
@@ -456,7 +524,7 @@ def engine_for(
     copied into the engine on every call, so a model being trained is generated from as is)."""
     if isinstance(model, VLLMEngine):
         return model
-    settings = settings or VLLMSettings()
+    settings = settings or _SHARED.get("defaults") or VLLMSettings()
     live = not isinstance(model, str | Path)
     key = repr((id(model) if live else str(model), settings))
     cached = _SHARED.get("engine")

@@ -249,6 +249,14 @@ class TrainConfig:
             group="references",
         ),
     )
+    generation: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help(
+            "Where SeqKD replies and on-policy samples are generated: `backend: hf | vllm` "
+            "plus vLLM engine settings (docs/USAGE.md, 'Generation on vLLM').",
+            group="references",
+        ),
+    )
     reference_dtype: str = field(
         default="auto",
         metadata=_help(
