@@ -16,8 +16,16 @@ plain SFT (cross-entropy on the assistant tokens) on those answers instead of th
 - The teacher sees each whole prompt (`max_prompt_length` does not cut it); rows longer than
   `max_length` after the reply is added are truncated or dropped as configured (`truncation`).
 
+- `generation.backend: vllm` generates the replies with a vLLM engine over teacher_ft
+  (`deltakd.generation.vllm`; its settings in the same `generation` section, dtype by default
+  the references'). Its cache records keep each reply's `finish_reason` (`stop` / `length`), and
+  replies that hit `max_new_tokens` are dropped from training and counted in the log unless
+  `method_args.keep_truncated: true`. vLLM's keys differ from hf's, so switching the backend
+  regenerates.
+
 `method_args` (all optional): `do_sample` (false = greedy), `temperature` (1.0), `top_p` (1.0),
-`seed` (the run's `seed`; sampling only), `batch_size` (generation batch, 16), `cache_file`.
+`seed` (the run's `seed`; sampling only), `batch_size` (generation batch, 16), `cache_file`,
+`keep_truncated` (false).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import deltakd.eval.generate as generation
 from deltakd.errors import CacheError, ConfigError, DataError
+from deltakd.generation.vllm import backend_from_section
 from deltakd.train.methods import SFT, register_method
 from deltakd.train.on_policy import check_method_args
 
@@ -47,6 +56,7 @@ SEQKD_ARGS: tuple[str, ...] = (
     "seed",
     "batch_size",
     "cache_file",
+    "keep_truncated",
 )
 CACHE_NAME = "seqkd_generations.jsonl"
 #: prompts generated between two appends to the cache file
@@ -65,6 +75,7 @@ def generation_settings(config: TrainConfig) -> generation.GenerationSettings:
             temperature=float(a.get("temperature", 1.0)),
             top_p=float(a.get("top_p", 1.0)),
             seed=int(a.get("seed", config.seed)),
+            backend=backend_from_section(config.generation)[0],
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(
@@ -100,6 +111,8 @@ def cache_key(prompt_text: str, teacher: str, settings: generation.GenerationSet
         if s.do_sample
         else {"do_sample": False}
     )
+    if s.backend != "hf":  # hf keys stay what they were before there was a choice
+        decoding["backend"] = s.backend
     blob = json.dumps(
         {"prompt": prompt_text, "teacher": teacher, "max_new_tokens": s.max_new_tokens, **decoding},
         sort_keys=True,
@@ -107,8 +120,9 @@ def cache_key(prompt_text: str, teacher: str, settings: generation.GenerationSet
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def read_cache(path: Path) -> dict[str, str]:
-    """key -> response of a cache file; a torn last line (killed write) is ignored."""
+def read_cache(path: Path, reasons: dict[str, str] | None = None) -> dict[str, str]:
+    """key -> response of a cache file; a torn last line (killed write) is ignored.
+    `reasons` (when given) receives key -> finish reason for the records that have one."""
     out: dict[str, str] = {}
     if not path.is_file():
         return out
@@ -119,6 +133,8 @@ def read_cache(path: Path) -> dict[str, str]:
         try:
             row = json.loads(line)
             out[str(row["key"])] = str(row["response"])
+            if reasons is not None and row.get("finish_reason"):
+                reasons[str(row["key"])] = str(row["finish_reason"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             if i == len(lines) - 1 or (i == len(lines) - 2 and not lines[-1]):
                 logger.warning("seqkd cache %s: ignoring a torn last line", path)
@@ -161,9 +177,15 @@ def split_prompt(row: dict[str, Any], index: int) -> list[dict[str, str]]:
 
 
 def teacher_generations(
-    rows: Sequence[dict[str, Any]], config: TrainConfig, tokenizer: Any, device: Any = None
+    rows: Sequence[dict[str, Any]],
+    config: TrainConfig,
+    tokenizer: Any,
+    device: Any = None,
+    reasons: list[str | None] | None = None,
 ) -> list[str]:
-    """teacher_ft's reply to each row's prompt, from the cache or generated (then cached)."""
+    """teacher_ft's reply to each row's prompt, from the cache or generated (then cached).
+    `reasons` (when given) receives each reply's finish reason (`stop`, `length`, or None
+    where the backend did not report one)."""
     from tqdm.auto import tqdm
 
     if not config.teacher_ft:
@@ -177,7 +199,8 @@ def teacher_generations(
     identity = teacher_identity(config.teacher_ft)
     keys = [cache_key(t, identity, settings) for t in texts]
     path = Path(config.method_args.get("cache_file") or Path(config.output_dir) / CACHE_NAME)
-    cached = read_cache(path)
+    finish: dict[str, str] = {}
+    cached = read_cache(path, finish)
     todo: dict[str, int] = {}  # key -> first row with that prompt
     for i, k in enumerate(keys):
         if k not in cached and k not in todo:
@@ -190,7 +213,9 @@ def teacher_generations(
         len(todo),
     )
     if todo:
-        model = _load_teacher(config, device)
+        model = (
+            _vllm_teacher(config) if settings.backend == "vllm" else _load_teacher(config, device)
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(path)
         items = list(todo.items())
@@ -201,20 +226,55 @@ def teacher_generations(
         try:
             for start in range(0, len(items), CHUNK):
                 chunk = items[start : start + CHUNK]
-                replies = generation.generate(
-                    model, tokenizer, [prompts[i] for _, i in chunk], settings, progress=False
-                )
+                replies = _generate(model, tokenizer, [prompts[i] for _, i in chunk], settings)
                 records = [
-                    {"key": k, "prompt": texts[i], "response": reply}
-                    for (k, i), reply in zip(chunk, replies, strict=True)
+                    {"key": k, "prompt": texts[i], "response": reply, "finish_reason": reason}
+                    for (k, i), (reply, reason) in zip(chunk, replies, strict=True)
                 ]
+                if settings.backend == "hf":  # no finish reason from this backend (yet)
+                    for r in records:
+                        r.pop("finish_reason")
                 _append(path, records)
                 cached.update({r["key"]: r["response"] for r in records})
+                finish.update(
+                    {r["key"]: r["finish_reason"] for r in records if "finish_reason" in r}
+                )
                 bar.update(len(chunk))
         finally:
             bar.close()
+        if settings.backend == "vllm":
+            model.close()
         del model
+    if reasons is not None:
+        reasons[:] = [finish.get(k) for k in keys]
     return [cached[k] for k in keys]
+
+
+def _generate(
+    model: Any, tokenizer: Any, prompts: Sequence[Any], settings: generation.GenerationSettings
+) -> list[tuple[str, str | None]]:
+    """(reply, finish reason or None) per prompt from the configured backend."""
+    if settings.backend == "vllm":
+        return [(g.text, g.finish_reason) for g in model.generate(tokenizer, prompts, settings)]
+    return [
+        (t, None) for t in generation.generate(model, tokenizer, prompts, settings, progress=False)
+    ]
+
+
+def _vllm_teacher(config: TrainConfig) -> Any:
+    """A vLLM engine over teacher_ft with the `generation` section's settings (dtype: the
+    section's, else the references' dtype)."""
+    import dataclasses
+
+    from deltakd.generation.vllm import VLLMEngine
+
+    _, vsettings = backend_from_section(config.generation)
+    assert vsettings is not None
+    if "dtype" not in config.generation:
+        name = config.reference_dtype if config.reference_dtype != "auto" else config.precision
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[name]
+        vsettings = dataclasses.replace(vsettings, dtype=dtype)
+    return VLLMEngine(config.teacher_ft or "", vsettings)
 
 
 def _load_teacher(config: TrainConfig, device: Any) -> Any:
@@ -255,6 +315,7 @@ class SeqKD(SFT):
                 "finetuned teacher that writes the training responses (set teacher_ft=PATH)."
             )
         generation_settings(config)
+        backend_from_section(config.generation)
 
     def prepare_rows(self, rows: list[dict], trainer_ctx: Any) -> list[dict]:
         from deltakd.data.vocab import check_vocabulary
@@ -269,10 +330,30 @@ class SeqKD(SFT):
         args = training_arguments(config)
         # The main process generates and fills the cache; the others then only read it.
         with args.main_process_first(local=False, desc="seqkd teacher generations"):
-            replies = teacher_generations(rows, config, tokenizer, device=args.device)
+            reasons: list[str | None] = []
+            replies = teacher_generations(
+                rows, config, tokenizer, device=args.device, reasons=reasons
+            )
+        keep_truncated = bool(config.method_args.get("keep_truncated", False))
         out = []
-        for i, (row, reply) in enumerate(zip(rows, replies, strict=True)):
+        dropped = 0
+        for i, (row, reply, reason) in enumerate(zip(rows, replies, reasons, strict=True)):
+            if reason == "length" and not keep_truncated:
+                dropped += 1  # the reply hit max_new_tokens: an unfinished answer
+                continue
             new = dict(row)
             new["messages"] = [*split_prompt(row, i), {"role": "assistant", "content": reply}]
             out.append(new)
+        if dropped:
+            logger.warning(
+                "seqkd: dropped %d of %d teacher replies that hit max_new_tokens=%d "
+                "(method_args.keep_truncated=true keeps them)",
+                dropped, len(rows), config.max_new_tokens,
+            )  # fmt: skip
+        if not out:
+            raise DataError(
+                f"seqkd: every teacher reply hit max_new_tokens={config.max_new_tokens}; raise "
+                "max_new_tokens or set method_args.keep_truncated=true."
+            )
+        self.dropped_truncated = dropped
         return out
