@@ -10,6 +10,12 @@ its peak memory is its own and one engine's threads do not slow the other. Per b
 - ``peak_rss_mib``: the child's peak resident memory (imports, model, KV cache, everything).
 
 Greedy decoding by default, so the run also reports how many replies the two backends agree on.
+
+With ``--on-policy-steps N`` it also times on-policy KD training (`on_policy_ratio: 1`) with the
+student's samples from hf's token loop and from the colocated vLLM engine: the median step
+time over steps 2..N (step 1 builds the engine) and the median weight sync into the engine.
+The student is ``--on-policy-student`` (default mini:teacher_raw: the mini student's 16-wide
+attention heads are not supported by vLLM's CPU kernels), the teacher ``--model``.
 Figures from a shared machine are noisy; the ratio of the two, taken in one run, is the figure
 to compare.
 """
@@ -43,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per backend (1)")
     parser.add_argument(
         "--backends", default="hf,vllm", help="comma-separated, in run order (hf,vllm)"
+    )
+    parser.add_argument(
+        "--on-policy-steps", type=int, default=0, help="also time N on-policy KD steps (0: no)"
+    )
+    parser.add_argument("--on-policy-batch", type=int, default=8, help="rows per step (8)")
+    parser.add_argument(
+        "--on-policy-student", default="mini:teacher_raw", help="student of the on-policy runs"
     )
 
 
@@ -89,6 +102,27 @@ def run(args: argparse.Namespace) -> int:
         summary.update(speedup=speedup, agreement=agree / max(n, 1), agree=agree)
         print(f"vllm / hf tokens/s: {speedup:.2f}x")
         print(f"identical replies (greedy): {agree}/{n}")
+    if args.on_policy_steps > 0:
+        policy: dict[str, Any] = {}
+        for backend in backends:
+            policy[backend] = _run_child(
+                {**job, "backend": backend, "mode": "on_policy",
+                 "steps": args.on_policy_steps, "student": args.on_policy_student,
+                 "rows": args.on_policy_batch}
+            )  # fmt: skip
+        print(
+            f"on-policy KD, student {args.on_policy_student}, teacher {args.model}, "
+            f"{args.on_policy_steps} steps of {args.on_policy_batch} rows, "
+            f"max_new_tokens {args.max_new_tokens}"
+        )
+        for b, r in policy.items():
+            sync = f"  weight sync {1000 * r['sync_s']:.1f} ms" if r.get("sync_s") else ""
+            print(f"{b:<8} step {r['step_s']:.3f} s (median of steps 2..){sync}")
+        if "hf" in policy and "vllm" in policy:
+            ratio = policy["vllm"]["step_s"] / policy["hf"]["step_s"]
+            policy["step_ratio"] = ratio
+            print(f"vllm / hf on-policy step time: {ratio:.2f}")
+        summary["on_policy"] = policy
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -192,6 +226,77 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _on_policy_child(job: dict[str, Any]) -> dict[str, Any]:
+    """Median on-policy KD step time (and vLLM weight sync) for one backend."""
+    import statistics
+    import tempfile
+
+    import torch
+    from transformers import TrainerCallback
+
+    from deltakd.train import load_config, train
+
+    torch.set_num_threads(int(job["threads"]))
+    syncs: list[float] = []
+    if job["backend"] == "vllm":
+        from deltakd.generation.vllm import VLLMEngine
+
+        load = VLLMEngine.load_weights
+
+        def timed(self: Any, weights: Any) -> float:
+            seconds = load(self, weights)
+            syncs.append(seconds)
+            return seconds
+
+        VLLMEngine.load_weights = timed  # type: ignore[method-assign]
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t = 0.0
+
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            self._t = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            self.times.append(time.perf_counter() - self._t)
+
+    steps = StepTimes()
+    with tempfile.TemporaryDirectory(prefix="deltakd-bench-onpolicy-") as out:
+        config = load_config(
+            None,
+            {
+                "method": "kd",
+                "on_policy_ratio": 1.0,
+                "student_raw": job["student"],
+                "teacher_ft": job["model"],
+                "teacher_raw": "mini:teacher_raw",
+                "tokenizer": "mini:tokenizer",
+                "dataset": "mini:instruct",
+                "max_length": 256,
+                "max_prompt_length": 128,
+                "max_new_tokens": int(job["max_new_tokens"]),
+                "per_device_batch_size": int(job["rows"]),
+                "max_steps": int(job["steps"]),
+                "precision": "fp32",
+                "device": "cpu",
+                "progress": False,
+                "save_steps": 0,
+                "resume": "never",
+                "output_dir": out,
+                "generation": {"backend": job["backend"]} if job["backend"] == "vllm" else {},
+            },
+        )
+        train(config, callbacks=[steps])
+    later = steps.times[1:] or steps.times
+    return {
+        "step_s": statistics.median(later),
+        "first_step_s": steps.times[0],
+        "sync_s": statistics.median(syncs[1:]) if len(syncs) > 1 else None,
+    }
+
+
 if __name__ == "__main__":
     # The child: vLLM may spawn processes, which re-import this module under this guard.
-    print(json.dumps(_child(json.loads(sys.argv[1]))))
+    _job = json.loads(sys.argv[1])
+    print(json.dumps(_on_policy_child(_job) if _job.get("mode") == "on_policy" else _child(_job)))
