@@ -6,7 +6,8 @@ its peak memory is its own and one engine's threads do not slow the other. Per b
 - ``load_s``: loading the model (for vLLM: building the engine, which loads it);
 - ``first_reply_s``: generating the reply to the first prompt alone (a warm model, one request);
 - ``batch_s`` and ``tokens_per_s``: generating every prompt's reply in one call (hf in batches
-  of ``--batch-size``; vLLM schedules its own), new tokens counted with their stop token;
+  of ``--batch-size``; vLLM schedules its own), new tokens counted with their stop token,
+  after one warm-up call on the first 32 prompts (both backends);
 - ``peak_rss_mib``: the child's peak resident memory (imports, model, KV cache, everything).
 
 Greedy decoding by default, so the run also reports how many replies the two backends agree on.
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per backend (1)")
     parser.add_argument(
+        "--max-num-seqs", type=int, default=None, help="vLLM requests decoded together (vLLM's)"
+    )
+    parser.add_argument(
         "--backends", default="hf,vllm", help="comma-separated, in run order (hf,vllm)"
     )
     parser.add_argument(
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "dtype": args.dtype,
         "threads": args.threads,
+        "max_num_seqs": args.max_num_seqs,
     }
     results: dict[str, Any] = {}
     replies: dict[str, list[str]] = {}
@@ -178,7 +183,9 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     if job["backend"] == "vllm":
         from deltakd.generation.vllm import VLLMEngine, VLLMSettings
 
-        engine = VLLMEngine(path, VLLMSettings(dtype=job["dtype"]))
+        engine = VLLMEngine(
+            path, VLLMSettings(dtype=job["dtype"], max_num_seqs=job.get("max_num_seqs"))
+        )
         load_s = time.perf_counter() - start
 
         def gen(ps: list[Any]) -> tuple[list[str], int]:
@@ -211,6 +218,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     gen(prompts[:1])
     first = time.perf_counter() - start
+    gen(prompts[:32])  # warm-up at a batch shape (both backends alike)
     start = time.perf_counter()
     texts, new_tokens = gen(prompts)
     batch = time.perf_counter() - start
