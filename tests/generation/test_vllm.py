@@ -16,7 +16,7 @@ from deltakd.errors import ConfigError
 from deltakd.eval.generate import GenerationSettings
 from deltakd.eval.generate import generate as hf_generate
 from deltakd.generation import stop_token_ids
-from tests.conftest import make_vllm_student
+from tests.generation.conftest import make_vllm_student
 
 pytestmark = pytest.mark.vllm
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from deltakd.train import load_config, train
-from tests.conftest import make_vllm_student
+from tests.generation.conftest import make_vllm_student
 
 pytestmark = pytest.mark.vllm
 
@@ -75,16 +75,33 @@ def test_on_policy_vllm_syncs_once_per_step_and_is_seeded(vllm_student_dir, tmp_
         samples.append([ids for ids, _ in out])
         return out
 
+    engines: list[Any] = []
+    real_from_model = vllm_backend.VLLMEngine.from_model.__func__
+
+    def keeping_from_model(cls, model, settings=None):
+        engines.append(real_from_model(cls, model, settings))
+        return engines[-1]
+
     monkeypatch.setattr(vllm_backend.VLLMEngine, "load_weights", counting_load)
     monkeypatch.setattr(vllm_backend.VLLMEngine, "generate_ids", recording_gen)
-    first = train(on_policy_config(vllm_student_dir, tmp_path / "a"))
+    monkeypatch.setattr(vllm_backend.VLLMEngine, "from_model", classmethod(keeping_from_model))
+    try:
+        _check_runs(vllm_student_dir, tmp_path, syncs, samples)
+    finally:
+        for engine in engines:  # the trainer leaves its engine to the end of the process
+            engine.close()
+    assert len(engines) == 2
+
+
+def _check_runs(student: Path, tmp_path: Path, syncs: list, samples: list) -> None:
+    first = train(on_policy_config(student, tmp_path / "a"))
     # 3 steps x 2 micro-batches sampled; weights loaded when the engine is built (step 0) and
     # synced before steps 1 and 2, not per micro-batch.
     assert len(samples) == 6
     assert len(syncs) == 3
     run_a = list(samples)
     samples.clear()
-    second = train(on_policy_config(vllm_student_dir, tmp_path / "b"))
+    second = train(on_policy_config(student, tmp_path / "b"))
     assert samples == run_a, "a fixed seed gives the same on-policy samples run to run"
     assert [v for _, v in first.losses()] == [v for _, v in second.losses()]
     assert all(len(s) > 0 for batch in run_a for s in batch)

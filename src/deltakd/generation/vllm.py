@@ -145,6 +145,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:600]
 
 
+#: in-process engines alive in this process (they share vLLM's torch.distributed setup)
+_LIVE_IN_PROCESS = [0]
+
+
 def row_seed(seed: int, index: int) -> int:
     """The sampling seed of prompt `index` in a call seeded with `seed` (63 bits)."""
     digest = hashlib.sha256(f"deltakd-vllm:{seed}:{index}".encode()).digest()
@@ -174,10 +178,13 @@ class VLLMEngine:
         self.settings = settings or VLLMSettings()
         self.model_name = str(model)
         self._tmpdir: str | None = None
+        self._counted = False
         s = self.settings
         vllm = import_vllm()
         path = resolve_model_path(str(model))
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            self._check_cpu_head_size(path)
         kwargs: dict[str, Any] = {
             "model": path,
             "skip_tokenizer_init": True,
@@ -223,19 +230,27 @@ class VLLMEngine:
         finally:
             torch.set_num_threads = set_num_threads
             _set_global_rng_state(rng)
+        if s.runs_in_process:
+            _LIVE_IN_PROCESS[0] += 1
+            self._counted = True
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
-        if not on_gpu:
-            self._check_cpu_head_size()
 
-    def _check_cpu_head_size(self) -> None:
+    def _check_cpu_head_size(self, path: str) -> None:
         # vLLM's CPU attention kernels exist for some head sizes only, and an unsupported one
-        # surfaces as a kernel error at the first generate call; refuse it up front.
+        # surfaces as a kernel error at the first generate call; refuse it before building.
+        from transformers import AutoConfig
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-        head = int(self.llm.llm_engine.model_config.get_head_size())
+        try:
+            cfg = AutoConfig.from_pretrained(
+                path, trust_remote_code=self.settings.trust_remote_code
+            )
+            cfg = cfg.get_text_config()
+            head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return  # not a config transformers reads: vLLM's own loading error will say why
         sizes = CPUAttentionBackend.get_supported_head_sizes()
-        if head not in sizes:
-            self.close()
+        if int(head) not in sizes:
             raise ConfigError(
                 f"vLLM cannot run the model {self.model_name!r} on this CPU: its attention head "
                 f"size is {head}, and vLLM's CPU attention supports {sizes}. Use backend hf "
@@ -400,12 +415,36 @@ class VLLMEngine:
 
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            with contextlib.suppress(AttributeError, RuntimeError):
-                llm.llm_engine.engine_core.shutdown()
-            del llm
+            client = llm.llm_engine.engine_core
+            if self._counted and _LIVE_IN_PROCESS[0] > 1:
+                # An in-process engine's shutdown also tears down vLLM's process-wide parallel
+                # state, which the other live in-process engines still use: stop this one's
+                # executor only, and keep its finalizer from doing the full shutdown later.
+                with contextlib.suppress(AttributeError, RuntimeError):
+                    client._finalizer.detach()
+                    client.engine_core.model_executor.shutdown()
+                gc.unfreeze()  # vLLM froze its start-up objects; let them be collected
+            else:
+                with contextlib.suppress(AttributeError, RuntimeError):
+                    client.shutdown()
+        del llm
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+        if self._counted:
+            self._counted = False
+            _LIVE_IN_PROCESS[0] -= 1
+            if _LIVE_IN_PROCESS[0] == 0:
+                # An in-process engine set up torch.distributed (world size 1) in this process;
+                # with the last one gone, take it down so later work sees a plain process.
+                from vllm.distributed.parallel_state import (
+                    destroy_distributed_environment,
+                    destroy_model_parallel,
+                )
+
+                with contextlib.suppress(AttributeError, RuntimeError, AssertionError):
+                    destroy_model_parallel()
+                    destroy_distributed_environment()
         gc.collect()
 
     def __enter__(self) -> VLLMEngine:
