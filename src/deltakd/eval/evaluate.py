@@ -201,9 +201,10 @@ def evaluate(
         meta.setdefault("model", str(model))
         if tokenizer is None:
             tokenizer = model
-        model = _load_model(model, device, dtype)
+        if settings.backend != "vllm":  # the vLLM engine loads the model itself
+            model = _load_model(model, device, dtype)
     if tokenizer is None:
-        tokenizer = getattr(model, "name_or_path", None)
+        tokenizer = getattr(model, "name_or_path", None) or getattr(model, "model_name", None)
         if not tokenizer:
             raise ConfigError("evaluate() got a model object without a tokenizer; pass one.")
     if isinstance(tokenizer, (str, Path)):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -73,6 +74,12 @@ def training_arguments(config: TrainConfig) -> Any:
     else:
         sampling = "random" if config.shuffle else "sequential"
     evaluating = bool(config.eval_dataset) or config.eval_steps > 0
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    checkpointing_arg = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in params
+        else "gradient_checkpointing"
+    )
     kwargs: dict[str, Any] = dict(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.per_device_batch_size,
@@ -91,7 +98,8 @@ def training_arguments(config: TrainConfig) -> Any:
         max_grad_norm=config.max_grad_norm,
         bf16=config.precision == "bf16",
         fp16=config.precision == "fp16",
-        activation_checkpointing=config.gradient_checkpointing,
+        # transformers 5.20 renamed gradient_checkpointing; vLLM 0.32 needs transformers < 5.20.
+        **{checkpointing_arg: config.gradient_checkpointing},
         dataloader_pin_memory=False,
         seed=config.seed,
         data_seed=config.seed,

@@ -252,6 +252,10 @@ class StudentSampler:
         self.salt = salt
         self._step = -1
         self._micro = 0
+        self._engine: Any = None  # the colocated vLLM engine (generation.backend: vllm)
+        self._synced_step = -1
+        #: seconds each weight sync into the vLLM engine took
+        self.sync_seconds: list[float] = []
 
     def generator(self, trainer: DistillTrainer, device: torch.device) -> torch.Generator:
         step = int(trainer.state.global_step)
@@ -273,8 +277,12 @@ class StudentSampler:
         temperature: float,
         teacher: torch.nn.Module | None = None,
         teacher_mix: float = 0.0,
+        backend: str = "hf",
     ) -> dict[str, Any]:
-        """The micro-batch with its responses replaced by samples (see module docstring)."""
+        """The micro-batch with its responses replaced by samples (see module docstring).
+
+        `backend="vllm"` samples from a vLLM engine in this process whose weights are the
+        student's (copied in once per optimizer step); teacher-mixed sampling stays on hf."""
         from deltakd.generation import stop_token_ids
 
         config = trainer.config
@@ -285,6 +293,12 @@ class StudentSampler:
             pad_id = stops[0] if stops else 0
         prompts = prompts_from_batch(inputs, config.max_prompt_length)
         budget = min(config.max_new_tokens, config.max_length - max(len(p) for p in prompts))
+        if backend == "vllm" and teacher_mix == 0:
+            responses = self._vllm_sample(
+                trainer, model, prompts, generator,
+                max_new_tokens=max(budget, 1), stop_ids=stops, temperature=temperature,
+            )  # fmt: skip
+            return build_sampled_batch(inputs, prompts, responses, pad_id)
         responses = sample_responses(
             model,
             prompts,
@@ -298,6 +312,43 @@ class StudentSampler:
             teacher_mix=teacher_mix,
         )
         return build_sampled_batch(inputs, prompts, responses, pad_id)
+
+    def _vllm_sample(
+        self,
+        trainer: DistillTrainer,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        generator: torch.Generator,
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        temperature: float,
+    ) -> list[list[int]]:
+        """Sample from the colocated engine (built on first use from the student itself)."""
+        from deltakd.generation.vllm import VLLMEngine, backend_from_section
+
+        student = trainer.accelerator.unwrap_model(model)
+        step = int(trainer.state.global_step)
+        if self._engine is None:
+            _, settings = backend_from_section(trainer.config.generation)
+            self._engine = VLLMEngine.from_model(student, settings)
+            self._synced_step = step
+        elif self._synced_step != step:
+            # The weights change once per optimizer step; micro-batches of a step share them.
+            self.sync_seconds.append(self._engine.load_weights(student.state_dict()))
+            self._synced_step = step
+        # One draw from the micro-batch's own generator seeds the engine's per-prompt seeds, so
+        # samples stay reproducible and resume-exact as with hf.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        raw = self._engine.generate_ids(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            temperature=temperature,
+            seed=seed,
+            vocab_size=trainer.vocab_size,
+        )
+        return [ids for ids, _ in raw]
 
 
 def _sample_temperature(config: TrainConfig) -> float:
@@ -325,6 +376,9 @@ class _OnPolicyMixin:
                     "servers, or on_policy_ratio=0."
                 )
             _sample_temperature(config)
+        from deltakd.generation.vllm import backend_from_section
+
+        backend_from_section(config.generation)
 
     def prefetches_ahead(self, config: TrainConfig) -> bool:
         # Samples depend on the current weights: the next step's micro-batches must not be
@@ -343,9 +397,12 @@ class _OnPolicyMixin:
             coin = torch.rand((), generator=gen, device=inputs["input_ids"].device)
             if float(coin) >= ratio:
                 return inputs
+        from deltakd.generation.vllm import backend_from_section
+
         return sampler.sample(
-            trainer, model, inputs, gen, temperature=_sample_temperature(trainer.config)
-        )
+            trainer, model, inputs, gen, temperature=_sample_temperature(trainer.config),
+            backend=backend_from_section(trainer.config.generation)[0],
+        )  # fmt: skip
 
 
 @register_method

@@ -16,8 +16,16 @@ plain SFT (cross-entropy on the assistant tokens) on those answers instead of th
 - The teacher sees each whole prompt (`max_prompt_length` does not cut it); rows longer than
   `max_length` after the reply is added are truncated or dropped as configured (`truncation`).
 
+- `generation.backend: vllm` generates the replies with a vLLM engine over teacher_ft
+  (`deltakd.generation.vllm`; its settings in the same `generation` section, dtype by default
+  the references'). vLLM's cache keys differ from hf's, so switching the backend regenerates.
+- Cache records keep each reply's `finish_reason` (`stop` / `length`); replies that hit
+  `max_new_tokens` are unfinished answers, so they are dropped from training and counted in the
+  log unless `method_args.keep_truncated: true`.
+
 `method_args` (all optional): `do_sample` (false = greedy), `temperature` (1.0), `top_p` (1.0),
-`seed` (the run's `seed`; sampling only), `batch_size` (generation batch, 16), `cache_file`.
+`seed` (the run's `seed`; sampling only), `batch_size` (generation batch, 16), `cache_file`,
+`keep_truncated` (false).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import deltakd.generation as generation
 from deltakd.config.fields import Section, help_meta
 from deltakd.errors import CacheError, ConfigError, DataError
+from deltakd.generation.vllm import backend_from_section
 from deltakd.train.methods import SFT, method_arguments, register_method
 
 if TYPE_CHECKING:
@@ -64,6 +73,10 @@ class SeqKDArgs(Section):
             "JSONL cache of the replies", default_text="`<output_dir>/seqkd_generations.jsonl`"
         ),
     )
+    keep_truncated: bool = field(
+        default=False,
+        metadata=help_meta("train on replies that hit `max_new_tokens` (unfinished answers)"),
+    )
 
 
 SEQKD_ARGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SeqKDArgs))
@@ -83,6 +96,7 @@ def generation_settings(config: TrainConfig) -> generation.GenerationSettings:
             temperature=a.temperature,
             top_p=a.top_p,
             seed=a.seed if a.seed is not None else config.seed,
+            backend=backend_from_section(config.generation)[0],
         )
     except ConfigError as exc:
         raise ConfigError(f"seqkd method_args: {exc}") from exc
@@ -113,6 +127,8 @@ def cache_key(prompt_text: str, teacher: str, settings: generation.GenerationSet
         if s.do_sample
         else {"do_sample": False}
     )
+    if s.backend != "hf":  # hf keys stay what they were before there was a choice
+        decoding["backend"] = s.backend
     blob = json.dumps(
         {"prompt": prompt_text, "teacher": teacher, "max_new_tokens": s.max_new_tokens, **decoding},
         sort_keys=True,
@@ -120,8 +136,9 @@ def cache_key(prompt_text: str, teacher: str, settings: generation.GenerationSet
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def read_cache(path: Path) -> dict[str, str]:
-    """key -> response of a cache file; a torn last line (killed write) is ignored."""
+def read_cache(path: Path, reasons: dict[str, str] | None = None) -> dict[str, str]:
+    """key -> response of a cache file; a torn last line (killed write) is ignored.
+    `reasons` (when given) receives key -> finish reason for the records that have one."""
     out: dict[str, str] = {}
     if not path.is_file():
         return out
@@ -132,6 +149,8 @@ def read_cache(path: Path) -> dict[str, str]:
         try:
             row = json.loads(line)
             out[str(row["key"])] = str(row["response"])
+            if reasons is not None and row.get("finish_reason"):
+                reasons[str(row["key"])] = str(row["finish_reason"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             if i == len(lines) - 1 or (i == len(lines) - 2 and not lines[-1]):
                 logger.warning("seqkd cache %s: ignoring a torn last line", path)
@@ -174,9 +193,15 @@ def split_prompt(row: dict[str, Any], index: int) -> list[dict[str, str]]:
 
 
 def teacher_generations(
-    rows: Sequence[dict[str, Any]], config: TrainConfig, tokenizer: Any, device: Any = None
+    rows: Sequence[dict[str, Any]],
+    config: TrainConfig,
+    tokenizer: Any,
+    device: Any = None,
+    reasons: list[str | None] | None = None,
 ) -> list[str]:
-    """teacher_ft's reply to each row's prompt, from the cache or generated (then cached)."""
+    """teacher_ft's reply to each row's prompt, from the cache or generated (then cached).
+    `reasons` (when given) receives each reply's finish reason (`stop`, `length`, or None for
+    records cached before finish reasons were kept)."""
     from tqdm.auto import tqdm
 
     if not config.teacher_ft:
@@ -191,7 +216,8 @@ def teacher_generations(
     keys = [cache_key(t, identity, settings) for t in texts]
     cache_file = method_arguments("seqkd", SeqKDArgs, config.method_args).cache_file  # type: ignore[attr-defined]
     path = Path(cache_file or Path(config.output_dir) / CACHE_NAME)
-    cached = read_cache(path)
+    finish: dict[str, str] = {}
+    cached = read_cache(path, finish)
     todo: dict[str, int] = {}  # key -> first row with that prompt
     for i, k in enumerate(keys):
         if k not in cached and k not in todo:
@@ -204,7 +230,9 @@ def teacher_generations(
         len(todo),
     )
     if todo:
-        model = _load_teacher(config, device)
+        model = (
+            _vllm_teacher(config) if settings.backend == "vllm" else _load_teacher(config, device)
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(path)
         items = list(todo.items())
@@ -218,18 +246,37 @@ def teacher_generations(
                 gens = generation.generate(
                     model, tokenizer, [prompts[i] for _, i in chunk], settings, progress=False
                 )
-                replies = [g.text for g in gens]
                 records = [
-                    {"key": k, "prompt": texts[i], "response": reply}
-                    for (k, i), reply in zip(chunk, replies, strict=True)
-                ]
+                    {"key": k, "prompt": texts[i], "response": g.text,
+                     "finish_reason": g.finish_reason}
+                    for (k, i), g in zip(chunk, gens, strict=True)
+                ]  # fmt: skip
                 _append(path, records)
                 cached.update({r["key"]: r["response"] for r in records})
+                finish.update({r["key"]: r["finish_reason"] for r in records})
                 bar.update(len(chunk))
         finally:
             bar.close()
+        if settings.backend == "vllm":
+            model.close()
         del model
+    if reasons is not None:
+        reasons[:] = [finish.get(k) for k in keys]
     return [cached[k] for k in keys]
+
+
+def _vllm_teacher(config: TrainConfig) -> Any:
+    """A vLLM engine over teacher_ft with the `generation` section's settings (dtype: the
+    section's, else the references' dtype)."""
+    from deltakd.generation.vllm import VLLMEngine
+    from deltakd.loading import reference_dtype
+
+    _, vsettings = backend_from_section(config.generation)
+    assert vsettings is not None
+    if "dtype" not in config.generation:
+        dtype = str(reference_dtype(config)).removeprefix("torch.")
+        vsettings = dataclasses.replace(vsettings, dtype=dtype)
+    return VLLMEngine(config.teacher_ft or "", vsettings)
 
 
 def _load_teacher(config: TrainConfig, device: Any) -> Any:
@@ -255,6 +302,7 @@ class SeqKD(SFT):
                 "finetuned teacher that writes the training responses (set teacher_ft=PATH)."
             )
         generation_settings(config)
+        backend_from_section(config.generation)
 
     def prepare_rows(self, rows: list[dict], trainer_ctx: Any) -> list[dict]:
         from deltakd.data.vocab import check_vocabulary
@@ -269,10 +317,30 @@ class SeqKD(SFT):
         args = training_arguments(config)
         # The main process generates and fills the cache; the others then only read it.
         with args.main_process_first(local=False, desc="seqkd teacher generations"):
-            replies = teacher_generations(rows, config, tokenizer, device=args.device)
+            reasons: list[str | None] = []
+            replies = teacher_generations(
+                rows, config, tokenizer, device=args.device, reasons=reasons
+            )
+        keep_truncated = method_arguments("seqkd", SeqKDArgs, config.method_args).keep_truncated  # type: ignore[attr-defined]
         out = []
-        for i, (row, reply) in enumerate(zip(rows, replies, strict=True)):
+        dropped = 0
+        for i, (row, reply, reason) in enumerate(zip(rows, replies, reasons, strict=True)):
+            if reason == "length" and not keep_truncated:
+                dropped += 1  # the reply hit max_new_tokens: an unfinished answer
+                continue
             new = dict(row)
             new["messages"] = [*split_prompt(row, i), {"role": "assistant", "content": reply}]
             out.append(new)
+        if dropped:
+            logger.warning(
+                "seqkd: dropped %d of %d teacher replies that hit max_new_tokens=%d "
+                "(method_args.keep_truncated=true keeps them)",
+                dropped, len(rows), config.max_new_tokens,
+            )  # fmt: skip
+        if not out:
+            raise DataError(
+                f"seqkd: every teacher reply hit max_new_tokens={config.max_new_tokens}; raise "
+                "max_new_tokens or set method_args.keep_truncated=true."
+            )
+        self.dropped_truncated = dropped
         return out
