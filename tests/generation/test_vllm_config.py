@@ -40,7 +40,7 @@ def test_bad_generation_sections_are_config_errors(section: dict, match: str) ->
 
 
 def test_unknown_backend_setting_is_refused() -> None:
-    with pytest.raises(ConfigError, match="expected hf or vllm"):
+    with pytest.raises(ConfigError, match="expected one of hf, vllm"):
         GenerationSettings(backend="tgi")
 
 

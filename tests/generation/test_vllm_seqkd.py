@@ -41,26 +41,15 @@ def _config(out: Path, **over: Any):
     return load_config(None, {**fields, **over})
 
 
-class _Borrowed:
-    """The session's engine, lent to SeqKD (which closes the engine it is given)."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.engine.generate(*args, **kwargs)
-
-    def close(self) -> None:
-        pass
-
-
 def test_seqkd_vllm_replies_keep_finish_reasons(vllm_teacher, tmp_path, monkeypatch) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltakd.data.specs import load_rows
     from deltakd.data.vocab import resolve_model_path
 
-    monkeypatch.setattr(seqkd, "_vllm_teacher", lambda config: _Borrowed(vllm_teacher))
+    # The session's engine, lent to SeqKD (which closes the engine it is given).
+    monkeypatch.setattr(vllm_teacher, "close", lambda: None)
+    monkeypatch.setattr(seqkd, "_vllm_teacher", lambda config: vllm_teacher)
     config = _config(tmp_path / "run")
     tok = AutoTokenizer.from_pretrained(resolve_model_path("mini:tokenizer"))
     rows = load_rows("mini:instruct", "train", limit=8)

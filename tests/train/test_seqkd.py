@@ -9,7 +9,7 @@ import pytest
 
 import deltakd.generation as generation
 from deltakd.cli import main
-from deltakd.errors import CacheError, ConfigError
+from deltakd.errors import CacheError, ConfigError, DataError
 from deltakd.train import load_config, train
 from deltakd.train.seqkd import (
     CACHE_NAME,
@@ -40,6 +40,8 @@ def generate_calls(monkeypatch) -> list[int]:
 
 
 def _config(base: dict, out: Path, **over):
+    # The tiny teacher rarely stops within 10 tokens: keep its capped replies unless a test says.
+    over["method_args"] = {"keep_truncated": True, **over.get("method_args", {})}
     return load_config(None, {**base, "output_dir": str(out), "method": "seqkd",
                               "max_new_tokens": 10, **over})  # fmt: skip
 
@@ -57,6 +59,7 @@ def test_seqkd_trains_on_cached_teacher_generations(base_overrides, tiny_world, 
     assert losses[-1] < 0.9 * losses[0], losses
     records = [json.loads(x) for x in (out / CACHE_NAME).read_text().splitlines()]
     assert len(records) == 4
+    assert {r["finish_reason"] for r in records} <= {"stop", "length"}  # hf reports it too
     # The cached replies are what teacher_ft writes greedily for those prompts.
     tok = AutoTokenizer.from_pretrained(tiny_world["tokenizer"])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_world["teacher_ft"])
@@ -125,8 +128,34 @@ def test_mini_seqkd_config_runs(base_overrides, tmp_path, capsys):
             "max_prompt_length", "device", "progress")  # fmt: skip
     world = [f"{k}={base_overrides[k]}" for k in keys]
     code = main(["train", str(REPO / "configs/mini/seqkd.yaml"), f"output_dir={out}",
-                 "max_steps=2", *world, "per_device_batch_size=2", "max_new_tokens=8"])  # fmt: skip
+                 "max_steps=2", *world, "per_device_batch_size=2", "max_new_tokens=8",
+                 "method_args.keep_truncated=true"])  # fmt: skip
     assert code == 0
     assert "trained 2 steps" in capsys.readouterr().out
     assert (out / CACHE_NAME).is_file()
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_replies_that_hit_max_new_tokens_are_dropped_by_default(base_overrides, tmp_path):
+    from deltakd.train.seqkd import SeqKD, teacher_generations
+
+    cfg = _config(base_overrides, tmp_path / "run", limit=4, max_new_tokens=3,
+                  method_args={"keep_truncated": False})  # fmt: skip
+    from deltakd.data.specs import load_rows
+    from deltakd.data.vocab import load_tokenizer
+
+    rows = load_rows(base_overrides["dataset"], None, limit=4)
+    tok = load_tokenizer(cfg.tokenizer)
+    reasons: list[str | None] = []
+    teacher_generations(rows, cfg, tok, reasons=reasons)
+    assert reasons == ["length"] * 4  # three tokens end no reply of the tiny teacher
+    # Unfinished answers would teach the student to stop mid-answer: none is kept.
+    with pytest.raises(
+        DataError, match=r"every teacher reply hit max_new_tokens=3.*keep_truncated"
+    ):
+        SeqKD().prepare_rows(list(rows), {"config": cfg, "tokenizer": tok})
+    kept = SeqKD().prepare_rows(
+        list(rows),
+        {"config": cfg.replace(method_args={"keep_truncated": True}), "tokenizer": tok},
+    )
+    assert len(kept) == 4
