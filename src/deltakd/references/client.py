@@ -865,10 +865,11 @@ def _launch_endpoint(tmp: Path, role: str) -> str:
 def _cpu_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "input_ids" not in batch:
         raise ConfigError("a reference batch needs `input_ids` ([B, T])")
-    out = {"input_ids": batch["input_ids"].detach().to("cpu")}
-    if batch.get("attention_mask") is not None:
-        out["attention_mask"] = batch["attention_mask"].detach().to("cpu")
-    return out
+    ids = batch["input_ids"].detach().to("cpu", torch.int64)
+    mask = batch.get("attention_mask")
+    # What is sent (and fingerprinted on both sides): int64 ids and an explicit mask.
+    mask = torch.ones_like(ids) if mask is None else mask.detach().to("cpu", torch.int64)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
@@ -923,7 +924,13 @@ def _load_tensor(conn: _Conn, keys: list[str]) -> torch.Tensor:
     """The first of `keys` found in the role's safetensors files."""
     from safetensors import safe_open
 
-    path = Path(conn.spec.model or conn.info.get("model_path", ""))
+    from deltakd.references.server import local_model_dir
+
+    if conn.spec.model:
+        # A directory, mini:<name> or a Hub name (its files from huggingface_hub's cache).
+        path = local_model_dir(conn.spec.model, conn.spec.revision, role=conn.spec.role)
+    else:
+        path = Path(conn.info.get("model_path", ""))
     index = path / "model.safetensors.index.json"
     files: list[Path]
     if index.is_file():
