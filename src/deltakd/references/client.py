@@ -482,6 +482,7 @@ class ServerReferences(ReferenceSource):
         if conn.spec.launch:
             self._launch(conn)
         # else: the rank that launched the shared server restarts it; wait for it below.
+        conn.info = {}  # the old server's pid is gone; the handshake reports the new one
         self._connect(conn)
         self._handshake(conn)
         # Everything outstanding is sent again under new request ids; old replies are stale.
