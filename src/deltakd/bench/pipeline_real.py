@@ -6,8 +6,8 @@ with `--layers` decoder layers and, for memory, the teacher's MLP shrunk to `--i
 (18,944 in the real model) and its lm_head tied to its embeddings (one 152,064 × 3,584 matrix
 instead of two; the 1.5B model is tied anyway). Weights in bf16, bf16 on the wire.
 
-1. **Bytes on the wire**: one launched server answering logits, one answering hidden states
-   (the same teacher), one batch of `--batch` × `--max-length` tokens: the reply bytes per
+1. **Bytes on the wire**: a launched server answering logits, then one answering hidden
+   states (the same teacher), one batch of `--batch` × `--max-length` tokens: the reply bytes per
    step and their ratio.
 2. **Trainer wait**: two trainer processes (ranks 0 and 1, `LOCAL_RANK`) each run
    `--steps` steps of prefetch(k+1) → fetch(k) → student step, against (a) one server shared
@@ -150,20 +150,17 @@ def run_real_shape(args: argparse.Namespace, tmp: Path) -> int:
         flush=True,
     )
     # 1. bytes on the wire: the same teacher answering logits and hidden states.
-    specs = [
-        ServerSpec("teacher_ft", model=teacher, output="logits", model_dtype="bf16"),
-        ServerSpec("teacher_raw", model=teacher, output="hidden", model_dtype="bf16"),
-    ]
-    with ServerReferences(specs, threads=args.threads, start_timeout=900, timeout=900) as refs:
+    logits_spec = ServerSpec("teacher_ft", model=teacher, output="logits", model_dtype="bf16")
+    hidden_spec = ServerSpec("teacher_ft", model=teacher, output="hidden", model_dtype="bf16")
+    kw = {"threads": args.threads, "start_timeout": 900, "timeout": 900}
+    with ServerReferences([logits_spec], **kw) as as_logits:
         batch = _batch(0, rows, length)
-        got = refs.fetch(0, batch)
-        logits_bytes = got.logits["teacher_ft"].nbytes
-        hidden_bytes = got.hidden["teacher_raw"].nbytes
-        del got
-        both = _batch(1, 2 * rows, length)
-        refs.fetch(1, both)  # warm-up at the shared batch size
+        logits_bytes = as_logits.fetch(0, batch).logits["teacher_ft"].nbytes
+    with ServerReferences([hidden_spec], **kw) as as_hidden:
+        hidden_bytes = as_hidden.fetch(0, batch).hidden["teacher_ft"].nbytes
+        as_hidden.fetch(1, _batch(1, 2 * rows, length))  # warm-up at the shared batch size
         t1 = time.perf_counter()
-        refs.fetch(2, _batch(2, 2 * rows, length))
+        as_hidden.fetch(2, _batch(2, 2 * rows, length))
         both_s = time.perf_counter() - t1
     request_bytes = 2 * rows * length * 8  # int64 ids + mask
     ratio = logits_bytes / hidden_bytes
