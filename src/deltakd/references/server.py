@@ -50,9 +50,18 @@ def local_model_dir(path: str, revision: str | None = None, *, role: str | None 
     files are fetched."""
     from deltakd.loading import resolve_model_path
 
-    resolved = resolve_model_path(str(path))
+    who = f"role {role}: " if role else ""
+    fix = "give the directory a model was saved to with save_pretrained, mini:<name>, or a Hub name"
+    try:
+        resolved = resolve_model_path(str(path))
+    except ConfigError:
+        raise ConfigError(
+            f"{who}no model at {path} (no config.json: no such path); {fix}"
+        ) from None
     local = Path(resolved)
     if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{who}no model at {local} (no config.json); {fix}")
         return local
     from huggingface_hub import snapshot_download
 
@@ -65,7 +74,6 @@ def local_model_dir(path: str, revision: str | None = None, *, role: str | None 
             )
         )
     except Exception as exc:  # huggingface_hub's errors: not cached offline, unknown repo, ...
-        who = f"role {role}: " if role else ""
         raise ConfigError(
             f"{who}cannot find the model {path!r}"
             + (f" at revision {revision!r}" if revision else "")
