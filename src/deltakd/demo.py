@@ -70,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=",".join(METHODS),
         help=f"comma-separated subset of {', '.join(METHODS)}",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="bring back the libraries' output (loading bars, info logs, raw log dicts)",
+    )
     p.set_defaults(func=run)
 
 
@@ -81,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     out = Path(args.out or f"runs/demo-seed{args.seed}")
-    result = run_demo(out, quick=args.quick, seed=args.seed, methods=methods)
+    result = run_demo(out, quick=args.quick, seed=args.seed, methods=methods,
+                      verbose=getattr(args, "verbose", False))  # fmt: skip
     print()
     print(result["markdown"])
     print(f"wrote {out}/results.md, results.json, curves.png, rouge1.png")
@@ -95,6 +101,7 @@ def run_demo(
     quick: bool = False,
     seed: int = 0,
     methods: list[str] | tuple[str, ...] = tuple(METHODS),
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Train, evaluate and report; returns the table as rows, Markdown and timing."""
     import torch
@@ -116,7 +123,10 @@ def run_demo(
         # A demo always trains afresh: `train` would otherwise reuse a finished run in place.
         shutil.rmtree(out / name, ignore_errors=True)
         config = mini_run_config(
-            METHODS[name], max_steps=settings.max_steps, seed=seed, output_dir=out / name
+            {**METHODS[name], "verbose": verbose},
+            max_steps=settings.max_steps,
+            seed=seed,
+            output_dir=out / name,
         )
         result = train(config)
         models[name] = str(result.final_dir)

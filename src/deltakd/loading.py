@@ -9,6 +9,7 @@ builder and evaluation all load through here, so a model path means the same eve
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from deltakd.data.vocab import load_tokenizer, resolve_model_path
@@ -54,11 +55,15 @@ def reference_dtype(config: Any) -> torch.dtype:
 
 
 def choose_device(setting: str | None = "auto") -> torch.device:
-    """`auto` (or None): CUDA when present, else the CPU; anything else as given (`cpu`, `cuda:1`)."""
+    """`auto` (or None): this process's GPU (`cuda:LOCAL_RANK`) when CUDA is present, else the CPU; anything else as given (`cpu`, `cuda:1`)."""
     import torch
 
     if setting in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun / accelerate launch each process takes its own GPU, not all cuda:0.
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(setting)
 
 
@@ -71,6 +76,7 @@ def load_model(
     revision: str | None = None,
     role: str | None = None,
     frozen: bool = False,
+    **from_pretrained_kwargs: Any,
 ) -> Any:
     """An `AutoModelForCausalLM` from `path` (see the module docstring for what a path is).
 
@@ -81,10 +87,17 @@ def load_model(
         revision: a Hub branch, tag or commit.
         role: the config field named in the error when loading fails (`teacher_ft`, ...).
         frozen: eval mode with gradients off (references, teachers).
+        from_pretrained_kwargs: passed on (`attn_implementation`, ...: the config's
+            `model_kwargs`); `dtype` there is used when `dtype` is None.
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    extra = dict(from_pretrained_kwargs)
+    if dtype is None:
+        dtype = extra.pop("dtype", None)
+    else:
+        extra.pop("dtype", None)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **extra}
     if dtype is not None:
         kwargs["dtype"] = "auto" if dtype == "auto" else parse_dtype(dtype)
     if revision is not None:

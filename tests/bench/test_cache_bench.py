@@ -38,7 +38,7 @@ def test_bench_cache_json(tiny_world, tmp_path, capsys):
     ]
     for r in rows:
         assert set(r) == {"k", "tail_rank", "bytes_per_token", "kl_nats", "throughput_vs_sft",
-                          "throughput_vs_local"}  # fmt: skip
+                          "throughput_vs_local", "bytes_per_token_big_vocab"}  # fmt: skip
         assert r["throughput_vs_sft"] > 0 and r["throughput_vs_local"] > 0
     bucket, model, full = rows
     # uint16 ids + fp16 values: 4 bytes per entry plus 8 per position (+ headers, row tables);
@@ -51,7 +51,34 @@ def test_bench_cache_json(tiny_world, tmp_path, capsys):
     assert bucket["kl_nats"] > 1e-3
     assert model["kl_nats"] < 0.8 * bucket["kl_nats"]
     assert -1e-6 <= full["kl_nats"] < 1e-4
+    # At V = 151936 auto ids are 3 bytes, not 2: 8 more per position at k = 8; k = V is skipped.
+    assert bucket["bytes_per_token_big_vocab"] > bucket["bytes_per_token"] + 7
+    assert full["bytes_per_token_big_vocab"] is None
     assert "tok/s" in out and "world" in out and "tail model file holds" in out
+
+
+def test_bench_cache_packed_encoding(tiny_world, tmp_path, capsys):
+    from deltakd.cli import main
+    from deltakd.references.cache.packing import ef_bytes
+
+    world = tiny_world["tokenizer"].parent
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}?", "response": r}) + "\n" for i, r in
+                            enumerate(["the fox is red.", "seven plus six is thirteen.",
+                                       "the blue whale sings at night.", "it eats berries."])))  # fmt: skip
+    kl = {}
+    for enc in (["--value-dtype", "fp16"], ["--index-dtype", "packed", "--value-dtype", "q8"]):
+        argv = ["bench", "cache", "--json", "--world", str(world), "--dataset", str(data),
+                "--rows", "4", "--ks", "8", "--tail-ranks", "0", "--steps", "0",
+                "--max-length", "48", *enc]  # fmt: skip
+        assert main(argv) == 0
+        (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        kl[enc[-1]] = row["kl_nats"]
+    # k = 8 of V = 151936: Elias–Fano ids + 8 one-byte levels + fp16 tail, plus the row table
+    # and header spread over few positions.
+    assert ef_bytes(151936, 8) + 8 + 2 < row["bytes_per_token_big_vocab"] < 8 * 5 + 8
+    # 8-bit levels cost a little KL next to what k = 8 truncation costs.
+    assert kl["fp16"] <= kl["q8"] < 1.05 * kl["fp16"]
 
 
 def test_sparse_kl_definition():

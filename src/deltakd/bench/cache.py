@@ -67,9 +67,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--alpha", type=float, default=1.0, help="Delta-KD α")
     parser.add_argument("--temperature", type=float, default=1.0, help="τ")
-    parser.add_argument("--value-dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     parser.add_argument(
-        "--index-dtype", default="auto", choices=("auto", "uint16", "uint24", "int32")
+        "--value-dtype",
+        default="fp16",
+        choices=("fp16", "bf16", "fp32", "q4", "q5", "q6", "q7", "q8"),
+        help="cache.value_dtype (q6/q7/q8: b-bit companded levels, format version 2)",
+    )
+    parser.add_argument(
+        "--index-dtype",
+        default="auto",
+        choices=("auto", "uint16", "uint24", "int32", "packed"),
+        help="cache.index_dtype (packed: Elias–Fano id sets, format version 2)",
+    )
+    parser.add_argument(
+        "--bytes-vocab",
+        type=int,
+        default=151936,
+        help="also measure bytes/token with the cached rows' ids spread at random over a "
+        "vocabulary of this size (default 151936, Qwen2.5; 0 = skip)",
     )
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per timed run")
     parser.add_argument("--batch", type=int, default=8, help="rows per step")
@@ -262,8 +277,11 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
             sel = t.map_positions(lambda x: x[:, :-1][mask])  # noqa: B023
             kls.append(sparse_kl(logp, sel))
         source.close()
+        big = (bytes_at_vocab(cfg.cache["dir"], args.bytes_vocab, args.index_dtype, tmp / "big")
+               if args.bytes_vocab and k < v else None)  # fmt: skip
         rows.append({"k": k, "tail_rank": rank, "name": name,
                      "bytes_per_token": manifest.bytes_per_token(),
+                     "bytes_per_token_big_vocab": big,
                      "kl_nats": float(torch.cat(kls).mean()),
                      "tail_model_bytes": int(manifest.tail_model.get("bytes", 0)),
                      "bytes_per_position": manifest.encoding["bytes_per_position"]})  # fmt: skip
@@ -298,11 +316,15 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     if tps:
         print(f"  sft {tps['sft'] * mean_tokens:.0f} tok/s, delta_kd local "
               f"{tps['local'] * mean_tokens:.0f} tok/s (mean {mean_tokens:.0f} tokens/step)")  # fmt: skip
-    print(f"  {'k':>6} {'rank':>5} {'bytes/token':>12} {'KL nats':>10} {'tok/s':>8} {'vs sft':>7} "
-          f"{'vs local':>8}")  # fmt: skip
+    big_head = f"B/tok V={args.bytes_vocab}" if args.bytes_vocab else ""
+    print(f"  {'k':>6} {'rank':>5} {'bytes/token':>12} {big_head:>16} {'KL nats':>10} {'tok/s':>8} "
+          f"{'vs sft':>7} {'vs local':>8}")  # fmt: skip
     for row in rows:
         t = row["tokens_per_s"]
+        b = row["bytes_per_token_big_vocab"]
+        big_cell = f"{b:.1f}" if b else ("-" if args.bytes_vocab else "")
         print(f"  {row['k']:>6} {row['tail_rank']:>5} {row['bytes_per_token']:>12.1f} "
+              f"{big_cell:>16} "
               f"{row['kl_nats']:>10.2e} "
               f"{(f'{t:.0f}' if t else '-'):>8} "
               f"{_fmt(row['throughput_vs_sft']):>7} {_fmt(row['throughput_vs_local']):>8}")  # fmt: skip
@@ -312,9 +334,46 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
                   f"{row['tail_model_bytes'] / 1e6:.2f} MB once per cache (not in bytes/token)")  # fmt: skip
     if args.json:
         keys = ("k", "tail_rank", "bytes_per_token", "kl_nats", "throughput_vs_sft",
-                "throughput_vs_local")  # fmt: skip
+                "throughput_vs_local", "bytes_per_token_big_vocab")  # fmt: skip
         print(json.dumps([{key: row[key] for key in keys} for row in rows]))
     return 0
+
+
+def bytes_at_vocab(cache_dir: str, vocab: int, index_dtype: str, tmp: Path) -> float:
+    """Shard bytes per position of a built cache's rows re-encoded with their token ids spread
+    at random (a fixed injection) over a `vocab`-token vocabulary: the same rows, positions,
+    k, values and shard layout, the id width of a large vocabulary (`auto` ids resolved for
+    it). Packed ids have a fixed width per position, so how the ids are spread does not
+    change their bytes once the largest id is near V."""
+    import torch
+
+    from deltakd.references.cache.format import SHARD_PATTERN, resolve_index_dtype
+    from deltakd.references.cache.reader import CacheReader
+    from deltakd.references.cache.writer import CachedRow, encode_rows, write_shard
+
+    reader = CacheReader(cache_dir, verify=False)
+    m = reader.manifest
+    v = int(m.tokenizer["vocab_size"])
+    spread = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:v]
+    index = resolve_index_dtype(index_dtype, vocab)
+    order = sorted(reader.index.items(), key=lambda item: item[1])
+    rows = []
+    for key, (_, r) in order:
+        t = reader.row(key)
+        rows.append(CachedRow(key, r, t.positions, spread[t.indices], t.logprobs, t.tail_mass,
+                              t.tail_coeffs))  # fmt: skip
+    reader.close()
+    tmp.mkdir(parents=True, exist_ok=True)
+    from safetensors import safe_open
+
+    with safe_open(str(Path(cache_dir) / m.shards[0].file), framework="pt") as fh:
+        meta = fh.metadata() or {}  # the same header text as the real shards
+    total = 0
+    for s, a in enumerate(range(0, len(rows), m.rows_per_shard)):
+        tensors = encode_rows(rows[a : a + m.rows_per_shard], reader.k, index,
+                              m.encoding["value_dtype"], m.tail_rank)  # fmt: skip
+        total += write_shard(tmp / SHARD_PATTERN.format(s), tensors, meta)
+    return total / max(sum(len(r.positions) for r in rows), 1)
 
 
 def _name(k: int, rank: int) -> str:

@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "transport": "moving a logits payload: memcpy vs shared memory vs ZeroMQ frames vs pickle",
     "pipeline": "mini-world steps/s with local references, servers, servers + prefetch",
     "cache": "offline sparse target cache: bytes/token, KL to dense, throughput",
+    "precision": "Delta-KD target with bf16 references: KL to the exact target per setting",
 }
 
 

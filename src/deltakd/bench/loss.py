@@ -25,24 +25,44 @@ import sys
 import threading
 import time
 
+from deltakd.bench.peers import METHODS as PEER_METHODS
+
 METHODS: tuple[str, ...] = ("naive", "chunked", "fused")
 ROLES: tuple[str, ...] = ("student", "teacher_ft", "teacher_raw", "student_raw")
 #: Full [N, V] float32 arrays the naive path holds at its peak (four logits, copies of them, the
 #: target, the loss's softmax intermediates, the student's logit gradient): 13.1 measured at
 #: N=1280, V=151936, H=1536.
 _NAIVE_NV_ARRAYS = 13.5
+_DEFAULTS = {"n": 2048, "vocab": 151936, "hidden": 1536, "chunk": 256}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=2048, help="positions N (default 2048)")
     parser.add_argument(
-        "--vocab", type=int, default=151936, help="vocabulary V (default 151936, Qwen2.5)"
+        "--peers",
+        action="store_true",
+        help="single-teacher JSD beside TRL and Liger-Kernel (the `bench` extra) and the Delta-KD "
+        "case against naive, each as a fraction of the matmul rate (deltakd.bench.peers)",
     )
     parser.add_argument(
-        "--hidden", type=int, default=1536, help="hidden size H (default 1536, Qwen2.5-1.5B)"
+        "--n", type=int, default=None, help="positions N (default 2048; 256 with --peers)"
     )
     parser.add_argument(
-        "--chunk", type=int, default=256, help="positions per chunk for chunked and fused"
+        "--vocab",
+        type=int,
+        default=None,
+        help="vocabulary V (default 151936, Qwen2.5; 32768 with --peers)",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="hidden size H (default 1536, Qwen2.5-1.5B; 512 with --peers)",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="positions per chunk for chunked and fused (default 256; 64 with --peers)",
     )
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="inputs' dtype"
@@ -58,8 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help="comma-separated subset of naive,chunked,fused (default all three)",
+        default=None,
+        help="comma-separated subset of naive,chunked,fused (default all three); with --peers "
+        "of " + ",".join(PEER_METHODS),
+    )
+    parser.add_argument("--beta", type=float, default=0.5, help="JSD β (--peers only)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls per implementation (--peers only)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a torch.profiler table of one more call of each implementation (--peers only)",
     )
 
 
@@ -230,7 +260,14 @@ def _gib(x: float) -> str:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "worker", None):
         return _worker(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if getattr(args, "peers", False):
+        from deltakd.bench import peers
+
+        return peers.run(args)
+    for key, value in _DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         print(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}", file=sys.stderr)
@@ -329,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    for key, value in _DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return run(args)
 
 
 if __name__ == "__main__":

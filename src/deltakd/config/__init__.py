@@ -17,6 +17,7 @@ from deltakd.config.overrides import (
     save_config,
     split_override,
 )
+from deltakd.config.passthrough import DeltaKDConfig
 from deltakd.config.schema import (
     DIVERGENCE_NAMES,
     PRECISIONS,
@@ -26,7 +27,7 @@ from deltakd.config.schema import (
     TrainConfig,
     field_names,
 )
-from deltakd.config.sections import CacheSection, ServersSection
+from deltakd.config.sections import CacheSection, PeftSection, ServersSection
 
 __all__ = [
     "DIVERGENCE_NAMES",
@@ -35,6 +36,8 @@ __all__ = [
     "REPORTERS",
     "SCHEDULES",
     "CacheSection",
+    "DeltaKDConfig",
+    "PeftSection",
     "Section",
     "ServersSection",
     "TrainConfig",

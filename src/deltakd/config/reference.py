@@ -22,6 +22,8 @@ _GROUP_TITLES = {
     "references": "References",
     "optimisation": "Optimisation",
     "output": "Output, logging and checkpoints",
+    "evaluation": "Evaluation during training",
+    "trainer": "Passed through to transformers",
 }
 
 

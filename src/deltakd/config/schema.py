@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from deltakd.config.fields import (
     bad,
@@ -29,7 +29,7 @@ from deltakd.config.fields import (
 from deltakd.config.fields import (
     help_meta as _help,
 )
-from deltakd.config.sections import CacheSection, ServersSection
+from deltakd.config.sections import CacheSection, PeftSection, ServersSection
 
 # The losses module defines the divergences; mirrored here so `deltakd --help`-level code does
 # not import torch. A test checks the two stay equal.
@@ -50,6 +50,9 @@ def _method_names() -> tuple[str, ...]:
 @dataclass
 class TrainConfig:
     """Everything one `deltakd train` run needs. See docs/USAGE.md for the generated reference."""
+
+    #: refuse a config without model paths (False in `DeltaKDConfig`: the trainer gets objects)
+    _require_models: ClassVar[bool] = True
 
     # --- models ---------------------------------------------------------------------------
     student_raw: str = field(
@@ -100,6 +103,13 @@ class TrainConfig:
     trust_remote_code: bool = field(
         default=False,
         metadata=_help("Passed to `from_pretrained` for models and tokenizer.", group="models"),
+    )
+    peft: PeftSection = field(
+        default_factory=PeftSection,
+        metadata=_help(
+            "LoRA adapters on the student through `peft` (set `peft.r`); the `peft.*` rows below.",
+            group="models",
+        ),
     )
 
     # --- data -----------------------------------------------------------------------------
@@ -157,6 +167,15 @@ class TrainConfig:
     shuffle: bool = field(
         default=True,
         metadata=_help("Shuffle the training rows each epoch (seeded by `seed`).", group="data"),
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata=_help(
+            "Batch rows of similar length together (transformers' `LengthGroupedSampler`, still "
+            "seeded and shuffled) so batches carry less padding; the padding fraction is logged "
+            "as `pad_fraction`.",
+            group="data",
+        ),
     )
 
     # --- method ---------------------------------------------------------------------------
@@ -424,7 +443,97 @@ class TrainConfig:
         ),
     )
     progress: bool = field(
-        default=True, metadata=_help("Show a tqdm progress bar.", group="output")
+        default=True,
+        metadata=_help(
+            "Show one progress bar per run (loss, KD loss, tokens/s, reference wait).",
+            group="output",
+        ),
+    )
+    verbose: bool = field(
+        default=False,
+        metadata=_help(
+            "Bring back the libraries' own output (model loading and saving bars, info logs, "
+            "one raw dict per log step); off, a run prints its bar and one summary line.",
+            group="output",
+        ),
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata=_help(
+            "Push checkpoints and the final student with its model card to the Hub "
+            "(`TrainingArguments.push_to_hub`; needs `hub_model_id` and a login).",
+            group="output",
+        ),
+    )
+    hub_model_id: str | None = field(
+        default=None,
+        metadata=_help("Hub repository (`user/name`) for `push_to_hub`.", group="output"),
+    )
+
+    # --- evaluation during training --------------------------------------------------------
+    eval_dataset: str | None = field(
+        default=None,
+        metadata=_help(
+            "Dataset spec (as `dataset`) of the validation rows; null = no evaluation.",
+            group="evaluation",
+        ),
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata=_help(
+            "Split of `eval_dataset`. Default: `validation` for mini specs, else the spec's "
+            "training split.",
+            group="evaluation",
+        ),
+    )
+    eval_limit: int | None = field(
+        default=None,
+        metadata=_help("Use at most this many validation rows.", group="evaluation"),
+    )
+    eval_steps: int = field(
+        default=0,
+        metadata=_help(
+            "Evaluate every this many optimizer steps (0 = only at the end when an eval "
+            "dataset is set). Logs `eval_loss`, `eval_sft_loss`, `eval_kd_loss`.",
+            group="evaluation",
+        ),
+    )
+    eval_generate_samples: int = field(
+        default=0,
+        metadata=_help(
+            "Also generate greedy replies for this many validation rows at each evaluation "
+            "and log `eval_rouge1`, `eval_rougeL` (and `eval_exact_match` when rows carry an "
+            "`answer`). 0 = off.",
+            group="evaluation",
+        ),
+    )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata=_help(
+            "Keep the checkpoint with the best value of this metric (`eval_loss`, `eval_kd_loss`, "
+            "`eval_rouge1`, ...; lower is better for losses) and save it as `final/`. Needs "
+            "`save_steps` a multiple of `eval_steps`.",
+            group="evaluation",
+        ),
+    )
+
+    # --- passed through to transformers ---------------------------------------------------
+    training_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help(
+            "Any other `transformers.TrainingArguments` field (`optim`, `torch_compile`, "
+            "`deepspeed`, `fsdp`, ...), passed through as given. Keys deltakd sets itself are "
+            "refused with the deltakd key to use. Override one with `training_args.KEY=VALUE`.",
+            group="trainer",
+        ),
+    )
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help(
+            "Keyword arguments for `from_pretrained` of every model deltakd loads "
+            "(`attn_implementation`, `dtype` / `torch_dtype` of the student, `revision`, ...).",
+            group="trainer",
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -433,7 +542,7 @@ class TrainConfig:
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
         for f in dataclasses.fields(self):
             check_choices(f.name, getattr(self, f.name), f.metadata.get("choices"))
-        if not self.student_raw:
+        if not self.student_raw and self._require_models:
             raise bad("student_raw", self.student_raw, "a model path or Hub name (required)")
         if not self.output_dir:
             raise bad(
@@ -475,6 +584,27 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise bad(name, value, "an integer >= 1, or null")
+        for name in ("eval_limit",):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, getattr(self, name), "an integer >= 1, or null")
+        for name in ("eval_steps", "eval_generate_samples"):
+            if getattr(self, name) < 0:
+                raise bad(name, getattr(self, name), "an integer >= 0")
+        if self.metric_for_best_model is not None:
+            if not self.eval_dataset and self._require_models:
+                raise bad("metric_for_best_model", self.metric_for_best_model,
+                          "null, or set eval_dataset too (the metric comes from evaluation)")  # fmt: skip
+            if self.eval_steps < 1 or self.save_steps < 1 or self.save_steps % self.eval_steps:
+                raise bad("metric_for_best_model", self.metric_for_best_model,
+                          "null, or set eval_steps >= 1 and save_steps a multiple of it (the "
+                          f"best model is chosen among saved checkpoints; now eval_steps="
+                          f"{self.eval_steps}, save_steps={self.save_steps})")  # fmt: skip
+        if self.push_to_hub and not self.hub_model_id:
+            raise bad("hub_model_id", None, "a Hub repository `user/name` when push_to_hub is true")
+        from deltakd.config.passthrough import check_model_kwargs, check_training_args
+
+        self.training_args = check_training_args(self.training_args)
+        self.model_kwargs = check_model_kwargs(self.model_kwargs)
         if self.max_prompt_length >= self.max_length:
             raise bad(
                 "max_prompt_length",
@@ -484,8 +614,9 @@ class TrainConfig:
         # Method-specific checks (e.g. parallelogram's `variant`) live with the method.
         from deltakd.train.methods import get_method  # the registry: see the module docstring
 
-        get_method(self.method).validate(self)
-        if self.references == "local" and self.method_needs_roles():
+        if self._require_models:  # DeltaKDConfig: the trainer validates once models are known
+            get_method(self.method).validate(self)
+        if self._require_models and self.references == "local" and self.method_needs_roles():
             for role in self.method_needs_roles():
                 if not getattr(self, role):
                     raise bad(

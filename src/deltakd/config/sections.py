@@ -1,4 +1,4 @@
-"""Typed nested sections of the training config: `cache:` and `servers:`.
+"""Typed nested sections of the training config: `cache:`, `servers:` and `peft:`.
 
 Each field is optional: unset means the consumer's default, which its help names (the cache
 builder's `CacheSettings`, the teacher-server client). Types, allowed values and ranges are
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from deltakd.config.fields import Section, at_least, bad, help_meta, positive
+from deltakd.errors import ConfigError
 
 _DTYPES = ("fp16", "bf16", "fp32")
 
@@ -38,13 +39,15 @@ class CacheSection(Section):
         "response positions (from the first rows) the tail model is fitted on", default="`4096`"
     )
     value_dtype: str | None = _opt(
-        "log-probabilities (and tail coefficients) as `fp16`, `bf16` or `fp32`",
-        choices=_DTYPES,
+        "log-probabilities as `fp16`, `bf16`, `fp32`, or `q4`…`q8` (b-bit levels of (p/p_max)^(1/3); "
+        "tail coefficients then int8)",
+        choices=(*_DTYPES, "q4", "q5", "q6", "q7", "q8"),
         default="`fp16`",
     )
     index_dtype: str | None = _opt(
-        "token ids: `uint16` (V ≤ 65536), `uint24`, `int32`, or `auto` (the narrowest)",
-        choices=("auto", "uint16", "uint24", "int32"),
+        "token ids: `uint16` (V ≤ 65536), `uint24`, `int32`, `auto` (the narrowest), or `packed` "
+        "(each position's id set Elias–Fano coded; cache format version 2)",
+        choices=("auto", "uint16", "uint24", "int32", "packed"),
         default="`auto`",
     )
     rows_per_shard: int | None = _opt("rows per shard file, the unit of resume", default="`1024`")
@@ -179,4 +182,71 @@ class ServersSection(Section):
                 raise bad(f"servers.roles.{role}", entry, "a mapping of server settings")
 
 
-SECTIONS: dict[str, type[Section]] = {"cache": CacheSection, "servers": ServersSection}
+@dataclass(eq=True)
+class PeftSection(Section):
+    """`peft:` trains LoRA adapters (through the `peft` library) instead of the whole student.
+
+    Set `r` to turn it on. For Delta-KD, when `student_raw` is the student's own starting point,
+    the `student_raw` logits come from the student with its adapters disabled (one no-grad
+    forward of the model already in memory) instead of a third frozen model.
+    """
+
+    key: ClassVar[str] = "peft"
+
+    r: int | None = _opt("LoRA rank; setting it turns LoRA on", default="none (full finetuning)")
+    alpha: float | None = _opt("LoRA scaling α (`lora_alpha`)", default="`2 × r`")
+    dropout: float | None = _opt("dropout on the LoRA input (`lora_dropout`)", default="`0`")
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata=help_meta(
+            "module names (or `all-linear`) that get adapters",
+            default_text="peft's per-model default",
+        ),
+    )
+    merge: bool | None = _opt(
+        "save `final/` as a full model with the adapters merged in (else the adapters alone)",
+        default="`false`",
+    )
+    share_base: bool | None = _opt(
+        "take `student_raw`'s logits from the student with adapters disabled when the student "
+        "starts from `student_raw`",
+        default="`true`",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.r is not None
+
+    def validate(self) -> None:
+        if self.r is not None:
+            at_least("peft.r", self.r, 1)
+        elif len(self):
+            raise bad(
+                "peft.r", None, "an integer >= 1 (the LoRA rank) when other peft keys are set"
+            )
+        if self.alpha is not None:
+            positive("peft.alpha", self.alpha)
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise bad("peft.dropout", self.dropout, "a number in [0, 1)")
+
+    def lora_config(self) -> Any:
+        """The `peft.LoraConfig` of this section (a causal-LM task)."""
+        try:
+            from peft import LoraConfig
+        except ModuleNotFoundError as exc:  # pragma: no cover - peft is a dependency
+            raise ConfigError("peft: needs the `peft` package: `pip install peft`.") from exc
+        assert self.r is not None
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha if self.alpha is not None else 2 * self.r,
+            lora_dropout=self.dropout or 0.0,
+            target_modules=self.target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "cache": CacheSection,
+    "servers": ServersSection,
+    "peft": PeftSection,
+}

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TrainConfig", "TrainResult", "load_config", "register_method", "train"]
+__all__ = ["DeltaKDConfig", "DeltaKDTrainer", "TrainConfig", "TrainResult", "load_config",
+           "register_method", "train"]  # fmt: skip
 
 _LAZY = {
     "TrainConfig": "deltakd.config",
+    "DeltaKDConfig": "deltakd.config",
+    "DeltaKDTrainer": "deltakd.train.notebook",
     "load_config": "deltakd.config",
     "TrainResult": "deltakd.train.api",
     "train": "deltakd.train.api",

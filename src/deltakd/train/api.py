@@ -1,16 +1,15 @@
 """`train(config) -> TrainResult`: the Python entry point behind `deltakd train`.
 
-Steps: tokenizer and vocabulary check → rows (`load_rows`) → method's `prepare_rows` →
-chat-template encoding with assistant masks → student → reference source → `DistillTrainer`
-→ final student in `output_dir/final` (`save_pretrained` + tokenizer), `history.jsonl`,
-`data_stats.json` and the resolved `config.yaml` next to it.
+Steps: resume check → `DeltaKDTrainer(args=config)` (tokenizer and vocabulary check, rows,
+method's `prepare_rows`, encoding, student (LoRA when `peft:`), reference source) → train →
+final student in `output_dir/final` (`save_pretrained` + tokenizer + model card `README.md`),
+`history.jsonl`, `data_stats.json` and the resolved `config.yaml` next to it.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -23,12 +22,14 @@ from transformers import TrainerCallback
 
 from deltakd.config import TrainConfig, save_config
 from deltakd.errors import ConfigError
-from deltakd.loading import load_model, reference_dtype
+from deltakd.loading import load_model
 from deltakd.references.base import ReferenceSource
 from deltakd.references.factory import SOURCE_FACTORIES, build_reference_source
+from deltakd.train.notebook import DeltaKDTrainer, training_arguments
+from deltakd.train.trainer import SigtermCheckpoint
 
-__all__ = ["SOURCE_FACTORIES", "TrainResult", "build_reference_source", "train",
-           "training_arguments"]  # fmt: skip
+__all__ = ["SOURCE_FACTORIES", "DeltaKDTrainer", "TrainResult", "build_reference_source",
+           "train", "training_arguments"]  # fmt: skip
 
 logger = logging.getLogger("deltakd.train")
 
@@ -164,7 +165,14 @@ def _result_of_finished_run(config: TrainConfig, checkpoint: str, tokenizer: Any
     is_main = int(os.environ.get("RANK", "0")) == 0
     final = out / "final"
     if is_main:
-        student = load_model(checkpoint, trust_remote_code=config.trust_remote_code)
+        if (Path(checkpoint) / "adapter_config.json").is_file():  # a LoRA run's checkpoint
+            from peft import AutoPeftModelForCausalLM
+
+            student = AutoPeftModelForCausalLM.from_pretrained(checkpoint)
+            if config.peft.get("merge", False):
+                student = student.merge_and_unload()
+        else:
+            student = load_model(checkpoint, trust_remote_code=config.trust_remote_code)
         tmp = out / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -185,62 +193,6 @@ def _result_of_finished_run(config: TrainConfig, checkpoint: str, tokenizer: Any
                        resumed_from=checkpoint)  # fmt: skip
 
 
-def training_arguments(config: TrainConfig) -> Any:
-    """The `transformers.TrainingArguments` equivalent of a TrainConfig."""
-    from transformers import TrainingArguments
-
-    report = [] if config.report_to in ("none", "csv") else [config.report_to]
-    if report:
-        pkg = {"tensorboard": "tensorboard", "wandb": "wandb"}[config.report_to]
-        if importlib.util.find_spec(pkg) is None and not (
-            pkg == "tensorboard" and importlib.util.find_spec("tensorboardX")
-        ):
-            raise ConfigError(
-                f"report_to={config.report_to} needs the {pkg!r} package: "
-                f"`pip install {pkg}`, or use report_to=csv."
-            )
-    schedule = config.lr_scheduler
-    warmup = config.warmup_steps if config.warmup_steps > 0 else config.warmup_ratio
-    if schedule == "constant" and warmup:
-        schedule = "constant_with_warmup"
-    return TrainingArguments(
-        output_dir=config.output_dir,
-        per_device_train_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        adam_beta1=config.adam_beta1,
-        adam_beta2=config.adam_beta2,
-        adam_epsilon=config.adam_epsilon,
-        optim="adamw_torch",
-        lr_scheduler_type=schedule,
-        warmup_steps=warmup,
-        max_steps=config.max_steps,
-        num_train_epochs=config.num_epochs,
-        max_grad_norm=config.max_grad_norm,
-        bf16=config.precision == "bf16",
-        fp16=config.precision == "fp16",
-        activation_checkpointing=config.gradient_checkpointing,
-        dataloader_pin_memory=False,
-        seed=config.seed,
-        data_seed=config.seed,
-        train_sampling_strategy="random" if config.shuffle else "sequential",
-        report_to=report or "none",
-        logging_steps=config.logging_steps,
-        # The Trainer also checkpoints the last step under "steps": save_steps=0 keeps only that.
-        save_strategy="steps",
-        save_steps=config.save_steps if config.save_steps > 0 else 10**12,
-        save_total_limit=config.save_total_limit,
-        remove_unused_columns=False,
-        logging_nan_inf_filter=False,
-        disable_tqdm=not config.progress,
-        use_cpu=config.device == "cpu",
-        dataloader_num_workers=0,
-        average_tokens_across_devices=False,
-        ddp_find_unused_parameters=False,
-    )
-
-
 def train(
     config: TrainConfig,
     *,
@@ -248,99 +200,46 @@ def train(
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Run one distillation as configured. `references` overrides the configured source."""
-    from transformers import set_seed
-
-    from deltakd.data.specs import load_rows
-    from deltakd.data.tokenize import ChatCollator, ChatDataset, encode_rows
-    from deltakd.data.vocab import check_vocabulary
     from deltakd.loading import load_tokenizer
-    from deltakd.train.methods import get_method
-    from deltakd.train.trainer import DistillTrainer, SigtermCheckpoint
+    from deltakd.train.console import quiet_libraries
 
-    set_seed(config.seed)
+    quiet_libraries(config.verbose)
     out = Path(config.output_dir)
     resume = _resume_path(config)
-    args = training_arguments(config)
-    method = get_method(config.method)
-    tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
-
-    needs_refs = method.uses_kd and config.lam < 1.0
-    roles = method.reference_roles(config) if needs_refs else ()
-    check_paths = {r: getattr(config, r) for r in roles if getattr(config, r)}
-    check_paths["student"] = config.student_init
-    vocab = check_vocabulary(tokenizer, check_paths, trust_remote_code=config.trust_remote_code)
-
     if resume is not None and _finished(resume, config):
         # The HF Trainer would run one more step when resumed at its last step; a finished run
         # only needs its student saved (again).
+        tokenizer = load_tokenizer(config.tokenizer_path,
+                                   trust_remote_code=config.trust_remote_code)  # fmt: skip
         return _result_of_finished_run(config, resume, tokenizer)
 
-    rows = load_rows(config.dataset, config.train_split, limit=config.limit)
-    rows = method.prepare_rows(rows, {"config": config, "tokenizer": tokenizer})
-    encoded, kept, stats = encode_rows(
-        tokenizer, rows, max_length=config.max_length, truncation=config.truncation
-    )
-    logger.info("data %s: %s", config.dataset, stats.summary())
-    if stats.truncated or stats.dropped_too_long:
-        logger.warning(
-            "max_length=%d: %d rows truncated, %d dropped",
-            config.max_length,
-            stats.truncated,
-            stats.dropped_too_long,
-        )
-    dataset = ChatDataset(encoded, kept)
-
-    # Master weights in fp32 whatever `precision` says (the Trainer autocasts the forward).
-    student = load_model(config.student_init, dtype="fp32", role="student_raw",
-                         trust_remote_code=config.trust_remote_code)  # fmt: skip
-    student.config.use_cache = False
-    # The saved student generates with the run's tokenizer: align its special ids up front
-    # (the Trainer would otherwise do it with a warning on every run).
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            setattr(student.config, name, value)
-            if student.generation_config is not None:
-                setattr(student.generation_config, name, value)
-
-    own_source = False
-    if references is None and roles:
-        references = build_reference_source(config, roles, args.device, reference_dtype(config))
-        own_source = True
-
+    # The notebook trainer, built from the config's paths: both entry points make one object.
+    trainer = DeltaKDTrainer(args=config, references=references)
+    stats = trainer.data_stats
     out.mkdir(parents=True, exist_ok=True)
-    if args.process_index == 0:
+    if trainer.args.process_index == 0:
         save_config(config, out / "config.yaml")
         (out / "data_stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=1))
-    cbs = [_HistoryCallback(out, config.report_to == "csv"), *(callbacks or [])]
-    trainer = DistillTrainer(
-        model=student,
-        args=args,
-        train_dataset=dataset,
-        data_collator=ChatCollator(pad_token_id=tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=cbs,
-        config=config,
-        method=method,
-        references=references,
-        vocab_size=vocab.vocab_size,
-    )
+    for cb in [_HistoryCallback(out, config.report_to == "csv"), *(callbacks or [])]:
+        trainer.add_callback(cb)
     sigterm = None
     if config.checkpoint_on_sigterm:
         sigterm = SigtermCheckpoint(trainer)
         trainer.add_callback(sigterm)
     try:
         output = trainer.train(resume_from_checkpoint=resume)
+        stopped = sigterm is not None and sigterm.stopped_at is not None
+        if trainer.eval_dataset is not None and config.eval_steps == 0 and not stopped:
+            # eval_steps: 0 evaluates once, at the end (logged, and in the model card)
+            output.metrics.update(trainer.evaluate())
     finally:
-        if own_source and references is not None:
-            references.close()
+        trainer.close()
     metrics = dict(output.metrics)
     metrics.update(
         skipped_batches=trainer.skipped_batches,
         skipped_steps=trainer.skipped_steps,
         grad_norm_spikes=trainer.grad_norm_spikes,
     )
-    stopped = sigterm is not None and sigterm.stopped_at is not None
     result = TrainResult(
         output_dir=out,
         final_dir=out / "final",
@@ -356,11 +255,16 @@ def train(
     tmp = out / ".tmp-final"
     if trainer.args.should_save and tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    trainer.accelerator.wait_for_everyone()
+    trainer.save_student(tmp)
     if trainer.args.should_save:
         if result.final_dir.exists():
             shutil.rmtree(result.final_dir)
         os.replace(tmp, result.final_dir)
+        if config.push_to_hub:
+            # the Trainer pushed checkpoints; the final student and its card go up as well
+            from huggingface_hub import upload_folder
+
+            upload_folder(repo_id=config.hub_model_id, folder_path=result.final_dir,
+                          commit_message=f"deltakd {config.method}: final student")  # fmt: skip
     trainer.accelerator.wait_for_everyone()
     return result

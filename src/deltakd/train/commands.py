@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="bring back the libraries' output (loading bars, info logs, raw log dicts)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -35,14 +40,20 @@ def _run(args: argparse.Namespace) -> int:
 
     from deltakd.train.config import load_config
 
-    overrides = [o for o in args.overrides if o != "--print-config"]
-    if len(overrides) != len(args.overrides):
-        args.print_config = True
+    # flags after the overrides land in the REMAINDER
+    overrides = [o for o in args.overrides if o not in ("--print-config", "--verbose")]
+    args.print_config = args.print_config or "--print-config" in args.overrides
+    args.verbose = args.verbose or "--verbose" in args.overrides
+    if args.verbose:
+        overrides.append("verbose=true")
     config = load_config(args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # deltakd's own info lines (data summary, warnings); other libraries' only with --verbose
+    logging.basicConfig(level=logging.INFO if config.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
+    logging.getLogger("deltakd").setLevel(logging.INFO)
     from deltakd.train.api import train
 
     result = train(config)

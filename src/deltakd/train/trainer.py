@@ -78,6 +78,9 @@ class DistillTrainer(Trainer):
         self.skipped_batches = 0
         self.skipped_steps = 0
         self.grad_norm_spikes = 0
+        #: `(model) -> {"rouge1": ..}` run at each evaluation (generation-based scores); set by
+        #: `DeltaKDTrainer` from `eval_generate_samples`
+        self.generation_eval: Any = None
         if config.fused_loss and self._uses_references():
             # Refuse a student whose logits the fused loss cannot reproduce before any step.
             logit_head(self.accelerator.unwrap_model(self.model))
@@ -94,6 +97,7 @@ class DistillTrainer(Trainer):
             "wait": 0.0,
             "skipped": 0.0,
             "micro_batches": 0.0,
+            "slots": 0.0,
         }
 
     # --- data: draw, tag, prefetch, count -----------------------------------------------------
@@ -198,6 +202,7 @@ class DistillTrainer(Trainer):
                 )
         self._m["micro_batches"] += 1
         self._m["tokens"] += float(inputs["attention_mask"].sum())
+        self._m["slots"] += float(inputs["attention_mask"].numel())
         if skip_reason is not None or terms is None:
             self._m["skipped"] += 1
             self.skipped_batches += 1
@@ -270,6 +275,56 @@ class DistillTrainer(Trainer):
         logger.warning("skipping %s: %s", where, what)
         return what
 
+    # --- evaluation ----------------------------------------------------------------------------
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, None, None]:
+        """The validation loss of one batch: the training loss (SFT and KD terms, summed into
+        `_m` for `eval_sft_loss` / `eval_kd_loss`) on the dataset's responses, no gradients."""
+        inputs = self._prepare_inputs(inputs)
+        inputs[REF_KEY] = self._next_key
+        self._next_key += 1
+        if self.references is not None and self.needed_roles:
+            self.references.prefetch(inputs[REF_KEY], inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach() / self.accelerator.num_processes, None, None
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """HF's loop (mean `eval_loss` over batches) plus token-weighted `eval_sft_loss`,
+        `eval_kd_loss` and, when configured, generation-based scores."""
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        saved = self._m
+        self._reset_metrics()
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+            m = self._m
+        finally:
+            self._m = saved
+        vals = torch.tensor([m["sft"], m["kd"], m["resp_tokens"]], dtype=torch.float64)
+        if self.args.world_size > 1:
+            vals = self.accelerator.reduce(vals.to(self.args.device), reduction="sum").cpu()
+        sft, kd, resp = vals.tolist()
+        if resp > 0:
+            if self.method.uses_kd or sft:
+                output.metrics[f"{prefix}_sft_loss"] = sft / resp
+            if kd:
+                output.metrics[f"{prefix}_kd_loss"] = kd / resp
+        if self.generation_eval is not None:
+            model = self.accelerator.unwrap_model(self.model)
+            was_training = model.training
+            model.eval()
+            try:
+                scores = self.generation_eval(model)
+            finally:
+                model.train(was_training)
+            output.metrics.update({f"{prefix}_{k}": float(v) for k, v in scores.items()})
+        return output
+
     # --- the run's summary ---------------------------------------------------------------------
     def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
         # The HF Trainer adds the loss accumulated since the last log to the summary
@@ -325,12 +380,13 @@ class DistillTrainer(Trainer):
                     m["wait"],
                     m["skipped"],
                     m["micro_batches"],
+                    m["slots"],
                 ],
                 dtype=torch.float64,
             )
             if self.args.world_size > 1:
                 vals = self.accelerator.reduce(vals.to(self.args.device), reduction="sum").cpu()
-            sft, kd, resp, tokens, wait, skipped, _micro = vals.tolist()
+            sft, kd, resp, tokens, wait, skipped, _micro, slots = vals.tolist()
             now = time.perf_counter()
             elapsed = max(now - self._last_log_time, 1e-9)
             self._last_log_time = now
@@ -341,6 +397,8 @@ class DistillTrainer(Trainer):
                     logs["kd_loss"] = kd / resp
             logs["tokens_per_s"] = tokens / elapsed
             logs["ref_wait_s"] = wait / max(self.args.world_size, 1)
+            if slots:
+                logs["pad_fraction"] = 1.0 - tokens / slots
             if skipped:
                 logs["skipped_batches"] = skipped
             if self.grad_norm_spikes:
@@ -362,6 +420,10 @@ class DistillTrainer(Trainer):
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
         self.save_model(tmp, _internal_call=True)
+        if self.state.best_global_step:  # as the HF Trainer does (metric_for_best_model)
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step == self.state.global_step or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
         if not self.args.save_only_model:
             self._save_optimizer_and_scheduler(tmp)
             self._save_scaler(tmp)

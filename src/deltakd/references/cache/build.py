@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,8 +30,8 @@ from deltakd.references.cache.format import (
     CacheManifest,
     CacheSettings,
     ShardInfo,
-    bytes_per_position,
     dataset_hash,
+    encoding_fields,
     file_sha256,
     model_fingerprint,
     read_manifest,
@@ -164,11 +165,7 @@ def expected_manifest(config: Any, settings: CacheSettings, tokenizer: Any,
         },
         dataset=dataset,
         encoding={
-            "index_dtype": index_dtype,
-            "value_dtype": settings.value_dtype,
-            "tail_dtype": "fp32",
-            "position_dtype": "int32",
-            "bytes_per_position": bytes_per_position(k, index_dtype, settings.value_dtype, rank),
+            **encoding_fields(k, index_dtype, settings.value_dtype, rank, v),
             # Only with a tail model, so caches built before it existed keep their hash.
             **(
                 {"tail_rank": rank, "tail_fit_positions": settings.tail_fit_positions}
@@ -196,6 +193,36 @@ def _response_count(mask: Sequence[bool]) -> int:
 def target_logits(config: Any, logits: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """The target logits `[B, T-1, V]` of the config's method from the roles' logits."""
     return cacheable_target(config).logits(logits)
+
+
+# --- building on every rank --------------------------------------------------------------------
+
+
+def build_rank() -> tuple[int, int]:
+    """(rank, world size) of this build process: RANK / WORLD_SIZE as torchrun and `accelerate
+    launch` set them; (0, 1) when run alone."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise CacheError(f"RANK={rank} is not within WORLD_SIZE={world}: launch the build with "
+                         "torchrun or accelerate launch, or unset both.")  # fmt: skip
+    return rank, world
+
+
+def rank_shards(n_shards: int, rank: int, world: int) -> list[int]:
+    """The shards rank `rank` of `world` builds: every world-th one from its rank on. Shards hold
+    `rows_per_shard` rows each, so the ranks get equal work up to one shard."""
+    return list(range(rank, n_shards, world))
+
+
+def _wait_for(ready: Callable[[], Any], what: str, poll: float = 1.0) -> Any:
+    """Poll `ready()` until it returns something truthy; say once what rank 0 waits for."""
+    said = False
+    while not (value := ready()):
+        if not said:
+            logger.info("waiting for %s (built by other ranks)", what)
+            said = True
+        time.sleep(poll)
+    return value
 
 
 # --- the build ---------------------------------------------------------------------------------
@@ -257,6 +284,9 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
     h = manifest.settings_hash()
     k = int(manifest.target["k"])
     tau = float(config.temperature)
+    rank, world = build_rank()
+    mine = set(rank_shards(max(1, math.ceil(len(data.unique()) / settings.rows_per_shard)), rank,
+                           world))  # fmt: skip
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     old_path = cache_dir / "manifest.json"
@@ -274,7 +304,8 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
                 raise CacheError(f"{cache_dir} already holds a cache for other settings ({field}: "
                                  f"{was!r} there, {now!r} in this config). Use another cache.dir, "
                                  "or pass --overwrite to replace it.")  # fmt: skip
-            old_path.unlink()
+            if rank == 0:
+                old_path.unlink(missing_ok=True)
         # Same settings: leave it until the new one replaces it (shards are reused below).
 
     uniq = data.unique()
@@ -291,6 +322,8 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
         if manifest.tail_rank:
             tail_path = cache_dir / TAIL_MODEL_NAME
             tail_model = _read_tail_model(tail_path, h)
+            if tail_model is None and rank > 0:  # rank 0 fits it once for everyone
+                tail_model = _wait_for(lambda: _read_tail_model(tail_path, h), "the tail model")
             if tail_model is None:
                 if source is None:
                     source = _build_source(config, settings, roles)
@@ -304,11 +337,17 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
             (t.to(choose_device(config.device)) for t in tail_model) if tail_model else (None, None)
         )
         bar = tqdm(total=len(uniq), unit="row", desc=f"cache {cache_dir.name}", disable=not show)
+        built_rows, build_start = 0, time.perf_counter()
         for s in range(n_shards):
             lo, hi = s * rps, min((s + 1) * rps, len(uniq))
             path = cache_dir / SHARD_PATTERN.format(s)
             members = uniq[lo:hi]
             n_pos = sum(_response_count(data.masks[i]) for i in members)
+            if s not in mine:
+                if rank == 0:
+                    _wait_for(lambda: path.is_file() and _shard_is_done(path, h, s), path.name)  # noqa: B023
+                    manifest.shards.append(ShardInfo(path.name, (lo, hi), n_pos))
+                continue
             if path.is_file() and _shard_is_done(path, h, s):
                 manifest.shards.append(ShardInfo(path.name, (lo, hi), n_pos))
                 kept += 1
@@ -358,12 +397,19 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
             write_shard(path, tensors, meta)
             manifest.shards.append(ShardInfo(path.name, (lo, hi), n_pos))
             built += 1
+            built_rows += hi - lo
     finally:
         if bar is not None:
             bar.close()
         if own_source and source is not None:
             source.close()
 
+    if built_rows:
+        took = time.perf_counter() - build_start
+        logger.info("cache build rank %d of %d: %d rows in %.1fs, %.1f rows/s", rank, world,
+                    built_rows, took, built_rows / max(took, 1e-9))  # fmt: skip
+    if rank > 0:  # rank 0 writes the manifest once every rank's shards are there
+        return BuildResult(cache_dir, manifest, built, kept, time.perf_counter() - start)
     for info in manifest.shards:
         p = cache_dir / info.file
         info.bytes = p.stat().st_size
@@ -375,8 +421,9 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
     write_manifest(cache_dir, manifest)
     _remove_strays(cache_dir, n_shards)
     seconds = time.perf_counter() - start
-    logger.info("cache %s: %d shards built, %d kept, %.1f bytes/token, %.1fs", cache_dir, built,
-                kept, manifest.bytes_per_token(), seconds)  # fmt: skip
+    logger.info("cache %s: %d shards built, %d kept, %.1f bytes/token, %.1fs, %.1f rows/s over "
+                "%d rank(s)", cache_dir, built, kept, manifest.bytes_per_token(), seconds,
+                len(uniq) / max(seconds, 1e-9), world)  # fmt: skip
     return BuildResult(cache_dir, manifest, built, kept, seconds)
 
 

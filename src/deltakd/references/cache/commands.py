@@ -53,6 +53,10 @@ def _build(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     result = build_cache(config, overwrite=args.overwrite)
     m = result.manifest
+    if not m.complete:  # a rank > 0 of a multi-rank build: rank 0 writes the manifest
+        print(f"cache {result.cache_dir}: this rank built {result.built_shards} shards and kept "
+              f"{result.kept_shards} in {result.seconds:.1f}s; rank 0 writes the manifest")  # fmt: skip
+        return 0
     print(f"cache {result.cache_dir}: {m.dataset['unique_rows']} rows, {m.response_tokens} "
           f"response tokens, k={m.target['k']}, {m.encoding['index_dtype']}/"
           f"{m.encoding['value_dtype']}, {m.bytes_per_token():.1f} bytes/token, "

@@ -25,6 +25,18 @@ With a tail model the directory also holds `tail_model.safetensors` (basis (r, V
 (V,), float32, fitted once on the first `cache.tail_fit_positions` response positions); the
 trainer then spreads each position's tail mass like the dense target instead of as one bucket.
 
+**Format version 2** (`cache.index_dtype: packed` and/or `cache.value_dtype: q4 … q8`, see
+`deltakd.references.cache.packing`) stores the same targets in fewer bytes: each position's
+entries in ascending id order, the ids Elias–Fano coded (`indices` (N, B) uint8 and
+`ef_universe` (1,) int64) and the values as b-bit levels (`logprobs` (N, ⌈k·b/8⌉) uint8); the
+tail mass in fp16; the tail-model coefficients in fp16, or with quantised values in int8
+(`tail_coeffs`) scaled per component by `tail_coeff_scale` float32 (r,) (the component's largest
+|c| in the shard, at level 127); and
+instead of `positions`, the runs of consecutive positions of each row (`span_start`,
+`span_length` int32 (S,), `row_spans` int64 (R + 1,)). The reader gives back the same tensors
+as for version 1 (entries most probable first). Version-1 caches stay readable; a reader older than version 2
+refuses a version-2 cache and says to rebuild it.
+
 Rows are found by the hash of their token ids, so the trainer passes nothing but the batch it
 already has; identical rows share one entry. Bytes per response token are
 `k · (index bytes + value bytes) + r · value bytes + 4 (tail) + 4 (position)` plus 40 bytes
@@ -47,6 +59,9 @@ from deltakd.errors import CacheError, ConfigError
 
 FORMAT_NAME = "deltakd-target-cache"
 FORMAT_VERSION = 1
+#: the version of caches with a packed encoding (`is_packed`); readers accept both
+PACKED_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, PACKED_FORMAT_VERSION)
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 TAIL_MODEL_NAME = "tail_model.safetensors"
@@ -54,9 +69,13 @@ ROW_KEY_BYTES = 16
 
 #: value dtypes the cache can store the log-probabilities in -> bytes per value
 VALUE_DTYPES: dict[str, int] = {"fp16": 2, "bf16": 2, "fp32": 4}
-#: index dtypes -> bytes per index; `auto` picks the narrowest that holds every id of V
-INDEX_DTYPES: dict[str, int] = {"uint16": 2, "uint24": 3, "int32": 4}
-_INDEX_LIMITS: dict[str, int] = {"uint16": 1 << 16, "uint24": 1 << 24, "int32": 1 << 31}
+#: quantised value dtypes (format version 2) -> bits per value
+QUANTISED_VALUES: dict[str, int] = {"q4": 4, "q5": 5, "q6": 6, "q7": 7, "q8": 8}
+#: index dtypes -> bytes per index; `auto` picks the narrowest that holds every id of V;
+#: `packed` (format version 2) is Elias–Fano coded, its width depends on V and k
+INDEX_DTYPES: dict[str, int] = {"uint16": 2, "uint24": 3, "int32": 4, "packed": 0}
+_INDEX_LIMITS: dict[str, int] = {"uint16": 1 << 16, "uint24": 1 << 24, "int32": 1 << 31,
+                                 "packed": 1 << 31}  # fmt: skip
 #: methods whose target is a fixed function of the frozen models (so it can be cached)
 CACHEABLE_METHODS: tuple[str, ...] = ("kd", "delta_kd", "parallelogram")
 
@@ -80,9 +99,30 @@ def resolve_index_dtype(name: str, vocab_size: int) -> str:
     return name
 
 
-def bytes_per_position(k: int, index_dtype: str, value_dtype: str, tail_rank: int = 0) -> int:
+def is_packed(index_dtype: str, value_dtype: str) -> bool:
+    """Whether these encodings make a format-version-2 shard (`packing`)."""
+    return index_dtype == "packed" or value_dtype in QUANTISED_VALUES
+
+
+def bytes_per_position(k: int, index_dtype: str, value_dtype: str, tail_rank: int = 0,
+                       vocab_size: int | None = None) -> int:  # fmt: skip
     """Bytes one response position costs in a shard (indices + logprobs + tail-model
-    coefficients + tail mass + position)."""
+    coefficients + tail mass + position). Packed ids need `vocab_size` (their width is that of
+    a shard whose largest id is V − 1, the most they take); packed shards store positions as
+    runs per row, counted with the row table, not here."""
+    if is_packed(index_dtype, value_dtype):
+        from deltakd.references.cache.packing import ef_bytes
+
+        if index_dtype == "packed":
+            if vocab_size is None:
+                raise ValueError("bytes_per_position: packed ids need vocab_size")
+            ids = ef_bytes(vocab_size, k)
+        else:
+            ids = k * INDEX_DTYPES[index_dtype]
+        bits = QUANTISED_VALUES.get(value_dtype)
+        values = (k * bits + 7) // 8 if bits else k * VALUE_DTYPES[value_dtype]
+        coeffs = tail_rank if bits else 2 * tail_rank
+        return ids + values + coeffs + 2
     return (
         k * (INDEX_DTYPES[index_dtype] + VALUE_DTYPES[value_dtype])
         + tail_rank * VALUE_DTYPES[value_dtype]
@@ -101,9 +141,11 @@ class CacheSettings:
     Attributes:
         dir: cache directory. Default `<output_dir>/target_cache`.
         k: top-k entries kept per position (`V` or `0` = the whole vocabulary).
-        value_dtype: fp16 (default), bf16 or fp32 log-probabilities.
+        value_dtype: fp16 (default), bf16 or fp32 log-probabilities, or q6 / q7 / q8: b-bit
+            levels of (p / p_max)^(1/3) (format version 2, `packing`).
         index_dtype: auto (uint16 when V <= 65536, uint24 up to 2^24, else int32), uint16,
-            uint24 or int32.
+            uint24, int32, or packed: Elias–Fano coded id sets (format version 2; 106 bytes
+            for k = 64 of V = 151936 where uint24 takes 192).
         rows_per_shard: rows per shard file (the unit of resume).
         batch_size: rows per reference forward pass while building (default: the config's
             per_device_batch_size).
@@ -153,12 +195,12 @@ class CacheSettings:
         if isinstance(s.k, int) and s.k < 0:
             raise ConfigError(f"config field 'cache.k' = {s.k} is not allowed: expected an integer "
                               ">= 1, or V for the whole vocabulary.")  # fmt: skip
-        if s.value_dtype not in VALUE_DTYPES:
+        if s.value_dtype not in (*VALUE_DTYPES, *QUANTISED_VALUES):
             raise ConfigError(f"config field 'cache.value_dtype' = {s.value_dtype!r} is not allowed: "
-                              f"expected one of {', '.join(VALUE_DTYPES)}.")  # fmt: skip
+                              f"expected one of {', '.join([*VALUE_DTYPES, *QUANTISED_VALUES])}.")  # fmt: skip
         if s.index_dtype not in ("auto", *INDEX_DTYPES):
             raise ConfigError(f"config field 'cache.index_dtype' = {s.index_dtype!r} is not allowed: "
-                              "expected auto, uint16, uint24 or int32.")  # fmt: skip
+                              "expected auto, uint16, uint24, int32 or packed.")  # fmt: skip
         if s.source not in ("local", "servers"):
             raise ConfigError(f"config field 'cache.source' = {s.source!r} is not allowed: expected "
                               "local or servers (where `deltakd cache build` gets the frozen "
@@ -298,6 +340,11 @@ class CacheManifest:
     version: int = FORMAT_VERSION
     created_by: str = ""
 
+    def __post_init__(self) -> None:
+        enc = self.encoding
+        if is_packed(enc.get("index_dtype", ""), enc.get("value_dtype", "")):
+            self.version = max(self.version, PACKED_FORMAT_VERSION)
+
     def settings_hash(self) -> str:
         """Hash of everything except the shard list: shards built under another hash are stale."""
         d = {k: getattr(self, k) for k in ("target", "models", "tokenizer", "dataset", "encoding",
@@ -346,13 +393,32 @@ def read_manifest(cache_dir: str | Path) -> CacheManifest:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != FORMAT_NAME:
             raise ValueError(f"format is {data.get('format')!r}, not {FORMAT_NAME!r}")
-        if int(data.get("version", -1)) != FORMAT_VERSION:
-            raise ValueError(f"format version {data.get('version')} is not {FORMAT_VERSION}")
+        if int(data.get("version", -1)) not in READABLE_VERSIONS:
+            raise ValueError(
+                f"format version {data.get('version')} is not one this deltakd "
+                f"reads ({', '.join(map(str, READABLE_VERSIONS))})"
+            )
         manifest = CacheManifest.from_dict(data)
     except (ValueError, TypeError, KeyError) as exc:
         raise CacheError(f"{path} is not a readable deltakd cache manifest ({exc}): rebuild the "
                          "cache with `deltakd cache build CONFIG`.") from exc  # fmt: skip
     return manifest
+
+
+def encoding_fields(k: int, index_dtype: str, value_dtype: str, tail_rank: int,
+                    vocab_size: int) -> dict[str, Any]:  # fmt: skip
+    """The manifest's `encoding` entries that describe how a position is stored (the same
+    entries as before version 2 for unpacked encodings, so their caches keep their hash)."""
+    packed = is_packed(index_dtype, value_dtype)
+    return {
+        "index_dtype": index_dtype,
+        "value_dtype": value_dtype,
+        "tail_dtype": "fp16" if packed else "fp32",
+        "position_dtype": "spans" if packed else "int32",
+        "bytes_per_position": bytes_per_position(
+            k, index_dtype, value_dtype, tail_rank, vocab_size
+        ),
+    }
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

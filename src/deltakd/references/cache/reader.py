@@ -16,15 +16,34 @@ from safetensors import SafetensorError, safe_open
 
 from deltakd.errors import CacheError
 from deltakd.references.cache.format import (
+    QUANTISED_VALUES,
     TAIL_MODEL_NAME,
     CacheManifest,
     file_sha256,
+    is_packed,
     read_manifest,
 )
-from deltakd.references.cache.writer import decode_indices
+from deltakd.references.cache.writer import decode_indices, decode_packed_rows
 
 _REQUIRED = ("row_keys", "row_index", "row_offsets", "positions", "indices", "logprobs",
              "tail_mass")  # fmt: skip
+#: a format-version-2 shard's tensors (`packing`); `ef_universe` comes with packed ids,
+#: `tail_coeff_scale` (per shard) with int8 tail-model coefficients (quantised values and a tail
+#: model)
+_REQUIRED_PACKED = ("row_keys", "row_index", "row_offsets", "span_start", "span_length",
+                    "row_spans", "indices", "logprobs", "tail_mass")  # fmt: skip
+
+
+def _required(manifest: CacheManifest) -> tuple[str, ...]:
+    enc = manifest.encoding
+    if not is_packed(enc["index_dtype"], enc["value_dtype"]):
+        names = _REQUIRED
+    else:
+        names = _REQUIRED_PACKED
+        names += ("ef_universe",) if enc["index_dtype"] == "packed" else ()
+        quantised = enc["value_dtype"] in QUANTISED_VALUES
+        names += ("tail_coeff_scale",) if manifest.tail_rank and quantised else ()
+    return (*names, "tail_coeffs") if manifest.tail_rank else names
 
 
 @dataclass
@@ -67,7 +86,10 @@ class CacheReader:
         self.tail_rank = self.manifest.tail_rank
         #: (basis (r, V), offset (V,)) float32 with a tail model, else None
         self.tail_model = self._load_tail_model() if self.tail_rank else None
-        required = (*_REQUIRED, "tail_coeffs") if self.tail_rank else _REQUIRED
+        required = _required(self.manifest)
+        enc = self.manifest.encoding
+        self.packed = is_packed(enc["index_dtype"], enc["value_dtype"])
+        self._spans: list[torch.Tensor] = []
         for s, info in enumerate(self.manifest.shards):
             path = self.dir / info.file
             if not path.is_file():
@@ -87,6 +109,8 @@ class CacheReader:
                     raise ValueError(f"tensors {missing} are missing")
                 keys = handle.get_tensor("row_keys")
                 offsets = handle.get_tensor("row_offsets")
+                if self.packed:
+                    self._spans.append(handle.get_tensor("row_spans"))
             except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
                 raise CacheError(f"cache shard {info.file} in {self.dir} is corrupt ({exc}). "
                                  f"{_rebuild_hint()}") from exc  # fmt: skip
@@ -152,6 +176,11 @@ class CacheReader:
         a, b = int(self._offsets[s][r]), int(self._offsets[s][r + 1])
         try:
             t = self._shard_tensors(s)
+            if self.packed:
+                sa, sb = int(self._spans[s][r]), int(self._spans[s][r + 1])
+                d = decode_packed_rows(t, a, b, sa, sb, self.k,
+                                       self.manifest.encoding["value_dtype"])  # fmt: skip
+                return RowTargets(**d)
             out = RowTargets(
                 positions=t["positions"][a:b].long(),
                 indices=decode_indices(t["indices"][a:b]),
@@ -159,7 +188,7 @@ class CacheReader:
                 tail_mass=t["tail_mass"][a:b].float(),
                 tail_coeffs=t["tail_coeffs"][a:b].float() if self.tail_rank else None,
             )
-        except (SafetensorError, RuntimeError, OSError) as exc:
+        except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
             info = self.manifest.shards[s]
             raise CacheError(f"cache shard {info.file} in {self.dir} cannot be read ({exc}). "
                              f"{_rebuild_hint()}") from exc  # fmt: skip
@@ -172,8 +201,8 @@ class CacheReader:
         tensors = self._tensors.get(s)
         if tensors is None:
             handle = self._handles[s]
-            names = ("positions", "indices", "logprobs", "tail_mass")
-            names += ("tail_coeffs",) if self.tail_rank else ()
+            names = tuple(n for n in _required(self.manifest) if n not in
+                          ("row_keys", "row_index", "row_offsets", "row_spans"))  # fmt: skip
             tensors = self._tensors[s] = {n: handle.get_tensor(n) for n in names}
         return tensors
 
