@@ -210,3 +210,45 @@ def test_hub_names_resolve_offline_from_the_cache(
     # Not in the cache: a clear refusal naming the cache, not a network retry loop.
     with pytest.raises(ConfigError, match=r"cannot find the model 'deltakd-test/absent'.*HF_HOME"):
         local_model_dir("deltakd-test/absent", role="teacher_ft")
+
+
+def test_shared_placement_launches_once_and_both_ranks_survive_a_kill(tiny_world: dict) -> None:
+    """Single-process variant of the torchrun test: two clients as local ranks 0 and 1 of one
+    node. Rank 0 launches the one server; rank 1 uses it. After a SIGKILL, each rank notices
+    (rank 1 by the server's pid), rank 0 restarts it, rank 1 reconnects; no segment is left."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    path = str(tiny_world["teacher_ft"])
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    v = tiny_world["vocab_size"]
+    spec = ServerSpec("teacher_ft", model=path, dtype="fp32")
+    kw = {"placement": "shared", "run_id": f"t{os.getpid()}", "restart": True, "threads": 1,
+          "timeout": 20, "start_timeout": 120}  # fmt: skip
+    with ServerReferences([spec], local_rank=0, **kw) as rank0, \
+            ServerReferences([spec], local_rank=1, **kw) as rank1:  # fmt: skip
+        proc = rank0._conns["teacher_ft"].proc
+        assert proc is not None and rank1._conns["teacher_ft"].proc is None
+        assert rank1.info("teacher_ft")["pid"] == proc.pid
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        batches = [{"input_ids": torch.randint(0, v, (2, 7))} for _ in range(2)]
+        got: dict = {}
+        # Rank 1 asks first and waits; it must notice the dead server by itself and wait for
+        # rank 0 (another thread here, another process under torchrun) to restart it.
+        waiter = threading.Thread(target=lambda: got.update(r1=rank1.fetch(1, batches[1])))
+        waiter.start()
+        time.sleep(1.5)
+        got["r0"] = rank0.fetch(0, batches[0])
+        waiter.join(60)
+        for k, (name, refs) in enumerate((("r0", rank0), ("r1", rank1))):
+            with torch.no_grad():
+                want = model(**batches[k]).logits
+            torch.testing.assert_close(got[name].logits["teacher_ft"], want, atol=1e-5, rtol=1e-5)
+            assert refs._conns["teacher_ft"].restarts == 1
+        assert rank1.info("teacher_ft")["pid"] == rank0._conns["teacher_ft"].proc.pid != proc.pid
+    assert shm.segments(rank0.run_id) == []
