@@ -103,7 +103,7 @@ def test_one_shared_server_batches_the_requests_of_two_ranks(
     path = str(qwen_shaped["teacher_ft"])
     server = TeacherServer.from_pretrained(
         "teacher_ft", path, endpoint=_ep(tmp_path, "t"), output="hidden", dtype="fp32",
-        batch_window_ms=2000,
+        batch_window_ms=1000,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     spec = ServerSpec("teacher_ft", endpoint=server.endpoint, output="hidden", dtype="fp32")
