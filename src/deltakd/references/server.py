@@ -90,7 +90,11 @@ def tokenizer_identity(model_dir: str | os.PathLike[str]) -> tuple[str | None, i
 
     if not any((Path(model_dir) / name).is_file() for name in _TOKENIZER_FILES):
         return None, None
-    tok = load_tokenizer(str(model_dir))
+    try:
+        tok = load_tokenizer(str(model_dir))
+    except ConfigError as exc:  # e.g. only a tokenizer_config.json: nothing to compare
+        log.warning("no usable tokenizer next to %s (%s); roles are not compared", model_dir, exc)
+        return None, None
     return tokenizer_fingerprint(tok), len(tok)
 
 
