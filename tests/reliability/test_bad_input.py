@@ -272,6 +272,8 @@ def _info_server(endpoint: str, info: dict, stop: threading.Event) -> None:
 
 
 def test_servers_with_different_vocabularies_are_refused(tmp_path):
+    """Different tokenizers are refused; different lm_head row counts alone are not (padded
+    heads, tests/references/test_server_scale.py)."""
     from deltakd.references.client import ServerReferences, ServerSpec
 
     stop = threading.Event()
@@ -279,14 +281,16 @@ def test_servers_with_different_vocabularies_are_refused(tmp_path):
     for role, vocab in (("teacher_ft", 50), ("teacher_raw", 64)):
         ep = f"ipc://{tmp_path}/{role}.sock"
         info = {"op": "info", "role": role, "output": "logits", "vocab_size": vocab,
-                "hidden_size": 8}  # fmt: skip
+                "hidden_size": 8, "tokenizer_hash": f"tok{vocab}",
+                "tokenizer_size": vocab}  # fmt: skip
         threads.append(threading.Thread(target=_info_server, args=(ep, info, stop), daemon=True))
         threads[-1].start()
         specs.append(ServerSpec(role, endpoint=ep))
     try:
         _expect(lambda: ServerReferences(specs, timeout=5.0, secret=b""), VocabularyError,
-                r"different vocabulary sizes \{'teacher_ft': 50, 'teacher_raw': 64\}",
-                r"every role must share one tokenizer")  # fmt: skip
+                r"tokenizers differ \(fingerprints \{'teacher_ft': 'tok50', 'teacher_raw': "
+                r"'tok64'\}, sizes \{'teacher_ft': 50, 'teacher_raw': 64\}\)",
+                r"every role must use the same tokenizer")  # fmt: skip
     finally:
         stop.set()
         for t in threads:

@@ -8,6 +8,10 @@ Three runs of the same training (same data, seed, steps) on the mini world's mod
 - ``servers_prefetch``: the same servers, the trainer asks for step k+1's batch before it
   trains on step k (the default).
 
+With ``--real-shape`` it measures the paper's shapes instead (`deltakd.bench.pipeline_real`):
+bytes per step for logits vs hidden-state replies, and the trainers' wait with two ranks
+sharing one server vs one server per rank.
+
 Servers are started once, before the two server runs, and their start-up is not timed. Each
 run's figures skip its first step (warm-up): steps/s and the fraction of step time spent in
 `fetch` waiting for references (``ref_wait_s`` from the trainer). Uses the shipped mini world
@@ -44,6 +48,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the shipped mini world, else generated untrained models of its shapes)",
     )
     parser.add_argument("--transport", choices=("shm", "frame"), default="shm")
+    real = parser.add_argument_group("--real-shape (see the module docstring)")
+    real.add_argument(
+        "--real-shape",
+        action="store_true",
+        help="Qwen2.5-7B / 1.5B shapes (hidden 3584 / 1536, vocab 152064 / 151936) with few "
+        "layers: bytes on the wire for logits vs hidden states, and the trainers' wait with 2 "
+        "ranks sharing one server vs a server per rank",
+    )
+    real.add_argument("--layers", type=int, default=1, help="decoder layers (--real-shape)")
+    real.add_argument(
+        "--intermediate",
+        type=int,
+        default=2048,
+        help="MLP width of the 7B-shaped teacher (Qwen2.5-7B: 18944; shrunk for memory)",
+    )
+    real.add_argument(
+        "--student-ms",
+        type=float,
+        default=None,
+        help="the simulated student step (--real-shape; default: 1.2 x the server's forward "
+        "time for both ranks' rows, i.e. servers somewhat faster than the student)",
+    )
+    real.add_argument(
+        "--batch-window-ms", type=float, default=20.0, help="the shared server's batching window"
+    )
 
 
 def _world(arg: str | None, tmp: Path) -> Path:
@@ -138,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="deltakd-bench-pipeline-"))
     try:
+        if getattr(args, "real_shape", False):
+            from deltakd.bench.pipeline_real import run_real_shape
+
+            return run_real_shape(args, tmp)
         return _run(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

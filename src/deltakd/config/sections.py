@@ -120,20 +120,42 @@ class ServersSection(Section):
         "this client's CURVE `.key_secret` file, for servers with `curve_server_key`",
         default="none",
     )
+    placement: str | None = _opt(
+        "servers launched by the run: `per_rank` (every rank its own set; see `device`) or "
+        "`shared` (one set per node, launched by local rank 0, used by every rank)",
+        choices=("per_rank", "shared"),
+        default="`per_rank`",
+    )
     model: str | None = _opt(
         "model a launched server loads (and where hidden-state mode reads the lm_head)",
         default="the role's path in the config",
     )
     endpoint: str | None = _opt("ZeroMQ address of a running server", default="none (launch one)")
-    device: str | None = _opt("device of a launched server", default="`cpu`")
+    device: str | None = _opt(
+        "device of a launched server; `{local_rank}` / `{local_rank+N}` is this rank's, e.g. "
+        "`cuda:{local_rank+1}`",
+        default="`cpu`",
+    )
     output: str | None = _opt(
-        "`logits`, or `hidden` (last hidden states; the trainer applies the lm_head, e.g. with "
-        "`fused_loss`)",
-        choices=("logits", "hidden"),
-        default="`logits`",
+        "`logits`, `hidden` (last hidden states; the trainer applies the lm_head) or `auto` "
+        "(hidden for the families deltakd reproduces, else logits)",
+        choices=("logits", "hidden", "auto"),
+        default="`auto` with `fused_loss`, else `logits`",
     )
     dtype: str | None = _opt("dtype on the wire", choices=_DTYPES, default="`bf16`")
     launch: bool | None = _opt("start the server here", default="`true` without an endpoint")
+    revision: str | None = _opt(
+        "Hub branch, tag or commit of `model`", default="the default branch"
+    )
+    model_dtype: str | None = _opt(
+        "dtype a launched server loads its weights in", choices=_DTYPES,
+        default="`reference_dtype`",
+    )  # fmt: skip
+    batch_window_ms: float | None = _opt(
+        "milliseconds a launched server waits after a request for other ranks' requests, to "
+        "run those of equal length as one forward (useful with `placement: shared`)",
+        default="`0`",
+    )
     curve_server_key: str | None = _opt(
         "the running server's public CURVE `.key` file", default="none"
     )
@@ -147,6 +169,8 @@ class ServersSection(Section):
     )
 
     def validate(self) -> None:
+        if self.batch_window_ms is not None:
+            at_least("servers.batch_window_ms", self.batch_window_ms, 0)
         for name in ("timeout", "start_timeout"):
             if getattr(self, name) is not None:
                 positive(f"servers.{name}", getattr(self, name))

@@ -14,6 +14,8 @@ and the outstanding batches are sent again, so nothing is lost.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -44,6 +46,7 @@ from deltakd.references.shm import ShmRing, Slot, new_run_id
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", "shm", "frame", "cuda")
+PLACEMENTS = ("per_rank", "shared")
 
 
 @dataclass
@@ -61,12 +64,18 @@ class ServerSpec:
     launch: bool | None = None
     fault: str | None = None  # fault injection for reliability tests only
     curve_server_key: str | None = None  # the server's public .key file (CURVE)
+    revision: str | None = None  # Hub branch, tag or commit of `model`
+    model_dtype: str | None = None  # dtype a launched server loads the weights in
+    batch_window_ms: float | None = None  # a launched server's batching window (shared sets)
 
     def __post_init__(self) -> None:
-        if self.output not in OUTPUTS:
+        if self.output not in (*OUTPUTS, "auto"):
             raise ConfigError(
-                f"references: role {self.role} output {self.output!r} is not one of {OUTPUTS}"
+                f"references: role {self.role} output {self.output!r} is not one of "
+                f"{(*OUTPUTS, 'auto')}"
             )
+        if self.model_dtype is not None:
+            wire.wire_dtype(self.model_dtype)
         wire.wire_dtype(self.dtype)
         if self.launch is None:
             self.launch = self.endpoint is None
@@ -106,6 +115,10 @@ class _Conn:
     discarded: int = 0
     restarts: int = 0
     transport: str = "frame"
+    output: str = "logits"  # what the server answers (`auto` resolved at the handshake)
+    # A server launched by another rank on this node (placement: shared): waited for, and
+    # reconnected to when it is restarted.
+    shared: bool = False
     cuda_release: list[int] = field(default_factory=list)
     # Requests given up on whose slot the server may still write: freed when the reply lands.
     abandoned: dict[int, Slot | None] = field(default_factory=dict)
@@ -130,6 +143,13 @@ class ServerReferences(ReferenceSource):
         run_id: names shared memory and sockets of this run (default random).
         curve_client_key: this client's CURVE ``.key_secret`` file, for servers whose spec has
             ``curve_server_key`` (encrypted and authenticated connections across hosts).
+        placement: for servers launched here. ``per_rank``: every trainer process launches its
+            own set (devices may name ``{local_rank}``, e.g. ``cuda:{local_rank+1}``).
+            ``shared``: one set per node, launched by local rank 0 at endpoints every rank of
+            the node derives from ``run_id`` (default: torchrun's rendezvous), used by all of
+            them; the other ranks wait for it, notice when it dies and, with ``restart``,
+            reconnect once local rank 0 has restarted it.
+        local_rank: this process's rank on its node (default: env ``LOCAL_RANK``, else 0).
     """
 
     def __init__(
@@ -148,6 +168,8 @@ class ServerReferences(ReferenceSource):
         run_id: str | None = None,
         cuda_device: str | None = None,
         curve_client_key: str | None = None,
+        placement: str = "per_rank",
+        local_rank: int | None = None,
     ) -> None:
         if isinstance(servers, Mapping):
             servers = [ServerSpec(role=r, **dict(s)) for r, s in servers.items()]
@@ -175,6 +197,16 @@ class ServerReferences(ReferenceSource):
                 "this client's .key_secret file (its public key must be in the server's "
                 "--curve-clients directory)"
             )
+        if placement not in PLACEMENTS:
+            raise ConfigError(
+                f"servers.placement {placement!r} is not one of {PLACEMENTS}: `per_rank` (each "
+                "rank launches its own servers) or `shared` (one set per node)"
+            )
+        self.placement = placement
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+        shared_id = _shared_run_id(run_id) if placement == "shared" else None
+        # In shared mode every rank of the node needs the same name for the shared endpoints;
+        # shared memory stays per client (each rank owns its ring), so its names differ.
         self.run_id = run_id or new_run_id()
         if isinstance(secret, str):
             secret = secret.encode()
@@ -190,10 +222,16 @@ class ServerReferences(ReferenceSource):
         self._conns: dict[str, _Conn] = {}
         try:
             for spec in specs:
-                endpoint = spec.endpoint or _launch_endpoint(self._tmp, spec.role)
+                if shared_id is not None and spec.launch:
+                    endpoint = default_endpoint(spec.role, shared_id)
+                    if self.local_rank != 0:
+                        spec = dataclasses.replace(spec, launch=False, endpoint=endpoint)
+                else:
+                    endpoint = spec.endpoint or _launch_endpoint(self._tmp, spec.role)
                 if spec.launch:
                     wire.require_safe_bind(endpoint, self.secret)
                 conn = _Conn(spec=spec, endpoint=endpoint)
+                conn.shared = shared_id is not None and not spec.launch and spec.model is not None
                 self._conns[spec.role] = conn
                 if spec.launch:
                     self._launch(conn)
@@ -244,7 +282,7 @@ class ServerReferences(ReferenceSource):
             for p in [p for p in conn.pending.values() if p.key == key and p is not pend]:
                 self._abandon(conn, p)  # an older batch prefetched under the same key
             tensor = self._result(conn, pend)
-            if conn.spec.output == "hidden":
+            if conn.output == "hidden":
                 out.hidden[role] = tensor
             else:
                 out.logits[role] = tensor
@@ -257,7 +295,7 @@ class ServerReferences(ReferenceSource):
         if self._lm_heads is None:
             heads = {}
             for role, conn in self._conns.items():
-                if conn.spec.output == "hidden":
+                if conn.output == "hidden":
                     heads[role] = _load_lm_head(conn)
             self._lm_heads = heads
         return dict(self._lm_heads)
@@ -299,7 +337,7 @@ class ServerReferences(ReferenceSource):
             "--model",
             str(spec.model),
             "--device",
-            spec.device,
+            device_for_rank(spec.device, self.local_rank),
             "--endpoint",
             conn.endpoint,
             "--output",
@@ -315,6 +353,12 @@ class ServerReferences(ReferenceSource):
             cmd += ["--threads", str(self.threads)]
         if spec.fault:
             cmd += ["--fault", spec.fault]
+        if spec.revision:
+            cmd += ["--revision", spec.revision]
+        if spec.model_dtype:
+            cmd += ["--model-dtype", spec.model_dtype]
+        if spec.batch_window_ms:
+            cmd += ["--batch-window-ms", str(spec.batch_window_ms)]
         env = dict(os.environ)
         if self.secret:
             env[wire.SECRET_ENV] = self.secret.decode("utf-8", "replace")
@@ -340,7 +384,7 @@ class ServerReferences(ReferenceSource):
     def _handshake(self, conn: _Conn) -> None:
         rid = next(self._rid)
         self._send_frames(conn, wire.encode({"op": "info", "rid": rid}, (), self.secret))
-        limit = self.start_timeout if conn.spec.launch else self.timeout
+        limit = self.start_timeout if (conn.spec.launch or conn.shared) else self.timeout
         try:
             header, _ = self._recv(conn, limit, want=lambda h: h.get("rid") == rid, starting=True)
         except _NoReply as exc:
@@ -360,13 +404,19 @@ class ServerReferences(ReferenceSource):
                 f"the server at {conn.endpoint} serves role {header.get('role')!r}, not "
                 f"{conn.spec.role!r}; fix the endpoint of role {conn.spec.role} in the config"
             )
-        if header.get("output") != conn.spec.output:
+        if conn.spec.output != "auto" and header.get("output") != conn.spec.output:
             raise ConfigError(
                 f"references: role {conn.spec.role} is configured with output "
                 f"{conn.spec.output!r} but its server at {conn.endpoint} answers "
                 f"{header.get('output')!r}; make them agree"
             )
         conn.info = header
+        conn.output = str(header.get("output"))
+        if conn.output not in OUTPUTS:
+            raise ReferenceServerError(
+                self._describe(conn, f"the server answers {conn.output!r}, not one of {OUTPUTS}")
+                + ". Run the same deltakd version on trainer and server"
+            )
 
     def _pick_transport(self, conn: _Conn, transport: str) -> str:
         if transport == "auto":
@@ -379,22 +429,29 @@ class ServerReferences(ReferenceSource):
         return transport
 
     def _check_vocab(self) -> None:
-        vocab = {r: c.info.get("vocab_size") for r, c in self._conns.items()}
-        if len(set(vocab.values())) > 1:
-            raise VocabularyError(
-                f"the teacher servers have different vocabulary sizes {vocab}; every role must "
-                "share one tokenizer (resize embeddings or pick matching checkpoints)"
-            )
+        """Roles must share one tokenizer; their lm_heads may have more rows than it has tokens
+        (Qwen2.5-7B: 152064, 1.5B: 151936, tokenizer: 151665) — the trainer slices every role
+        to the tokenizer's vocabulary, as with local references."""
         toks = {r: c.info.get("tokenizer_hash") for r, c in self._conns.items()}
         known = {h for h in toks.values() if h}
         if len(known) > 1:
+            sizes = {r: c.info.get("tokenizer_size") for r, c in self._conns.items()}
             raise VocabularyError(
-                f"the teacher servers' tokenizer files differ ({toks}); every role must use the "
-                "same tokenizer (copy one tokenizer into all model directories)"
+                f"the teacher servers' tokenizers differ (fingerprints {toks}, sizes {sizes}); "
+                "Delta-KD combines logits token by token, so every role must use the same "
+                "tokenizer. Use models of one family (e.g. Qwen2.5-7B and Qwen2.5-1.5B)"
             )
+        for role, conn in self._conns.items():
+            rows, size = conn.info.get("vocab_size"), conn.info.get("tokenizer_size")
+            if isinstance(rows, int) and isinstance(size, int) and rows < size:
+                raise VocabularyError(
+                    f"role {role}: its model has {rows} lm_head rows but its tokenizer has "
+                    f"{size} tokens: it cannot score every token. Use the tokenizer that belongs "
+                    "to this model family"
+                )
 
     def _restart(self, conn: _Conn, reason: str) -> None:
-        if not (self.restart and conn.spec.launch):
+        if not (self.restart and (conn.spec.launch or conn.shared)):
             hint = (
                 "set `restart: true` so deltakd restarts it"
                 if conn.spec.launch
@@ -422,7 +479,10 @@ class ServerReferences(ReferenceSource):
         _stop_process(conn.proc, grace=0.0)
         if conn.sock is not None:
             conn.sock.close(linger=0)
-        self._launch(conn)
+        if conn.spec.launch:
+            self._launch(conn)
+        # else: the rank that launched the shared server restarts it; wait for it below.
+        conn.info = {}  # the old server's pid is gone; the handshake reports the new one
         self._connect(conn)
         self._handshake(conn)
         # Everything outstanding is sent again under new request ids; old replies are stale.
@@ -500,7 +560,7 @@ class ServerReferences(ReferenceSource):
         self._send_frames(conn, frames)
 
     def _last_dim(self, conn: _Conn) -> int:
-        key = "hidden_size" if conn.spec.output == "hidden" else "vocab_size"
+        key = "hidden_size" if conn.output == "hidden" else "vocab_size"
         return int(conn.info[key])
 
     def _abandon(self, conn: _Conn, pend: _Pending) -> None:
@@ -584,6 +644,11 @@ class ServerReferences(ReferenceSource):
                     )
             elif conn.proc is not None and conn.proc.poll() is not None:
                 raise _NoReply(f"its process exited{self._proc_state(conn)}")
+            elif conn.proc is None and not _server_alive(conn):
+                raise _NoReply(
+                    f"its process {conn.info.get('pid')} on this host is gone (a server shared "
+                    "by the ranks of this node)"
+                )
 
     def _decode(self, conn: _Conn, frames: list[Any]) -> tuple[dict[str, Any], list[Any]]:
         try:
@@ -670,6 +735,7 @@ CLIENT_KEYS = (
     "run_id",
     "cuda_device",
     "curve_client_key",
+    "placement",
 )
 #: Keys that set every role's server (a role's own entry under `roles:` overrides them).
 ROLE_KEYS = (
@@ -681,6 +747,9 @@ ROLE_KEYS = (
     "launch",
     "fault",
     "curve_server_key",
+    "revision",
+    "model_dtype",
+    "batch_window_ms",
 )
 
 
@@ -734,9 +803,12 @@ def from_config(config: Any, roles: Sequence[str], device: Any) -> ServerReferen
 
     Role model paths come from the run config (``teacher_ft: PATH`` ...), settings from its
     ``servers:`` mapping (see `from_settings`). ``device`` is the student's; servers run on
-    ``cpu`` unless ``servers: {device: ...}`` or a role's own entry says otherwise.
+    ``cpu`` unless ``servers: {device: ...}`` or a role's own entry says otherwise. Launched
+    servers load their weights in the run's reference dtype (`deltakd.loading.reference_dtype`)
+    unless ``model_dtype`` is set; with ``fused_loss`` they answer with hidden states
+    (``output: auto``: logits for a family deltakd cannot reproduce) unless ``output`` is set.
     """
-    from deltakd.data.vocab import resolve_model_path
+    from deltakd.loading import reference_dtype, resolve_model_path
 
     models = {}
     for role in roles:
@@ -745,7 +817,14 @@ def from_config(config: Any, roles: Sequence[str], device: Any) -> ServerReferen
     settings = dict(getattr(config, "servers", None) or {})
     if torch.device(device).type == "cuda" and "cuda_device" not in settings:
         settings["cuda_device"] = str(device)
+    if "model_dtype" not in settings:
+        settings["model_dtype"] = _DTYPE_NAMES[reference_dtype(config)]
+    if "output" not in settings and getattr(config, "fused_loss", False):
+        settings["output"] = "auto"
     return from_settings(settings, models)
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 _LOG_DIR_RE = re.compile(r"deltakd-[0-9A-Za-z]+-p(\d+)-[^/]+")
@@ -787,10 +866,11 @@ def _launch_endpoint(tmp: Path, role: str) -> str:
 def _cpu_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "input_ids" not in batch:
         raise ConfigError("a reference batch needs `input_ids` ([B, T])")
-    out = {"input_ids": batch["input_ids"].detach().to("cpu")}
-    if batch.get("attention_mask") is not None:
-        out["attention_mask"] = batch["attention_mask"].detach().to("cpu")
-    return out
+    ids = batch["input_ids"].detach().to("cpu", torch.int64)
+    mask = batch.get("attention_mask")
+    # What is sent (and fingerprinted on both sides): int64 ids and an explicit mask.
+    mask = torch.ones_like(ids) if mask is None else mask.detach().to("cpu", torch.int64)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
@@ -845,7 +925,13 @@ def _load_tensor(conn: _Conn, keys: list[str]) -> torch.Tensor:
     """The first of `keys` found in the role's safetensors files."""
     from safetensors import safe_open
 
-    path = Path(conn.spec.model or conn.info.get("model_path", ""))
+    from deltakd.references.server import local_model_dir
+
+    if conn.spec.model:
+        # A directory, mini:<name> or a Hub name (its files from huggingface_hub's cache).
+        path = local_model_dir(conn.spec.model, conn.spec.revision, role=conn.spec.role)
+    else:
+        path = Path(conn.info.get("model_path", ""))
     index = path / "model.safetensors.index.json"
     files: list[Path]
     if index.is_file():
@@ -864,3 +950,45 @@ def _load_tensor(conn: _Conn, keys: list[str]) -> torch.Tensor:
         f"{keys} is in the safetensors files at {path}; give `model:` the checkpoint directory "
         "for this role or use output: logits"
     )
+
+
+_RANK_TEMPLATE = re.compile(r"\{\s*local_rank\s*(?:([+-])\s*(\d+)\s*)?\}")
+
+
+def device_for_rank(device: str, local_rank: int) -> str:
+    """``device`` with ``{local_rank}`` / ``{local_rank+N}`` replaced for this rank
+    (``cuda:{local_rank+1}`` -> ``cuda:3`` on local rank 2): per-rank servers on their own GPU."""
+
+    def sub(m: re.Match[str]) -> str:
+        n = int(m.group(2) or 0)
+        return str(local_rank - n if m.group(1) == "-" else local_rank + n)
+
+    out = _RANK_TEMPLATE.sub(sub, device)
+    if "{" in out or "}" in out:
+        raise ConfigError(
+            f"servers.device {device!r}: the only template is {{local_rank}} or "
+            "{local_rank+N}, e.g. cuda:{local_rank+1}"
+        )
+    return out
+
+
+def _shared_run_id(run_id: str | None) -> str:
+    """The name all ranks of a node give their shared servers: from ``run_id`` when set, else
+    from torchrun's rendezvous (master address and port, run id), equal on every rank and
+    different for two jobs on one host."""
+    if run_id:
+        return run_id
+    parts = [os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")]
+    if not any(parts):
+        return new_run_id()  # a single process: nobody to share with
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=6).hexdigest()
+
+
+def _server_alive(conn: _Conn) -> bool:
+    """False when a server launched by another rank of this node is known to be gone."""
+    from deltakd.references.shm import pid_alive
+
+    pid = conn.info.get("pid")
+    if not conn.shared or not isinstance(pid, int):
+        return True
+    return pid_alive(pid)

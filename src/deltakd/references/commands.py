@@ -16,7 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--role", required=True, help="role name, e.g. teacher_ft")
-    p.add_argument("--model", required=True, help="directory saved with save_pretrained")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="directory saved with save_pretrained, mini:<name>, or a Hub name (resolved through "
+        "the Hugging Face cache; HF_HUB_OFFLINE=1 uses only the cache)",
+    )
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
         "--endpoint",
@@ -25,10 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--output",
-        choices=("logits", "hidden"),
+        choices=("logits", "hidden", "auto"),
         default="logits",
         help="reply with logits, or last hidden states (the client applies the model's own "
-        "output layer; families not in docs/USAGE.md 'Model families checked' are refused)",
+        "output layer; families not in docs/USAGE.md 'Model families checked' are refused), "
+        "or auto (hidden states when the family is checked, else logits)",
     )
     p.add_argument(
         "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="wire dtype of replies"
@@ -38,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("bf16", "fp16", "fp32"),
         default=None,
         help="dtype to load the weights in (default: transformers' default)",
+    )
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=0.0,
+        help="after a request, wait this long for requests of other ranks sharing this server "
+        "and run those of equal length as one forward pass (default 0: no waiting)",
     )
     p.add_argument("--secret-file", default=None, help="file holding the shared HMAC secret")
     p.add_argument(

@@ -14,7 +14,6 @@ when that trainer's process is gone.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -43,17 +42,60 @@ def default_endpoint(role: str, run_id: str) -> str:
     return f"ipc://{tempfile.gettempdir()}/deltakd-{run_id}-{role}.sock"
 
 
-def tokenizer_hash(model_path: str | os.PathLike[str]) -> str | None:
-    """blake2b of the tokenizer files next to a model, or None when there are none."""
-    h = hashlib.blake2b(digest_size=16)
-    found = False
-    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model"):
-        p = Path(model_path) / name
-        if p.is_file():
-            h.update(name.encode())
-            h.update(p.read_bytes())
-            found = True
-    return h.hexdigest() if found else None
+def local_model_dir(path: str, revision: str | None = None, *, role: str | None = None) -> Path:
+    """The local directory holding ``path``'s files: a directory or ``mini:<name>`` as
+    `deltakd.loading.resolve_model_path` reads it, else a Hub name resolved at ``revision``
+    through huggingface_hub's cache (``HF_HOME``; with ``HF_HUB_OFFLINE=1`` nothing is fetched,
+    and a model missing from the cache is refused). Only the config, weights and tokenizer
+    files are fetched."""
+    from deltakd.loading import resolve_model_path
+
+    who = f"role {role}: " if role else ""
+    fix = "give the directory a model was saved to with save_pretrained, mini:<name>, or a Hub name"
+    try:
+        resolved = resolve_model_path(str(path))
+    except ConfigError:
+        raise ConfigError(
+            f"{who}no model at {path} (no config.json: no such path); {fix}"
+        ) from None
+    local = Path(resolved)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{who}no model at {local} (no config.json); {fix}")
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                resolved,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"],
+            )
+        )
+    except Exception as exc:  # huggingface_hub's errors: not cached offline, unknown repo, ...
+        raise ConfigError(
+            f"{who}cannot find the model {path!r}"
+            + (f" at revision {revision!r}" if revision else "")
+            + f" ({type(exc).__name__}: {exc}). Give a directory saved with save_pretrained, or "
+            "a Hub name that is in the Hugging Face cache (HF_HOME) when HF_HUB_OFFLINE=1"
+        ) from None
+
+
+def tokenizer_identity(model_dir: str | os.PathLike[str]) -> tuple[str | None, int | None]:
+    """(fingerprint, size) of the tokenizer saved with a model (`deltakd.data.vocab`'s
+    fingerprint: vocabulary, merges, added tokens), or (None, None) when it has none. Roles
+    are compared by tokenizer, not by lm_head rows (checkpoints pad those differently)."""
+    from deltakd.data.vocab import _TOKENIZER_FILES, load_tokenizer, tokenizer_fingerprint
+
+    if not any((Path(model_dir) / name).is_file() for name in _TOKENIZER_FILES):
+        return None, None
+    try:
+        tok = load_tokenizer(str(model_dir))
+    except ConfigError as exc:  # e.g. only a tokenizer_config.json: nothing to compare
+        log.warning("no usable tokenizer next to %s (%s); roles are not compared", model_dir, exc)
+        return None, None
+    return tokenizer_fingerprint(tok), len(tok)
 
 
 class TeacherServer:
@@ -73,6 +115,7 @@ class TeacherServer:
         fault: str | None = None,
         curve_secret_key: str | None = None,
         curve_clients: str | None = None,
+        batch_window_ms: float = 0.0,
     ) -> None:
         if bool(curve_secret_key) != bool(curve_clients):
             raise ConfigError(
@@ -102,6 +145,10 @@ class TeacherServer:
         self._segments = AttachedSegments()
         self._exported: Any = None
         self.rejected = 0  # messages refused for a bad or missing signature
+        # How long to wait, after a forward request, for requests of other trainers (ranks
+        # sharing this server) to join it in one forward pass.
+        self.batch_window_s = max(0.0, float(batch_window_ms)) / 1000.0
+        self.forwards = 0  # forward passes run (fewer than requests when batched)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -113,44 +160,52 @@ class TeacherServer:
         output: str = "logits",
         device: str = "cpu",
         model_dtype: str | None = None,
+        revision: str | None = None,
         **kwargs: Any,
     ) -> TeacherServer:
-        """Load ``model_path`` with transformers (eval mode, no grad) and serve it."""
-        from transformers import AutoModelForCausalLM
+        """Load ``model_path`` (a directory, ``mini:<name>`` or a Hub name at ``revision``,
+        through `deltakd.loading.load_model`: hub cache, ``HF_HUB_OFFLINE``) and serve it.
 
-        if output not in OUTPUTS:
-            raise ConfigError(f"--output must be one of {OUTPUTS}, got {output!r}")
-        path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"role {role}: no model at {path} (no config.json); give the directory a "
-                "model was saved to with save_pretrained"
-            )
-        load_kwargs: dict[str, Any] = {}
-        if model_dtype:
-            load_kwargs["dtype"] = wire.wire_dtype(model_dtype)
-        model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs)
-        model.to(device).eval().requires_grad_(False)
+        ``output``: ``logits``, ``hidden``, or ``auto`` (hidden states when deltakd can
+        reproduce the model's output layer, else logits, with a log line)."""
+        from deltakd.loading import load_model
+
+        if output not in (*OUTPUTS, "auto"):
+            raise ConfigError(f"--output must be one of {(*OUTPUTS, 'auto')}, got {output!r}")
+        directory = local_model_dir(model_path, revision, role=role)
+        model = load_model(str(directory), dtype=model_dtype, device=device, role=role,
+                           frozen=True)  # fmt: skip
         cfg = model.config
         head = model.get_output_embeddings()
+        tok_fp, tok_size = tokenizer_identity(directory)
         info: dict[str, Any] = {
-            "output": output,
             "vocab_size": int(head.weight.shape[0]),
             "hidden_size": int(head.weight.shape[1]),
             "model_type": str(cfg.model_type),
-            "model_path": str(path.resolve()),
-            "tokenizer_hash": tokenizer_hash(path),
+            "model_path": str(directory.resolve()),
+            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "tokenizer_hash": tok_fp,
+            "tokenizer_size": tok_size,
             "lm_head_keys": _lm_head_keys(model),
         }
-        if output == "hidden":
-            from deltakd.heads import logit_head
+        described = None
+        if output in ("hidden", "auto"):
+            from deltakd.heads import UnsupportedHeadError, logit_head
 
             # The client recomputes logits from hidden states: refuse a model whose output
             # layer deltakd cannot reproduce, and tell the client the one it has.
-            described = logit_head(
-                model,
-                fix=f"Serve role {role} with `output: logits` (`deltakd serve --output logits`).",
-            )
+            try:
+                described = logit_head(
+                    model,
+                    fix=f"Serve role {role} with `output: logits` (`deltakd serve --output "
+                    "logits`).",
+                )
+            except UnsupportedHeadError as exc:
+                if output == "hidden":
+                    raise
+                log.warning("role %s: %s; serving logits", role, exc)
+        if described is not None:
+            info["output"] = "hidden"
             info["logit_head"] = {
                 "family": described.family,
                 "scale": described.scale,
@@ -163,10 +218,15 @@ class TeacherServer:
                 return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
         else:
+            info["output"] = "logits"
 
             def compute(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                 return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
+        log.info(
+            "role %s: %s (%s, %s) answers %s", role, model_path, info["model_dtype"], device,
+            info["output"],
+        )  # fmt: skip
         return cls(role, compute, info=info, device=device, **kwargs)
 
     # ------------------------------------------------------------------------------------------
@@ -203,10 +263,11 @@ class TeacherServer:
         try:
             while not self._stop:
                 if sock.poll(poll_ms, zmq.POLLIN):
-                    frames = sock.recv_multipart(copy=False)
-                    reply = self.handle(frames[1:])
-                    if reply is not None:
-                        sock.send_multipart([frames[0], *reply], copy=False)
+                    messages = [sock.recv_multipart(copy=False)]
+                    if self.batch_window_s > 0:
+                        messages += self._gather(sock, time.monotonic() + self.batch_window_s)
+                    for ident, reply in self.handle_many(messages):
+                        sock.send_multipart([ident, *reply], copy=False)
                 elif self.parent_pid is not None and not pid_alive(self.parent_pid):
                     log.info("trainer process %d is gone; stopping", self.parent_pid)
                     break
@@ -220,6 +281,83 @@ class TeacherServer:
 
     def stop(self, *_: Any) -> None:
         self._stop = True
+
+    def _gather(self, sock: Any, deadline: float) -> list[list[Any]]:
+        """Messages that arrive before ``deadline`` (or are already queued)."""
+        more = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if not sock.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
+                return more
+            more.append(sock.recv_multipart(copy=False))
+
+    def handle_many(self, messages: list[list[Any]]) -> list[tuple[Any, list[Any]]]:
+        """Answer several messages (ROUTER identity first in each): forward requests with the
+        same sequence length run as one forward pass (requests of ranks sharing this server),
+        the rest one by one. Returns (identity, reply frames) pairs."""
+        out: list[tuple[Any, list[Any]]] = []
+        groups: dict[int, list[tuple[Any, dict[str, Any], torch.Tensor, torch.Tensor]]] = {}
+        for frames in messages:
+            ident, body = frames[0], frames[1:]
+            parsed = self._parse_forward(body) if len(messages) > 1 else None
+            if parsed is None:
+                reply = self.handle(body)
+                if reply is not None:
+                    out.append((ident, reply))
+                continue
+            header, ids, mask = parsed
+            groups.setdefault(int(ids.shape[1]), []).append((ident, header, ids, mask))
+        for group in groups.values():
+            if len(group) == 1:
+                ident, header, ids, mask = group[0]
+                reply = self._guarded(
+                    header, lambda h=header, i=ids, m=mask: self._forward(h, i, m)
+                )
+                out.append((ident, reply))
+                continue
+            try:
+                self._apply_fault_before()
+                ids = torch.cat([g[2] for g in group])
+                mask = torch.cat([g[3] for g in group])
+                with torch.inference_mode():
+                    outs = self.compute(ids.to(self.device), mask.to(self.device))
+                self._served += 1
+                self.forwards += 1
+            except Exception as exc:
+                log.exception("role %s: a batched forward failed", self.role)
+                for ident, header, *_ in group:
+                    out.append((ident, self._error(header["rid"], f"{type(exc).__name__}: {exc}")))
+                continue
+            start = 0
+            for ident, header, ids_i, _ in group:
+                part = outs[start : start + ids_i.shape[0]]
+                start += ids_i.shape[0]
+                with torch.inference_mode():
+                    reply = self._guarded(header, lambda h=header, p=part: self._reply(h, p))
+                out.append((ident, reply))
+        return out
+
+    def _guarded(self, header: dict[str, Any], fn: Callable[[], list[Any]]) -> list[Any]:
+        try:
+            return fn()
+        except DeltaKDError as exc:
+            return self._error(header.get("rid"), str(exc))
+        except Exception as exc:  # a bug or OOM in the model: report it, keep serving
+            log.exception("role %s: request %s failed", self.role, header.get("rid"))
+            return self._error(header.get("rid"), f"{type(exc).__name__}: {exc}")
+
+    def _parse_forward(
+        self, frames: list[Any]
+    ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor] | None:
+        """A well-formed, authenticated forward request as (header, ids, mask); None for
+        anything else (`handle` answers it, errors included)."""
+        try:
+            header, payload = wire.decode(frames, self.secret)
+            if header.get("op") != "forward":
+                return None
+            return (header, *self._inputs(header, payload))
+        except Exception:
+            return None
 
     # ------------------------------------------------------------------------------------------
     def handle(self, frames: list[Any]) -> list[Any] | None:
@@ -244,7 +382,7 @@ class TeacherServer:
                     self._exported.release(header.get("rids", []))
                 return None
             if op == "forward":
-                return self._forward(header, payload)
+                return self._forward(header, *self._inputs(header, payload))
             return self._error(rid, f"unknown request {op!r}")
         except DeltaKDError as exc:
             return self._error(rid, str(exc))
@@ -257,9 +395,10 @@ class TeacherServer:
             {"op": "error", "rid": rid, "role": self.role, "message": message}, (), self.secret
         )
 
-    @torch.inference_mode()
-    def _forward(self, header: dict[str, Any], payload: list[Any]) -> list[Any] | None:
-        rid = header["rid"]
+    def _inputs(
+        self, header: dict[str, Any], payload: list[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The request's (input_ids, attention_mask), checked against its role and fingerprint."""
         if header.get("role") not in (None, self.role):
             raise ReferenceServerError(
                 f"request for role {header.get('role')!r} reached the {self.role!r} server; "
@@ -284,9 +423,22 @@ class TeacherServer:
             raise ReferenceServerError(
                 "the batch that arrived does not match its fingerprint (corrupted in transit)"
             )
+        return ids, mask
+
+    @torch.inference_mode()
+    def _forward(
+        self, header: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor
+    ) -> list[Any] | None:
         self._apply_fault_before()
         out = self.compute(ids.to(self.device), mask.to(self.device))  # (B, T, X)
         self._served += 1
+        self.forwards += 1
+        return self._reply(header, out)
+
+    def _reply(self, header: dict[str, Any], out: torch.Tensor) -> list[Any]:
+        """Reply frames carrying ``out`` ([B, T, X]) the way the request asks for."""
+        rid = header["rid"]
+        fp = header["fp"]
         if self.fault.get("malformed"):
             return [b"\xc1 not msgpack", b""]
         if self.fault.get("wrong_fp"):
@@ -391,6 +543,8 @@ def run_server(args: Any) -> int:
         output=args.output,
         device=args.device,
         model_dtype=args.model_dtype,
+        revision=args.revision,
+        batch_window_ms=args.batch_window_ms or 0.0,
         endpoint=endpoint,
         dtype=args.dtype,
         secret=secret,
