@@ -68,15 +68,17 @@ def _commit_snapshot(root: Path, repo: str, kind: str = "models") -> Path:
 # --- text ----------------------------------------------------------------------------------
 
 
+_SYLLABLES_TEXT = "ka lo mi ne ra to su vi de pa ri no te la ma si ko be an en in on ar er or us is tion ment ly ful ing ed al ic ous ter pre con dis com pro"
+
+
+_COMMON_TEXT = "the of and to in is that it for as with was on be by this are from at or an have not which but can they more one all their there would also when what some if about"
+
+
 class Text:
     """Seeded English-like text: words from syllables, sentences, paragraphs, math steps."""
 
-    SYLLABLES = tuple(
-        "ka lo mi ne ra to su vi de pa ri no te la ma si ko be an en in on ar er or us is tion ment ly ful ing ed al ic ous ter pre con dis com pro".split()
-    )
-    COMMON = tuple(
-        "the of and to in is that it for as with was on be by this are from at or an have not which but can they more one all their there would also when what some if about".split()
-    )
+    SYLLABLES: tuple[str, ...] = tuple(_SYLLABLES_TEXT.split(" "))
+    COMMON: tuple[str, ...] = tuple(_COMMON_TEXT.split(" "))
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
