@@ -139,5 +139,5 @@ def test_only_the_asked_split_is_prepared(tmp_path, monkeypatch):
     assert len(rows) == 2 and rows[0]["answer"] and "split 'tir' row 1" in rows[0]["origin"]
     prepared = sorted(p.name.rsplit("-", 1)[-1] for p in cache.rglob("*.arrow"))
     assert prepared == ["tir.arrow"]
-    with pytest.raises(DataError, match="no split 'train'.*cot, tir, genselect"):
+    with pytest.raises(DataError, match=r"no split 'train'.*cot, tir, genselect"):
         load_rows(f"openmath:{snap}", "train")

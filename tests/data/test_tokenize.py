@@ -108,7 +108,7 @@ def test_rows_longer_than_max_length_are_dropped_by_default_with_their_tokens(to
     rows = [{"messages": CHAT}, {"messages": CHAT[:2]}]
     n_long = len(encode_chat(tok, CHAT)[0])
     n_short = len(encode_chat(tok, CHAT[:2])[0])
-    enc, kept, stats = encode_rows(tok, rows, max_length=n_long - 1)
+    _, kept, stats = encode_rows(tok, rows, max_length=n_long - 1)
     assert kept == [1] and stats.dropped_too_long == 1 and stats.dropped_tokens == n_long
     assert stats.tokens == n_short and f"({n_long} tokens)" in stats.summary()
     from deltakd.train.config import TrainConfig
