@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,7 +51,11 @@ CPU_OVERRIDES: dict[str, tuple[str, str]] = {
 
 @dataclass
 class Row:
-    """One line of the table: a command (or several run in order) and where it writes."""
+    """One line of the table: a command (or several run in order) and where it writes.
+
+    `train` (config, overrides) rows are launched with as many processes (up to `nproc`) as
+    the memory free at that moment holds at `need_gb` each; the table says when fewer ran.
+    """
 
     name: str
     commands: list[list[str]]
@@ -58,6 +63,8 @@ class Row:
     output_dir: Path | None = None
     steps: int = 0
     note: str = ""
+    need_gb: float = 0.0
+    train: tuple[Path, dict[str, str]] | None = None
 
 
 @dataclass
@@ -166,9 +173,11 @@ def _mem_available_gb() -> float:
     return 0.0
 
 
-#: measured peak RSS of one `delta_kd`, `references: local` process at these shapes (three
-#: frozen 7B/1.5B-shape models in bf16 + the student in fp32 with AdamW), in GiB
-LOCAL_DKD_GB = 10.6
+#: Peak RSS of one training process at these shapes, GiB (`deltakd rehearse run` on this
+#: machine, rounded up): three frozen 7B/7B/1.5B-shape models in bf16 + the 1.5B-shape student
+#: in fp32 with AdamW (delta_kd local, on_policy); one frozen 7B-shape model + student (kd,
+#: minillm, seqkd's generation); the student alone (training from the cache).
+NEED_GB = {"local": 10.6, "teacher": 8.5, "student": 6.0}
 
 
 def plan(root: Path, out: Path, *, quick: bool, nproc: int, steps: int,
@@ -183,36 +192,32 @@ def plan(root: Path, out: Path, *, quick: bool, nproc: int, steps: int,
         for fam in families:
             extra = {} if fam == "qwen" else dict(FAMILIES[fam])
             o = out / f"quick-{fam}"
-            plan_.append(Row(f"delta_kd local ({fam}, ultrachat)",
-                             [_train_cmd(uc, _overrides(o, steps, {"max_length": 256, "max_prompt_length": 128, **extra}), 1)],
-                             1, o, steps))  # fmt: skip
+            ov = _overrides(o, steps, {"max_length": 256, "max_prompt_length": 128, **extra})
+            plan_.append(Row(f"delta_kd local ({fam}, ultrachat)", [], 1, o, steps,
+                             need_gb=NEED_GB["local"], train=(uc, ov)))  # fmt: skip
         return plan_
 
-    # Three frozen models per process: as many processes as memory allows (the figure above).
-    fits = max(1, min(nproc, int(_mem_available_gb() // LOCAL_DKD_GB)))
-    why = f"{fits} of {nproc}: {LOCAL_DKD_GB} GiB each, {_mem_available_gb():.0f} GiB free"
     gen = {"max_new_tokens": 16}
     o = out / "delta_kd_local"
-    plan_.append(Row("delta_kd local (ultrachat)", [_train_cmd(uc, _overrides(o, steps), fits)],
-                     fits, o, steps, why if fits < nproc else ""))  # fmt: skip
+    plan_.append(Row("delta_kd local (ultrachat)", [], nproc, o, steps, need_gb=NEED_GB["local"],
+                     train=(uc, _overrides(o, steps))))  # fmt: skip
     cache_dir = out / "target_cache"
     o = out / "delta_kd_cache"
     ov = _overrides(o, steps, {"references": "cache", "cache.dir": cache_dir})
     build = [sys.executable, "-m", "deltakd.cli", "cache", "build", str(om),
              *[f"{k}={v}" for k, v in ov.items()], "--overwrite"]  # fmt: skip
     plan_.append(Row("delta_kd cache: build (openmath)", [build], 1, None, 0))
-    plan_.append(Row("delta_kd cache: train (openmath)", [_train_cmd(om, ov, nproc)], nproc, o,
-                     steps))  # fmt: skip
-    for method, extra in (
-        ("kd", {"method": "kd"}),
-        ("seqkd", {"method": "seqkd", **gen}),
-        ("on_policy", {"on_policy_ratio": 1.0, **gen}),
-        ("minillm", {"method": "minillm", **gen}),
+    plan_.append(Row("delta_kd cache: train (openmath)", [], nproc, o, steps,
+                     need_gb=NEED_GB["student"], train=(om, ov)))  # fmt: skip
+    for method, extra, need in (
+        ("kd", {"method": "kd"}, "teacher"),
+        ("seqkd", {"method": "seqkd", **gen}, "teacher"),
+        ("on_policy", {"on_policy_ratio": 1.0, **gen}, "local"),
+        ("minillm", {"method": "minillm", **gen}, "teacher"),
     ):
         o = out / method
-        n = fits if method == "on_policy" else nproc
-        plan_.append(Row(f"{method} (ultrachat)", [_train_cmd(uc, _overrides(o, steps, extra), n)],
-                         n, o, steps, why if n < nproc else ""))  # fmt: skip
+        plan_.append(Row(f"{method} (ultrachat)", [], nproc, o, steps, need_gb=NEED_GB[need],
+                         train=(uc, _overrides(o, steps, extra))))  # fmt: skip
     evaluate = [sys.executable, "-m", "deltakd.cli", "eval", "--model",
                 str(out / "delta_kd_cache" / "final"), "--data",
                 "openmath:nvidia/OpenMathReasoning", "--split", "cot", "--limit", "4",
@@ -222,6 +227,19 @@ def plan(root: Path, out: Path, *, quick: bool, nproc: int, steps: int,
     if rows:
         plan_ = [r for r in plan_ if any(r.name.startswith(x) for x in rows)]
     return plan_
+
+
+def _launch_width(row: Row) -> None:
+    """Fix a training row's process count from the memory free now, and its command."""
+    if row.train is None:
+        return
+    free = _mem_available_gb()
+    fits = max(1, min(row.nproc, int(free // row.need_gb))) if row.need_gb else row.nproc
+    if fits < row.nproc:
+        row.note = (f"{fits} of {row.nproc} processes: {row.need_gb} GiB each, "
+                    f"{free:.0f} GiB free")  # fmt: skip
+        row.nproc = fits
+    row.commands = [_train_cmd(row.train[0], row.train[1], row.nproc)]
 
 
 def _figures(row: Row, res: Result) -> None:
@@ -243,7 +261,10 @@ def _figures(row: Row, res: Result) -> None:
 
 
 def run_row(row: Row, env: dict[str, str], log_dir: Path, timeout: float) -> Result:
-    log = log_dir / (row.name.split(" (")[0].replace(" ", "_").replace(":", "") + ".log")
+    _launch_width(row)
+    log = log_dir / (re.sub(r"[^a-z0-9]+", "_", row.name.lower()).strip("_") + ".log")
+    # The machine's cores split between the row's processes.
+    env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(row.nproc, 1)))}
     t0 = time.perf_counter()
     status = "ok"
     peaks: list[float] = []
@@ -309,8 +330,7 @@ def rehearse(
     out = Path(out) if out is not None else root / "runs"
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HOME": str(root.resolve()), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
     results = []

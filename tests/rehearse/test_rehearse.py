@@ -1,0 +1,142 @@
+"""The rehearsal world resolves the shipped configs' Hub ids offline, at the real shapes, and
+the quick rehearsal (1 process, 2 steps, delta_kd with references: local) trains on it.
+
+The world is built once per session into a temporary directory (about 1.5 min: ~2.9 B random
+bf16 parameters written), or reused from `DELTAKD_REHEARSAL_DIR` when that names a built
+world. The full rehearsal (`deltakd rehearse run DIR`, both families, every method) is behind
+`slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    given = os.environ.get("DELTAKD_REHEARSAL_DIR")
+    if given and (Path(given) / "rehearsal.json").is_file():
+        return Path(given)
+    from deltakd.rehearse.world import build
+
+    root = tmp_path_factory.mktemp("rehearsal")
+    build(root, families=("qwen",), log=lambda _: None)
+    return root
+
+
+def _offline(world: Path, code: str) -> dict:
+    """Run `code` (which prints one JSON line last) with HF_HOME=world, offline."""
+    env = {**os.environ, "HF_HOME": str(world), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_hub_ids_resolve_offline_to_the_real_configs(world: Path) -> None:
+    got = _offline(
+        world,
+        """
+import json
+from transformers import AutoConfig, AutoTokenizer
+out = {}
+for repo in ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-1.5B"):
+    c = AutoConfig.from_pretrained(repo)
+    out[repo] = [c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                 c.intermediate_size, c.vocab_size, c.tie_word_embeddings,
+                 c.max_position_embeddings, c.num_hidden_layers]
+tok = AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct")
+out["tokens"] = len(tok)
+out["ids"] = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                        "<|file_sep|>"])
+out["eos"] = tok.eos_token
+out["chat"] = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                      add_generation_prompt=True)
+print(json.dumps(out))
+""",
+    )
+    assert got["Qwen/Qwen2.5-7B"] == [3584, 28, 4, 18944, 152064, False, 131072, 1]
+    assert got["Qwen/Qwen2.5-7B-Instruct"] == [3584, 28, 4, 18944, 152064, False, 32768, 1]
+    assert got["Qwen/Qwen2.5-1.5B"] == [1536, 12, 2, 8960, 151936, True, 131072, 1]
+    assert got["tokens"] == 151665 and got["ids"] == [151643, 151644, 151645, 151664]
+    assert got["eos"] == "<|im_end|>"
+    assert got["chat"] == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_datasets_have_the_published_schemas_and_lengths(world: Path) -> None:
+    got = _offline(
+        world,
+        """
+import json, datasets
+from deltakd.data import load_rows
+out = {}
+for repo, split in (("HuggingFaceH4/ultrachat_200k", "train_sft"),
+                    ("nvidia/OpenMathReasoning", "cot")):
+    ds = datasets.load_dataset(repo, split=split)
+    out[repo] = {"columns": ds.column_names, "rows": len(ds)}
+out["splits"] = {r: list(datasets.load_dataset_builder(r).info.splits)
+                 for r in ("HuggingFaceH4/ultrachat_200k", "nvidia/OpenMathReasoning")}
+om = load_rows("openmath:nvidia/OpenMathReasoning", "cot", limit=3)
+out["tail"] = om[0]["messages"][-1]["content"][-40:]
+out["answer"] = om[0]["answer"]
+out["origin"] = om[0]["origin"]
+print(json.dumps(out))
+""",
+    )
+    assert got["HuggingFaceH4/ultrachat_200k"]["columns"] == ["prompt", "prompt_id", "messages"]
+    assert got["nvidia/OpenMathReasoning"]["columns"] == [
+        "expected_answer", "problem_type", "problem_source", "generation_model",
+        "pass_rate_72b_tir", "problem", "generated_solution", "inference_mode",
+        "used_in_kaggle"]  # fmt: skip
+    assert got["splits"]["HuggingFaceH4/ultrachat_200k"] == [
+        "train_sft", "test_sft", "train_gen", "test_gen"]  # fmt: skip
+    assert got["splits"]["nvidia/OpenMathReasoning"] == [
+        "cot", "tir", "genselect", "additional_problems"]  # fmt: skip
+    assert got["tail"].endswith(f"$\\boxed{{{got['answer']}}}$.")
+    assert got["origin"].startswith("openmath:nvidia/OpenMathReasoning split 'cot' row ")
+    info = json.loads((world / "rehearsal.json").read_text())
+    chats = info["datasets"]["HuggingFaceH4/ultrachat_200k"]["train_sft"]
+    cot = info["datasets"]["nvidia/OpenMathReasoning"]["cot"]
+    assert 1000 <= chats["median_tokens"] <= 2500  # multi-turn chats around 1.5k tokens
+    assert cot["median_tokens"] >= 2500  # chain-of-thought of several thousand tokens
+
+
+def test_quick_rehearsal_trains_the_shipped_config(world: Path, tmp_path: Path) -> None:
+    from deltakd.rehearse.run import rehearse
+
+    (res,) = rehearse(world, quick=True, families=("qwen",), out=tmp_path, log=lambda _: None)
+    assert res.status == "ok", Path(res.log).read_text()[-3000:]
+    assert res.s_per_step is not None and res.s_per_step > 0
+    assert len(res.peak_rss_gb) == 1 and res.peak_rss_gb[0] > 5  # two 7B-shape models + student
+    assert (tmp_path / "quick-qwen" / "final" / "model.safetensors").is_file()
+    history = [json.loads(x) for x in (tmp_path / "quick-qwen" / "history.jsonl").open()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 2 and all(x == x and x > 0 for x in losses)  # finite, positive
+    assert "| delta_kd local (qwen, ultrachat) | ok |" in (tmp_path / "rehearsal.md").read_text()
+
+
+@pytest.mark.slow
+def test_full_rehearsal(tmp_path: Path) -> None:
+    """`deltakd rehearse build` + `run`: every row green (about 20 min on 2 cores)."""
+    from deltakd.rehearse.run import rehearse
+    from deltakd.rehearse.world import build
+
+    root = Path(os.environ.get("DELTAKD_REHEARSAL_DIR") or tmp_path / "world")
+    if not (root / "rehearsal.json").is_file():
+        build(root)
+    quick = rehearse(root, quick=True, families=("qwen", "llama"), out=tmp_path / "quick")
+    full = rehearse(root, out=tmp_path / "full")
+    bad = [(r.name, r.status, r.log) for r in quick + full if r.status != "ok"]
+    assert not bad, bad
