@@ -146,29 +146,32 @@ def test_a_row_the_template_rejects_names_its_split_and_row(tok, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from deltakd.data import load_rows
 
-    loaded = load_rows(str(path), limit=250, sample_seed=3)
-    assert any(r["origin"].endswith(" row 237") for r in loaded)
+    loaded = load_rows(str(path))
+    assert loaded[236]["origin"] == f"{path} row 237"
     with pytest.raises(DataError, match=r"train\.jsonl row 237: the chat template cannot render"):
         encode_rows(strict, loaded, max_length=512)
 
 
 def test_limit_draws_a_seeded_random_sample(tmp_path):
-    import json
+    """Of a Hub-style split (consecutive rows share a problem), not the first rows."""
+    import datasets
 
     from deltakd.data import load_rows
 
-    path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n"
-                            for i in range(100)))  # fmt: skip
-    a = load_rows(str(path), limit=10, sample_seed=1)
-    b = load_rows(str(path), limit=10, sample_seed=1)
-    c = load_rows(str(path), limit=10, sample_seed=2)
-    first = [r["messages"][0]["content"] for r in a]
+    rows = [{"problem": f"p{i // 10}", "generated_solution": f"s{i}", "expected_answer": "1"}
+            for i in range(100)]  # fmt: skip
+    datasets.DatasetDict({"cot": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(tmp_path / "om")
+    )
+    spec = f"openmath:{tmp_path / 'om'}"
+    a = load_rows(spec, limit=10, sample_seed=1)
+    b = load_rows(spec, limit=10, sample_seed=1)
+    c = load_rows(spec, limit=10, sample_seed=2)
     assert a == b and a != c and len(a) == 10
-    assert first != [f"p{i}" for i in range(10)]  # not the first rows
+    assert len({r["messages"][0]["content"] for r in a}) > 2  # the first 10 are one problem
     for r in a:  # each row knows where it came from
         n = int(r["origin"].rsplit(" ", 1)[1])
-        assert r["messages"][0]["content"] == f"p{n - 1}"
+        assert r["messages"][1]["content"] == f"s{n - 1}"
 
 
 def test_tokenized_cache_is_built_once_and_a_killed_build_leaves_nothing(

@@ -20,8 +20,9 @@ split's files, so `train_split: cot` never downloads or converts OpenMathReasoni
 splits. Offline (`HF_HUB_OFFLINE=1`), `load_dataset` reads what an earlier online load
 prepared. `.jsonl` files are read line by line so a bad line is reported with its number.
 
-`limit` draws a seeded random sample of the split (OpenMathReasoning keeps the ~10 solutions
-of a problem in consecutive rows, so the first rows would be a handful of problems). Every
+`limit` draws a seeded random sample of a Hub / Arrow / parquet split (OpenMathReasoning
+keeps the ~10 solutions of a problem in consecutive rows, so the first rows would be a handful
+of problems); a JSONL file of your own keeps its first `limit` rows. Every
 row carries `origin` ("<spec> split '<split>' row <n>", n counted from 1 in the split), so an
 error found later (e.g. by the chat template) names the row in its source.
 """
@@ -147,8 +148,9 @@ def load_rows(
     Args:
         spec: a dataset spec (module docstring).
         split: split name; None = the spec's default training split.
-        limit: keep a random sample of `limit` rows (seeded by `sample_seed`, in split order);
-            the mini world's tasks keep their first `limit` rows (they are generated shuffled).
+        limit: for Hub datasets, parquet/arrow files and `save_to_disk` directories, a random
+            sample of `limit` rows (seeded by `sample_seed`, kept in split order); JSONL files
+            and the mini world's tasks (generated shuffled) keep their first `limit` rows.
         seed: seed of the mini world (ignored elsewhere).
         sample_seed: seed of the `limit` sample.
 
@@ -172,8 +174,8 @@ def load_rows(
         out = [normalise_row(r, i + 1, source) for i, r in enumerate(rows)]
     elif parsed.kind == "jsonl":
         path = Path(parsed.target.replace("{split}", split))
-        lines = _sample(list(_read_jsonl(path)), limit, sample_seed)
-        out = [normalise_row(r, n, str(path)) for n, r in lines]
+        # A file of your own keeps its first `limit` rows (read no further).
+        out = [normalise_row(r, n, str(path)) for n, r in _read_jsonl(path, limit)]
     else:
         records, numbers = _load_hf(parsed, split, limit, sample_seed)
         source = f"{parsed.kind}:{parsed.target} split {split!r}"
@@ -190,14 +192,6 @@ def load_rows(
 
 
 # --- readers -------------------------------------------------------------------------------
-
-
-def _sample(items: list[Any], limit: int | None, seed: int) -> list[Any]:
-    """A seeded random `limit` of `items`, kept in their order (all of them without a limit)."""
-    if limit is None or limit >= len(items):
-        return items
-    picked = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in picked]
 
 
 def _read_jsonl(path: Path, limit: int | None = None) -> Iterable[tuple[int, Any]]:
@@ -240,7 +234,7 @@ def _load_hf(
     try:
         if path.is_file():
             if path.suffix in (".jsonl", ".json"):
-                lines = _sample(list(_read_jsonl(path)), limit, sample_seed)
+                lines = list(_read_jsonl(path, limit))
                 return [r for _, r in lines], [n for n, _ in lines]
             builder = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(path.suffix)
             if builder is None:
