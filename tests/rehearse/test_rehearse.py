@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +23,17 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     given = os.environ.get("DELTAKD_REHEARSAL_DIR")
     if given and (Path(given) / "rehearsal.json").is_file():
-        return Path(given)
+        yield Path(given)
+        return
     from deltakd.rehearse.world import build
 
     root = tmp_path_factory.mktemp("rehearsal")
     build(root, families=("qwen",), log=lambda _: None)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # 5.7 GB of weights: not kept between sessions
 
 
 def _offline(world: Path, code: str) -> dict:
@@ -135,7 +139,7 @@ def test_full_rehearsal(tmp_path: Path) -> None:
 
     root = Path(os.environ.get("DELTAKD_REHEARSAL_DIR") or tmp_path / "world")
     if not (root / "rehearsal.json").is_file():
-        build(root)
+        build(root, log=lambda _: None)
     quick = rehearse(root, quick=True, families=("qwen", "llama"), out=tmp_path / "quick")
     full = rehearse(root, out=tmp_path / "full")
     bad = [(r.name, r.status, r.log) for r in quick + full if r.status != "ok"]
