@@ -144,3 +144,27 @@ def test_full_rehearsal(tmp_path: Path) -> None:
     full = rehearse(root, out=tmp_path / "full")
     bad = [(r.name, r.status, r.log) for r in quick + full if r.status != "ok"]
     assert not bad, bad
+
+
+def test_run_without_a_built_world_says_how_to_build_it(tmp_path: Path, capsys) -> None:
+    from deltakd.cli import main
+
+    assert main(["rehearse", "run", str(tmp_path)]) == 2
+    assert f"run `deltakd rehearse build {tmp_path}` first" in capsys.readouterr().err
+
+
+def test_the_shipped_configs_are_changed_only_by_the_listed_overrides(tmp_path: Path) -> None:
+    """Every row trains a shipped config; its overrides are the documented CPU ones, the
+    steps and output, and what its method needs."""
+    from deltakd.rehearse.run import CPU_OVERRIDES, plan
+
+    allowed = set(CPU_OVERRIDES) | {"max_steps", "output_dir", "method", "max_new_tokens",
+                                    "on_policy_ratio", "references", "cache.dir"}  # fmt: skip
+    rows = plan(tmp_path, tmp_path / "runs", quick=False, nproc=2, steps=2)
+    trains = [r for r in rows if r.train is not None]
+    assert {r.name.split(" (")[0] for r in trains} == {
+        "delta_kd local", "delta_kd cache: train", "kd", "seqkd", "on_policy", "minillm"}  # fmt: skip
+    for r in trains:
+        config, overrides = r.train
+        assert config.name.startswith("qwen2.5-7b-to-1.5b-") and config.is_file()
+        assert set(overrides) <= allowed, set(overrides) - allowed
