@@ -159,7 +159,8 @@ def test_the_shipped_configs_are_changed_only_by_the_listed_overrides(tmp_path: 
     from deltakd.rehearse.run import CPU_OVERRIDES, plan
 
     allowed = set(CPU_OVERRIDES) | {"max_steps", "output_dir", "method", "max_new_tokens",
-                                    "on_policy_ratio", "references", "cache.dir", "limit"}  # fmt: skip
+                                    "on_policy_ratio", "references", "cache.dir", "limit",
+                                    "fused_loss"}  # fmt: skip
     rows = plan(tmp_path, tmp_path / "runs", quick=False, nproc=2, steps=2)
     trains = [r for r in rows if r.train is not None]
     assert {r.name.split(" (")[0] for r in trains} == {
