@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,13 +124,15 @@ def math_equal(prediction: str, gold: str) -> bool:
     if normalize_answer(prediction) == normalize_answer(gold):
         return True
     parse, verify = _math_verify()
-    # Timeouts off: math-verify enforces them with SIGALRM, which only the main thread has.
+    # math-verify bounds a pathological sympy comparison with SIGALRM (5 s), which only the
+    # main thread can use; elsewhere the timeout is off.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
     wrapped = gold if ("$" in gold or "\\boxed" in gold) else f"${gold}$"
-    gold_parsed = parse(wrapped, parsing_timeout=None)
-    pred_parsed = parse(prediction, parsing_timeout=None)
+    gold_parsed = parse(wrapped, parsing_timeout=timeout)
+    pred_parsed = parse(prediction, parsing_timeout=timeout)
     if not gold_parsed or not pred_parsed:
         return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
 
 
 def exact_match_per_example(
