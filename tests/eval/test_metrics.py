@@ -114,3 +114,13 @@ def test_evaluate_scores_math_replies_with_math_verify() -> None:
 
     assert extractor_for("openmath:nvidia/OpenMathReasoning") is None
     assert extractor_for("mini:math") is not None
+
+
+def test_math_equal_works_off_the_main_thread() -> None:
+    """math-verify's timeout needs SIGALRM (main thread only): elsewhere it is switched off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deltakd.eval.metrics import math_equal
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(math_equal, "so $\\boxed{\\frac{3}{4}}$", "0.75").result()
