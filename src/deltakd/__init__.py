@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from deltakd._requirements import check_requirements
+
 __version__ = "0.1.0"
+
+check_requirements()
 
 __all__ = ["DeltaKDConfig", "DeltaKDTrainer", "TrainConfig", "__version__", "train"]
 

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deltakd.references.cache.commands",
     "deltakd.data.commands",
     "deltakd.bench.commands",
+    "deltakd.rehearse.commands",
 )
 
 

@@ -38,9 +38,10 @@ def test_jsonl_prompt_response_and_messages(tmp_path):
     rows = load_rows(str(path))
     assert rows[0] == {"messages": [{"role": "system", "content": "be brief"},
                                     {"role": "user", "content": "p"},
-                                    {"role": "assistant", "content": "r"}], "answer": "4"}  # fmt: skip
+                                    {"role": "assistant", "content": "r"}], "answer": "4",
+                       "origin": f"{path} row 1"}  # fmt: skip
     assert rows[1]["answer"] is None and rows[1]["messages"][1]["role"] == "assistant"
-    assert load_rows(str(path), limit=1) == rows[:1]
+    assert load_rows(str(path), limit=1) == rows[:1]  # a JSONL file keeps its first rows
 
 
 def test_split_placeholder(tmp_path):
@@ -114,6 +115,28 @@ def test_hf_kinds_from_local_files(tmp_path):
     datasets.DatasetDict({"cot": ds}).save_to_disk(str(tmp_path / "om_ds"))
     rows = load_rows(f"openmath:{tmp_path / 'om_ds'}")
     assert rows == [{"messages": [{"role": "user", "content": "1+1?"},
-                                  {"role": "assistant", "content": "2"}], "answer": "2"}]  # fmt: skip
+                                  {"role": "assistant", "content": "2"}], "answer": "2",
+                     "origin": f"openmath:{tmp_path / 'om_ds'} split 'cot' row 1"}]  # fmt: skip
     with pytest.raises(DataError, match="no split 'train'"):
         load_rows(f"openmath:{tmp_path / 'om_ds'}", "train")
+
+
+def test_only_the_asked_split_is_prepared(tmp_path, monkeypatch):
+    """A Hub-style repo (README maps splits to parquet files) prepares just the split asked
+    for; `load_dataset(repo, split=...)` alone converts every split first (for
+    OpenMathReasoning, its whole ~50 GB download)."""
+    import datasets
+
+    from deltakd.rehearse.world import OPENMATH, Text, _openmath_rows, write_dataset
+
+    text = Text(0)
+    splits = {s: _openmath_rows(text, 2, s) for s in ("cot", "tir", "genselect")}
+    snap = write_dataset(tmp_path / "world", OPENMATH, splits)
+    cache = tmp_path / "hf_datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    rows = load_rows(f"openmath:{snap}", "tir")
+    assert len(rows) == 2 and rows[0]["answer"] and "split 'tir' row 1" in rows[0]["origin"]
+    prepared = sorted(p.name.rsplit("-", 1)[-1] for p in cache.rglob("*.arrow"))
+    assert prepared == ["tir.arrow"]
+    with pytest.raises(DataError, match=r"no split 'train'.*cot, tir, genselect"):
+        load_rows(f"openmath:{snap}", "train")

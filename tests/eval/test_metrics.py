@@ -89,3 +89,38 @@ def test_mean_std_sample_std() -> None:
     assert m == pytest.approx(2.0) and s == pytest.approx(1.0)
     assert mean_std([5.0]) == (5.0, 0.0)
     assert all(math.isnan(x) for x in mean_std([]))
+
+
+def test_math_exact_match_reads_nested_boxed_answers() -> None:
+    """`\\boxed{\\frac{1}{2}}` is one half (the old regex read it as `2`), equal to `0.5` and
+    to `\\frac{2}{4}`, and never to `2` or `\\frac{4}{3}`."""
+    from deltakd.eval.metrics import math_equal
+
+    reply = "Adding the cases gives 2 favourable of 4, so the answer is $\\boxed{\\frac{1}{2}}$."
+    assert math_equal(reply, "\\frac{1}{2}")
+    assert math_equal(reply, "0.5") and math_equal(reply, "\\frac{2}{4}")
+    assert not math_equal(reply, "2")
+    cot = "<think>\nlong reasoning 7 then 9\n</think>\nThus $\\boxed{\\frac{3}{4}}$."
+    assert math_equal(cot, "\\frac{3}{4}") and not math_equal(cot, "\\frac{4}{3}")
+    assert math_equal("the answer is 17", "17") and math_equal("#### 1,000", "1000")
+    per = exact_match_per_example([reply, cot], ["\\frac{1}{2}", "9"], verify=math_equal)
+    assert per == [True, False]
+    assert exact_match([reply, cot], ["0.5", "0.75"], verify=math_equal) == 1.0
+
+
+def test_evaluate_scores_math_replies_with_math_verify() -> None:
+    """The eval path's default exact match (no dataset extractor) is math-verify's."""
+    from deltakd.eval.evaluate import extractor_for
+
+    assert extractor_for("openmath:nvidia/OpenMathReasoning") is None
+    assert extractor_for("mini:math") is not None
+
+
+def test_math_equal_works_off_the_main_thread() -> None:
+    """math-verify's timeout needs SIGALRM (main thread only): elsewhere it is switched off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deltakd.eval.metrics import math_equal
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(math_equal, "so $\\boxed{\\frac{3}{4}}$", "0.75").result()

@@ -144,10 +144,11 @@ class TrainConfig:
         ),
     )
     truncation: str = field(
-        default="truncate",
+        default="drop",
         metadata=_help(
-            "What to do with rows longer than `max_length`: `truncate` them (counted and reported), "
-            "`drop` them (counted and reported) or stop with an `error`.",
+            "What to do with rows longer than `max_length`: `drop` them (counted and reported, "
+            "with the tokens they held), `truncate` them (counted and reported; a cut reply "
+            "loses its answer and its stop token) or stop with an `error`.",
             choices=("truncate", "drop", "error"),
             group="data",
         ),

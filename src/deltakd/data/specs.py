@@ -14,14 +14,24 @@ Specs (one string, as in a config's `dataset:`):
   split is given.
 
 Hub names and directories go through `datasets.load_dataset` (or `load_from_disk` for a
-directory written by `save_to_disk`); `.jsonl` files are read line by line so a bad line is
-reported with its number.
+directory written by `save_to_disk`), which prepares only the split asked for: a repo whose
+README maps splits to data files (ultrachat_200k, OpenMathReasoning) is loaded with just that
+split's files, so `train_split: cot` never downloads or converts OpenMathReasoning's other
+splits. Offline (`HF_HUB_OFFLINE=1`), `load_dataset` reads what an earlier online load
+prepared. `.jsonl` files are read line by line so a bad line is reported with its number.
+
+`limit` draws a seeded random sample of a Hub / Arrow / parquet split (OpenMathReasoning
+keeps the ~10 solutions of a problem in consecutive rows, so the first rows would be a handful
+of problems); a JSONL file of your own keeps its first `limit` rows. Every
+row carries `origin` ("<spec> split '<split>' row <n>", n counted from 1 in the split), so an
+error found later (e.g. by the chat template) names the row in its source.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,22 +135,33 @@ def _example(kind: str) -> str:
 
 
 def load_rows(
-    spec: str, split: str | None = None, *, limit: int | None = None, seed: int = 0
+    spec: str,
+    split: str | None = None,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    sample_seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Load a dataset as chat rows `{"messages": [{"role", "content"}, ...], "answer": str|None}`.
+    """Load a dataset as chat rows `{"messages": [{"role", "content"}, ...], "answer": str|None,
+    "origin": str}`.
 
     Args:
         spec: a dataset spec (module docstring).
         split: split name; None = the spec's default training split.
-        limit: keep the first `limit` rows.
+        limit: for Hub datasets, parquet/arrow files and `save_to_disk` directories, a random
+            sample of `limit` rows (seeded by `sample_seed`, kept in split order); JSONL files
+            and the mini world's tasks (generated shuffled) keep their first `limit` rows.
         seed: seed of the mini world (ignored elsewhere).
+        sample_seed: seed of the `limit` sample.
 
     Raises DataError naming the row (1-based line or row number) for malformed rows, and for
     empty datasets, unreadable files and missing splits.
     """
     parsed = parse_spec(spec)
     if parsed.kind == "mix":
-        groups = [load_rows(part.text, split, seed=seed) for part in parsed.parts]
+        groups = [
+            load_rows(part.text, split, seed=seed, sample_seed=sample_seed) for part in parsed.parts
+        ]
         # Round-robin, so that a prefix (`limit`, a short run) still holds every part.
         mixed = [row for tier in itertools.zip_longest(*groups) for row in tier if row is not None]
         return mixed[:limit] if limit is not None else mixed
@@ -153,12 +174,13 @@ def load_rows(
         out = [normalise_row(r, i + 1, source) for i, r in enumerate(rows)]
     elif parsed.kind == "jsonl":
         path = Path(parsed.target.replace("{split}", split))
+        # A file of your own keeps its first `limit` rows (read no further).
         out = [normalise_row(r, n, str(path)) for n, r in _read_jsonl(path, limit)]
     else:
-        records = _load_hf(parsed, split, limit)
+        records, numbers = _load_hf(parsed, split, limit, sample_seed)
         source = f"{parsed.kind}:{parsed.target} split {split!r}"
         convert = _ultrachat_row if parsed.kind == "ultrachat" else _openmath_row
-        out = [convert(r, i + 1, source) for i, r in enumerate(records)]
+        out = [convert(r, n, source) for r, n in zip(records, numbers)]
     if limit is not None:
         out = out[:limit]
     if not out:
@@ -172,7 +194,7 @@ def load_rows(
 # --- readers -------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path, limit: int | None) -> Iterable[tuple[int, Any]]:
+def _read_jsonl(path: Path, limit: int | None = None) -> Iterable[tuple[int, Any]]:
     if not path.is_file():
         raise DataError(
             f"dataset file {path} does not exist: check the `dataset` path (and `{{split}}` in it)."
@@ -201,7 +223,10 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterable[tuple[int, Any]]:
     return rows
 
 
-def _load_hf(spec: DatasetSpec, split: str, limit: int | None) -> Iterable[Mapping[str, Any]]:
+def _load_hf(
+    spec: DatasetSpec, split: str, limit: int | None, sample_seed: int = 0
+) -> tuple[Any, list[int]]:
+    """(records, their 1-based row numbers in the split) of a file, directory or Hub dataset."""
     import datasets
 
     target = spec.target
@@ -209,7 +234,8 @@ def _load_hf(spec: DatasetSpec, split: str, limit: int | None) -> Iterable[Mappi
     try:
         if path.is_file():
             if path.suffix in (".jsonl", ".json"):
-                return [r for _, r in _read_jsonl(path, limit)]
+                lines = list(_read_jsonl(path, limit))
+                return [r for _, r in lines], [n for n, _ in lines]
             builder = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(path.suffix)
             if builder is None:
                 raise DataError(
@@ -231,7 +257,7 @@ def _load_hf(spec: DatasetSpec, split: str, limit: int | None) -> Iterable[Mappi
             else:
                 ds = loaded
         else:
-            ds = datasets.load_dataset(target, split=split)
+            ds = _load_one_split(target, split)
     except DataError:
         raise
     except (FileNotFoundError, ValueError) as exc:
@@ -243,11 +269,31 @@ def _load_hf(spec: DatasetSpec, split: str, limit: int | None) -> Iterable[Mappi
         raise DataError(
             f"cannot load dataset {spec.kind}:{target} split {split!r}: "
             f"{type(exc).__name__}: {exc}. Check the name, the split and that the "
-            "Hub is reachable (or pass a local path)."
+            "Hub is reachable (or pass a local path; offline, `HF_HUB_OFFLINE=1` reads what "
+            "an earlier online load prepared)."
         ) from exc
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds
+    picked = list(range(len(ds)))
+    if limit is not None and limit < len(ds):
+        picked = sorted(random.Random(sample_seed).sample(picked, limit))
+        ds = ds.select(picked)
+    return ds, [i + 1 for i in picked]
+
+
+def _load_one_split(target: str, split: str) -> Any:
+    """`load_dataset(target, split=split)`, preparing only that split where the repo says which
+    files hold it (`load_dataset` alone downloads and converts every split first)."""
+    import datasets
+
+    builder = datasets.load_dataset_builder(target)
+    files = getattr(builder.config, "data_files", None)
+    if files and split in files and len(files) > 1:
+        return datasets.load_dataset(target, data_files={split: list(files[split])}, split=split)
+    if files and split not in files:
+        raise DataError(
+            f"dataset {target} has no split {split!r}; it has {', '.join(files)}. "
+            "Set `train_split` (or the eval split)."
+        )
+    return datasets.load_dataset(target, split=split)
 
 
 # --- row conversion ------------------------------------------------------------------------
@@ -297,7 +343,7 @@ def normalise_row(row: Any, n: int, source: str) -> dict[str, Any]:
         )
     if answer is not None and not isinstance(answer, str):
         answer = str(answer)
-    return {"messages": messages, "answer": answer}
+    return {"messages": messages, "answer": answer, "origin": f"{source} row {n}"}
 
 
 def _check_messages(messages: Any, n: int, source: str) -> list[dict[str, str]]:

@@ -96,7 +96,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--split", default=None, help="data split (default: the spec's test split, e.g. test)"
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument(
+        "--limit", type=int, default=None, help="evaluate a seeded random sample of N rows"
+    )
     p.add_argument("--out", default=None, help="write predictions.jsonl + summary.md here")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltakd.errors import ConfigError, DataError
-from deltakd.eval.metrics import exact_match_per_example, rouge_per_example
+from deltakd.eval.metrics import exact_match_per_example, math_equal, rouge_per_example
 from deltakd.generation import GenerationSettings, Message, generate
 
 if TYPE_CHECKING:
@@ -146,13 +146,13 @@ def extract_final_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def extractor_for(spec: str | None) -> Extractor:
+def extractor_for(spec: str | None) -> Extractor | None:
     """The answer extractor that matches how a dataset writes its answers."""
     if spec is not None and spec.startswith("mini:"):
         from deltakd.data.mini import extract_answer
 
         return extract_answer
-    return extract_final_answer
+    return None
 
 
 def resolve_path(path: str | Path) -> str:
@@ -187,7 +187,7 @@ def evaluate(
     `model` / `tokenizer` are loaded objects or paths (`tokenizer=None` loads it from the
     model's directory). Exact match is scored when `exact` is True, or when `exact` is None
     and every row has a non-null `answer`; `extract` pulls the final answer out of a
-    reply (default `extract_final_answer`). With `out_dir`, the predictions and a summary
+    reply (default: `math_equal` judges the whole reply). With `out_dir`, the predictions and a summary
     are written there.
     """
     from deltakd.loading import load_tokenizer
@@ -223,11 +223,15 @@ def evaluate(
     predictions = [g.text for g in generate(model, tokenizer, prompts, settings, progress=progress)]
     per = rouge_per_example(predictions, references)
     n = len(predictions)
-    correct = (
-        exact_match_per_example(predictions, answers, extract or extract_final_answer)
-        if exact
-        else None
-    )
+    correct = None
+    if exact:
+        # Without a dataset's own extractor, math-verify judges the whole reply (nested
+        # `\\boxed{\\frac{1}{2}}` included, which a regex reads as `2`).
+        correct = (
+            exact_match_per_example(predictions, answers, extract)
+            if extract is not None
+            else exact_match_per_example(predictions, answers, verify=math_equal)
+        )
 
     records: list[dict[str, Any]] = []
     for i, (p, pred, ref) in enumerate(zip(prompts, predictions, references)):

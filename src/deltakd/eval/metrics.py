@@ -1,5 +1,10 @@
 """Scores for generated text: ROUGE-1/2/L F1 (through `rouge-score`) and exact match.
 
+Exact match of math replies goes through `math-verify` (`math_equal`): it finds the reply's
+final answer (`\\boxed{...}` first, nested braces included, else the last expression) and
+compares it with the gold answer symbolically, so `\\boxed{\\frac{1}{2}}` equals `0.5` and
+never `2`.
+
 ROUGE follows the paper's protocol: F1 of unigram / bigram / longest-common-subsequence
 overlap, Porter stemming on, `rouge-score`'s own tokenizer (lower-cases and splits on
 non-alphanumerics). Scores are fractions in [0, 1]; multiply by 100 for the paper's tables.
@@ -9,8 +14,10 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from deltakd.errors import DataError
 
@@ -96,16 +103,52 @@ def normalize_answer(text: str | None) -> str | None:
     return " ".join(s.lower().split())
 
 
+def _math_verify() -> tuple[Any, Any]:
+    try:
+        from math_verify import parse, verify
+    except ImportError as exc:  # a declared dependency: only a broken install gets here
+        raise DataError(
+            f"exact match of math answers needs the `math-verify` package ({exc}); "
+            "`pip install 'math-verify>=0.7,<0.10'` (or reinstall deltakd)."
+        ) from exc
+    return parse, verify
+
+
+def math_equal(prediction: str, gold: str) -> bool:
+    """Whether a math reply's final answer equals `gold`, by `math-verify`.
+
+    The reply's answer is its last `\\boxed{...}` (nested braces kept), else its last
+    expression; `gold` is a bare answer (`\\frac{3}{4}`, `17`) or LaTeX. A gold answer that
+    equals the whole reply after `normalize_answer` also matches (free-text answers).
+    """
+    if normalize_answer(prediction) == normalize_answer(gold):
+        return True
+    parse, verify = _math_verify()
+    # math-verify bounds a pathological sympy comparison with SIGALRM (5 s), which only the
+    # main thread can use; elsewhere the timeout is off.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    wrapped = gold if ("$" in gold or "\\boxed" in gold) else f"${gold}$"
+    gold_parsed = parse(wrapped, parsing_timeout=timeout)
+    pred_parsed = parse(prediction, parsing_timeout=timeout)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+
+
 def exact_match_per_example(
     predictions: Sequence[str],
     answers: Sequence[str | None],
     extract: Callable[[str], str | None] | None = None,
+    *,
+    verify: Callable[[str, str], bool] | None = None,
 ) -> list[bool]:
-    """Whether each prediction's extracted final answer equals the gold answer.
+    """Whether each prediction's final answer equals the gold answer.
 
+    `verify(prediction, gold)` judges the whole reply (e.g. `math_equal`); otherwise
     `extract` pulls the final answer out of a generated text (e.g. the mini world's
-    `extract_answer`); `None` compares the whole prediction. A prediction whose extraction
-    finds nothing is wrong; a gold answer of `None` is a data error.
+    `extract_answer`) and `None` compares the whole prediction, both after
+    `normalize_answer`. A prediction whose extraction finds nothing is wrong; a gold answer
+    of `None` is a data error.
     """
     _check_lengths(predictions, answers, "exact_match")
     out: list[bool] = []
@@ -115,6 +158,9 @@ def exact_match_per_example(
                 f"exact_match: example {i} has no gold answer; exact match needs an `answer` "
                 "field on every row (use ROUGE alone for free-text data)."
             )
+        if verify is not None:
+            out.append(bool(verify(pred, gold)))
+            continue
         got = extract(pred) if extract is not None else pred
         out.append(got is not None and normalize_answer(got) == normalize_answer(gold))
     return out
@@ -124,9 +170,11 @@ def exact_match(
     predictions: Sequence[str],
     answers: Sequence[str | None],
     extract: Callable[[str], str | None] | None = None,
+    *,
+    verify: Callable[[str, str], bool] | None = None,
 ) -> float:
-    """Fraction in [0, 1] of predictions whose extracted answer equals the gold answer."""
-    hits = exact_match_per_example(predictions, answers, extract)
+    """Fraction in [0, 1] of predictions whose final answer equals the gold answer."""
+    hits = exact_match_per_example(predictions, answers, extract, verify=verify)
     return sum(hits) / len(hits) if hits else 0.0
 
 

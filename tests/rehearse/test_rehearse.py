@@ -1,0 +1,175 @@
+"""The rehearsal world resolves the shipped configs' Hub ids offline, at the real shapes, and
+the quick rehearsal (1 process, 2 steps, delta_kd with references: local) trains on it.
+
+The world is built once per session into a temporary directory (about 1.5 min: ~2.9 B random
+bf16 parameters written), or reused from `DELTAKD_REHEARSAL_DIR` when that names a built
+world. Every test that needs the world is behind `slow` for now: building it and one real-shape
+step take 4–7 minutes on the 2-core machine, more than the default run's budget allows. The
+full rehearsal (`deltakd rehearse run DIR`, both families, every method) is `slow` too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    given = os.environ.get("DELTAKD_REHEARSAL_DIR")
+    if given and (Path(given) / "rehearsal.json").is_file():
+        yield Path(given)
+        return
+    from deltakd.rehearse.world import build
+
+    root = tmp_path_factory.mktemp("rehearsal")
+    build(root, families=("qwen",), log=lambda _: None)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # 5.7 GB of weights: not kept between sessions
+
+
+def _offline(world: Path, code: str) -> dict:
+    """Run `code` (which prints one JSON line last) with HF_HOME=world, offline."""
+    env = {**os.environ, "HF_HOME": str(world), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_hub_ids_resolve_offline_to_the_real_configs(world: Path) -> None:
+    got = _offline(
+        world,
+        """
+import json
+from transformers import AutoConfig, AutoTokenizer
+out = {}
+for repo in ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-1.5B"):
+    c = AutoConfig.from_pretrained(repo)
+    out[repo] = [c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                 c.intermediate_size, c.vocab_size, c.tie_word_embeddings,
+                 c.max_position_embeddings, c.num_hidden_layers]
+tok = AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct")
+out["tokens"] = len(tok)
+out["ids"] = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                        "<|file_sep|>"])
+out["eos"] = tok.eos_token
+out["chat"] = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                      add_generation_prompt=True)
+print(json.dumps(out))
+""",
+    )
+    assert got["Qwen/Qwen2.5-7B"] == [3584, 28, 4, 18944, 152064, False, 131072, 1]
+    assert got["Qwen/Qwen2.5-7B-Instruct"] == [3584, 28, 4, 18944, 152064, False, 32768, 1]
+    assert got["Qwen/Qwen2.5-1.5B"] == [1536, 12, 2, 8960, 151936, True, 131072, 1]
+    assert got["tokens"] == 151665 and got["ids"] == [151643, 151644, 151645, 151664]
+    assert got["eos"] == "<|im_end|>"
+    assert got["chat"] == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.slow
+def test_datasets_have_the_published_schemas_and_lengths(world: Path) -> None:
+    got = _offline(
+        world,
+        """
+import json, datasets
+from deltakd.data import load_rows
+out = {}
+for repo, split in (("HuggingFaceH4/ultrachat_200k", "train_sft"),
+                    ("nvidia/OpenMathReasoning", "cot")):
+    ds = datasets.load_dataset(repo, split=split)
+    out[repo] = {"columns": ds.column_names, "rows": len(ds)}
+out["splits"] = {r: list(datasets.load_dataset_builder(r).info.splits)
+                 for r in ("HuggingFaceH4/ultrachat_200k", "nvidia/OpenMathReasoning")}
+om = load_rows("openmath:nvidia/OpenMathReasoning", "cot", limit=3)
+out["tail"] = om[0]["messages"][-1]["content"][-40:]
+out["answer"] = om[0]["answer"]
+out["origin"] = om[0]["origin"]
+print(json.dumps(out))
+""",
+    )
+    assert got["HuggingFaceH4/ultrachat_200k"]["columns"] == ["prompt", "prompt_id", "messages"]
+    assert got["nvidia/OpenMathReasoning"]["columns"] == [
+        "expected_answer", "problem_type", "problem_source", "generation_model",
+        "pass_rate_72b_tir", "problem", "generated_solution", "inference_mode",
+        "used_in_kaggle"]  # fmt: skip
+    assert got["splits"]["HuggingFaceH4/ultrachat_200k"] == [
+        "train_sft", "test_sft", "train_gen", "test_gen"]  # fmt: skip
+    assert got["splits"]["nvidia/OpenMathReasoning"] == [
+        "cot", "tir", "genselect", "additional_problems"]  # fmt: skip
+    assert got["tail"].endswith(f"$\\boxed{{{got['answer']}}}$.")
+    assert got["origin"].startswith("openmath:nvidia/OpenMathReasoning split 'cot' row ")
+    info = json.loads((world / "rehearsal.json").read_text())
+    chats = info["datasets"]["HuggingFaceH4/ultrachat_200k"]["train_sft"]
+    cot = info["datasets"]["nvidia/OpenMathReasoning"]["cot"]
+    assert 1000 <= chats["median_tokens"] <= 2500  # multi-turn chats around 1.5k tokens
+    assert cot["median_tokens"] >= 2500  # chain-of-thought of several thousand tokens
+
+
+@pytest.mark.slow
+def test_quick_rehearsal_trains_the_shipped_config(world: Path, tmp_path: Path) -> None:
+    from deltakd.rehearse.run import rehearse
+
+    (res,) = rehearse(world, quick=True, families=("qwen",), out=tmp_path, log=lambda _: None)
+    assert res.status == "ok", Path(res.log).read_text()[-3000:]
+    assert res.s_per_step is not None and res.s_per_step > 0
+    assert len(res.peak_rss_gb) == 1 and res.peak_rss_gb[0] > 5  # two 7B-shape models + student
+    assert (tmp_path / "quick-qwen" / "final" / "model.safetensors").is_file()
+    history = [json.loads(x) for x in (tmp_path / "quick-qwen" / "history.jsonl").open()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 2 and all(x == x and x > 0 for x in losses)  # finite, positive
+    assert "| delta_kd local (qwen, ultrachat) | ok |" in (tmp_path / "rehearsal.md").read_text()
+
+
+@pytest.mark.slow
+def test_full_rehearsal(tmp_path: Path) -> None:
+    """`deltakd rehearse build` + `run`: every row green (about 20 min on 2 cores)."""
+    from deltakd.rehearse.run import rehearse
+    from deltakd.rehearse.world import build
+
+    root = Path(os.environ.get("DELTAKD_REHEARSAL_DIR") or tmp_path / "world")
+    if not (root / "rehearsal.json").is_file():
+        build(root, log=lambda _: None)
+    quick = rehearse(root, quick=True, families=("qwen", "llama"), out=tmp_path / "quick")
+    full = rehearse(root, out=tmp_path / "full")
+    bad = [(r.name, r.status, r.log) for r in quick + full if r.status != "ok"]
+    assert not bad, bad
+
+
+def test_run_without_a_built_world_says_how_to_build_it(tmp_path: Path, capsys) -> None:
+    from deltakd.cli import main
+
+    assert main(["rehearse", "run", str(tmp_path)]) == 2
+    assert f"run `deltakd rehearse build {tmp_path}` first" in capsys.readouterr().err
+
+
+def test_the_shipped_configs_are_changed_only_by_the_listed_overrides(tmp_path: Path) -> None:
+    """Every row trains a shipped config; its overrides are the documented CPU ones, the
+    steps and output, and what its method needs."""
+    from deltakd.rehearse.run import CPU_OVERRIDES, plan
+
+    allowed = set(CPU_OVERRIDES) | {"max_steps", "output_dir", "method", "max_new_tokens",
+                                    "on_policy_ratio", "references", "cache.dir", "limit",
+                                    "fused_loss"}  # fmt: skip
+    rows = plan(tmp_path, tmp_path / "runs", quick=False, nproc=2, steps=2)
+    trains = [r for r in rows if r.train is not None]
+    assert {r.name.split(" (")[0] for r in trains} == {
+        "delta_kd local", "delta_kd cache: train", "kd", "seqkd", "on_policy", "minillm"}  # fmt: skip
+    for r in trains:
+        config, overrides = r.train
+        assert config.name.startswith("qwen2.5-7b-to-1.5b-") and config.is_file()
+        assert set(overrides) <= allowed, set(overrides) - allowed
