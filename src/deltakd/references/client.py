@@ -383,9 +383,13 @@ class ServerReferences(ReferenceSource):
 
     def _handshake(self, conn: _Conn) -> None:
         rid = next(self._rid)
-        self._send_frames(conn, wire.encode({"op": "info", "rid": rid}, (), self.secret))
         limit = self.start_timeout if (conn.spec.launch or conn.shared) else self.timeout
         try:
+            # Until a peer has completed the connection (a CURVE handshake the server refused,
+            # a server still starting) the socket cannot take the request: that is no reply too.
+            if not conn.sock.poll(int(limit * 1000), zmq.POLLOUT):
+                raise _NoReply(f"could not send the handshake within {limit:g} s")
+            self._send_frames(conn, wire.encode({"op": "info", "rid": rid}, (), self.secret))
             header, _ = self._recv(conn, limit, want=lambda h: h.get("rid") == rid, starting=True)
         except _NoReply as exc:
             curve = (
