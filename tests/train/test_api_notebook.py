@@ -97,7 +97,7 @@ def test_bad_arguments_are_named_with_the_fix(tmp_path):
         {"method": "sft", "lam": 1.0},
         {"method": "kd"},
         {"method": "parallelogram", "variant": "live_anchor_sg"},
-        {"method": "seqkd"},
+        {"method": "seqkd", "method_args": {"keep_truncated": True}},
         {"method": "minillm"},
         {"method": "delta_kd", "on_policy_ratio": 1.0},
     ],

@@ -159,3 +159,58 @@ def test_replies_that_hit_max_new_tokens_are_dropped_by_default(base_overrides, 
         {"config": cfg.replace(method_args={"keep_truncated": True}), "tokenizer": tok},
     )
     assert len(kept) == 4
+
+
+def test_ranks_generate_disjoint_shares_into_their_own_files(
+    base_overrides, tmp_path, generate_calls
+):
+    from deltakd.data.specs import load_rows
+    from deltakd.data.vocab import load_tokenizer
+    from deltakd.train.seqkd import read_caches, teacher_generations
+
+    cfg = _config(base_overrides, tmp_path / "run", limit=5)
+    rows = load_rows(base_overrides["dataset"], None, limit=5)
+    tok = load_tokenizer(cfg.tokenizer)
+    path = tmp_path / "run" / CACHE_NAME
+    # Rank 1 of 2 first, as if rank 0 were slower: it answers only its share and does not wait.
+    distinct = len({json.dumps(r["messages"][:-1]) for r in rows})  # 4: two rows share one
+    part = teacher_generations(rows, cfg, tok, rank=1, world=2, wait=False)
+    assert generate_calls == [distinct // 2]  # the 2nd, 4th, ... distinct prompts
+    assert not (tmp_path / "run" / CACHE_NAME).exists()
+    assert sum(r != "" for r in part) < len(rows)  # rank 0's share is still missing
+    assert (tmp_path / "run" / "seqkd_generations.rank1.jsonl").is_file()
+    # Rank 0 generates the other three, then finds rank 1's answers in its file.
+    full = teacher_generations(rows, cfg, tok, rank=0, world=2)
+    assert generate_calls == [distinct // 2, distinct - distinct // 2]
+    assert len(read_caches(path)) == distinct and len(full) == 5
+    # One process later reads every rank's file and generates nothing.
+    generate_calls.clear()
+    assert teacher_generations(rows, cfg, tok) == full
+    assert generate_calls == []
+
+
+def test_a_rank_waits_for_the_others_answers(base_overrides, tmp_path, monkeypatch):
+    import threading
+
+    from deltakd.data.specs import load_rows
+    from deltakd.data.vocab import load_tokenizer
+    from deltakd.train import seqkd
+
+    cfg = _config(base_overrides, tmp_path / "run", limit=4)
+    rows = load_rows(base_overrides["dataset"], None, limit=4)
+    tok = load_tokenizer(cfg.tokenizer)
+    done = threading.Event()
+    result: list[list[str]] = []
+
+    def rank0() -> None:
+        result.append(seqkd.teacher_generations(rows, cfg, tok, rank=0, world=2, poll=0.05))
+        done.set()
+
+    t = threading.Thread(target=rank0)
+    t.start()
+    # Rank 0 answers its two prompts and then waits: rank 1's share is still missing.
+    assert not done.wait(3.0)
+    seqkd.teacher_generations(rows, cfg, tok, rank=1, world=2, wait=False)
+    assert done.wait(60.0)
+    t.join()
+    assert len(result[0]) == 4 and len(seqkd.read_caches(tmp_path / "run" / CACHE_NAME)) == 4

@@ -12,7 +12,11 @@ plain SFT (cross-entropy on the assistant tokens) on those answers instead of th
   teacher's identity (resolved path and the size / mtime of its weight files) and the
   generation settings. A rerun or resume reuses every cached answer and generates only missing
   ones; lines are appended in chunks, so a killed generation resumes where it stopped.
-- In multi-process runs the main process generates first; the others then read the cache.
+- In multi-process runs every rank generates its own share of the missing prompts (every
+  world-th one) into its own file beside the cache (`<name>.rank<r>.jsonl`), then reads the
+  others' files until every prompt has its answer. There is no collective to time out while the
+  teacher writes for hours, each rank resumes from its own file, and a later run with another
+  number of ranks reads every file.
 - The teacher sees each whole prompt (`max_prompt_length` does not cut it); rows longer than
   `max_length` after the reply is added are truncated or dropped as configured (`truncation`).
 
@@ -136,6 +140,24 @@ def cache_key(prompt_text: str, teacher: str, settings: generation.GenerationSet
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def cache_files(path: Path) -> list[Path]:
+    """The cache file and the per-rank files written beside it (`<stem>.rank<r><suffix>`)."""
+    return [path, *sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))]
+
+
+def rank_file(path: Path, rank: int, world: int) -> Path:
+    """Where rank `rank` of `world` appends its generations (the cache file itself alone)."""
+    return path if world <= 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def read_caches(path: Path, reasons: dict[str, str] | None = None) -> dict[str, str]:
+    """`read_cache` over the cache file and every per-rank file beside it."""
+    out: dict[str, str] = {}
+    for f in cache_files(path):
+        out.update(read_cache(f, reasons))
+    return out
+
+
 def read_cache(path: Path, reasons: dict[str, str] | None = None) -> dict[str, str]:
     """key -> response of a cache file; a torn last line (killed write) is ignored.
     `reasons` (when given) receives key -> finish reason for the records that have one."""
@@ -198,10 +220,19 @@ def teacher_generations(
     tokenizer: Any,
     device: Any = None,
     reasons: list[str | None] | None = None,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    wait: bool = True,
+    poll: float = 2.0,
 ) -> list[str]:
     """teacher_ft's reply to each row's prompt, from the cache or generated (then cached).
+
     `reasons` (when given) receives each reply's finish reason (`stop`, `length`, or None for
-    records cached before finish reasons were kept)."""
+    records cached before finish reasons were kept). With `world > 1` this process generates
+    only every world-th missing prompt (from `rank` on) and then, with `wait`, polls the other
+    ranks' files until every prompt is answered (without `wait` it returns what it has, for
+    tests; missing answers are then empty strings)."""
     from tqdm.auto import tqdm
 
     if not config.teacher_ft:
@@ -217,24 +248,30 @@ def teacher_generations(
     cache_file = method_arguments("seqkd", SeqKDArgs, config.method_args).cache_file  # type: ignore[attr-defined]
     path = Path(cache_file or Path(config.output_dir) / CACHE_NAME)
     finish: dict[str, str] = {}
-    cached = read_cache(path, finish)
-    todo: dict[str, int] = {}  # key -> first row with that prompt
+    cached = read_caches(path, finish)
+    missing: dict[str, int] = {}  # key -> first row with that prompt
     for i, k in enumerate(keys):
-        if k not in cached and k not in todo:
-            todo[k] = i
+        if k not in cached and k not in missing:
+            missing[k] = i
+    # Each distinct prompt belongs to one rank by its place among all prompts (not among the
+    # missing ones, which differ between ranks that read the files at different times).
+    owner = {k: j % world for j, k in enumerate(dict.fromkeys(keys))}
+    todo = {k: i for k, i in missing.items() if owner[k] == rank}
     logger.info(
-        "seqkd: %d prompts, %d cached answers in %s, %d to generate",
+        "seqkd: %d prompts, %d cached answers in %s, %d to generate%s",
         len(set(keys)),
-        len(set(keys)) - len(todo),
+        len(set(keys)) - len(missing),
         path,
-        len(todo),
+        len(missing),
+        f" ({len(todo)} by rank {rank} of {world})" if world > 1 else "",
     )
+    out_path = rank_file(path, rank, world)
     if todo:
         model = (
             _vllm_teacher(config) if settings.backend == "vllm" else _load_teacher(config, device)
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(out_path)
         items = list(todo.items())
         bar = tqdm(
             total=len(items), desc="seqkd: teacher generations", unit="prompt",
@@ -251,7 +288,7 @@ def teacher_generations(
                      "finish_reason": g.finish_reason}
                     for (k, i), g in zip(chunk, gens, strict=True)
                 ]  # fmt: skip
-                _append(path, records)
+                _append(out_path, records)
                 cached.update({r["key"]: r["response"] for r in records})
                 finish.update({r["key"]: r["finish_reason"] for r in records})
                 bar.update(len(chunk))
@@ -260,9 +297,26 @@ def teacher_generations(
         if settings.backend == "vllm":
             model.close()
         del model
+    if world > 1 and wait:
+        _wait_for_ranks(path, keys, cached, finish, poll)
     if reasons is not None:
         reasons[:] = [finish.get(k) for k in keys]
-    return [cached[k] for k in keys]
+    return [cached.get(k, "") for k in keys]
+
+
+def _wait_for_ranks(
+    path: Path, keys: Sequence[str], cached: dict[str, str], finish: dict[str, str], poll: float
+) -> None:
+    """Read the other ranks' files until every key is answered (logged once while waiting)."""
+    import time
+
+    said = False
+    while missing := [k for k in keys if k not in cached]:
+        if not said:
+            logger.info("seqkd: waiting for %d answers from the other ranks", len(set(missing)))
+            said = True
+        time.sleep(poll)
+        cached.update(read_caches(path, finish))
 
 
 def _vllm_teacher(config: TrainConfig) -> Any:
@@ -315,12 +369,12 @@ class SeqKD(SFT):
             trust_remote_code=config.trust_remote_code,
         )  # fmt: skip
         args = training_arguments(config)
-        # The main process generates and fills the cache; the others then only read it.
-        with args.main_process_first(local=False, desc="seqkd teacher generations"):
-            reasons: list[str | None] = []
-            replies = teacher_generations(
-                rows, config, tokenizer, device=args.device, reasons=reasons
-            )
+        # Every rank generates its share and reads the others' (module docstring).
+        reasons: list[str | None] = []
+        replies = teacher_generations(
+            rows, config, tokenizer, device=args.device, reasons=reasons,
+            rank=args.process_index, world=args.world_size,
+        )  # fmt: skip
         keep_truncated = method_arguments("seqkd", SeqKDArgs, config.method_args).keep_truncated  # type: ignore[attr-defined]
         out = []
         dropped = 0
