@@ -67,13 +67,13 @@ def test_one_update_without_normalisation_is_the_earlier_surrogate(mix, clip, le
                                 length_norm=length_norm, advantage_norm=False,
                                 cliprange=cliprange)  # fmt: skip
     ref = _reference(zs, zt, labels, mask, mix=mix, clip=clip, length_norm=length_norm)
-    assert float(got) == pytest.approx(float(ref), rel=1e-5, abs=1e-6)
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
     (g_got,) = torch.autograd.grad(got, zs)
     (g_ref,) = torch.autograd.grad(ref, zs)
     torch.testing.assert_close(g_got, g_ref.float(), rtol=1e-4, atol=1e-6)
     logq, logp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
     exact = (logq.exp() * (logq - logp)).sum(-1)[mask].sum()
-    assert float(rkl) == pytest.approx(float(exact), rel=1e-5)
+    assert float(rkl) == pytest.approx(float(exact.detach()), rel=1e-5)
 
 
 def test_gradient_is_zero_when_the_student_is_the_teacher():
@@ -414,3 +414,34 @@ def test_resume_at_a_rollout_boundary_equals_uninterrupted(base_overrides, tmp_p
     wa = load_file(str(full.output_dir / "final" / "model.safetensors"))
     wb = load_file(str(resumed.output_dir / "final" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_stored_rollout_keeps_its_first_updates_q_old():
+    from deltakd.train.minillm import _RolloutSlot
+
+    cfg = load_config(None, {"student_raw": "s", "teacher_ft": "f", "output_dir": "o",
+                             "method": "minillm"})  # fmt: skip
+    method = MiniLLM()
+    batch, refs, _ = _pt_batch(False)
+    slot = _RolloutSlot()
+    batch.inputs[ROLLOUT_KEY] = slot
+    first = method.compute(batch, refs, cfg)
+    logq = torch.log_softmax(batch.student_logits.detach(), -1)
+    want = logq.gather(-1, batch.labels[..., None]).squeeze(-1)[batch.mask]
+    torch.testing.assert_close(slot.old_logq, want)  # q_old = the student at the first update
+    # A later update (the student moved): the stored q_old is used, not the current student's.
+    moved = batch.student_logits.detach() + 0.7 * torch.randn_like(batch.student_logits)
+    later = _with_logits(batch, moved)
+    kept = method.compute(later, refs, cfg)
+    fresh_batch = _with_logits(batch, moved, inputs={k: v for k, v in batch.inputs.items()
+                                                          if k != ROLLOUT_KEY})  # fmt: skip
+    fresh = method.compute(fresh_batch, refs, cfg)
+    assert abs(float((kept.total - fresh.total).detach())) > 1e-4
+    torch.testing.assert_close(slot.old_logq, want)  # not overwritten
+    assert first.kd is not None
+
+
+def _with_logits(batch, logits, inputs=None):
+    from dataclasses import replace
+
+    return replace(batch, student_logits=logits, inputs=batch.inputs if inputs is None else inputs)
