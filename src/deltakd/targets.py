@@ -49,6 +49,8 @@ class Target:
         alpha: α of the weights.
         divergence: the divergence the loss uses (the config's, else the variant's own).
         manifest_variant / manifest_alpha / formula: how a cache's manifest names it.
+        floor: robust Delta-KD's floor on the raw models' log-probabilities at τ (the config's
+            `delta_floor`; `deltakd.losses.targets`), or None.
     """
 
     method: str
@@ -58,6 +60,7 @@ class Target:
     formula: str
     manifest_variant: str | None = None
     manifest_alpha: float | None = None
+    floor: float | None = None
 
     @property
     def weights(self) -> list[tuple[str, float]]:
@@ -103,23 +106,28 @@ class Target:
                               "offline cache: sparse top-k targets support the forward KL (fkl) "
                               "only. Use an fkl method/variant or references: local / servers.")  # fmt: skip
 
-    def logits(self, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        """The target logits from `get(role)` (frozen roles only), float32 or wider."""
+    def logits(self, get: Callable[[str], torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+        """The target logits from `get(role)` (frozen roles only), float32 or wider.
+        `temperature` matters only under a floor (it is applied to log-probabilities at τ)."""
         one = self.single_role
         if one is not None:
             z = get(one)
             return z if z.dtype == torch.float64 else z.float()
         if self.variant is PARALLELOGRAM_VARIANTS["delta"]:  # its closed form, as delta_kd_loss
             return delta_target(get("teacher_ft"), get("teacher_raw"), get("student_raw"),
-                                alpha=self.alpha)  # fmt: skip
+                                alpha=self.alpha, floor=self.floor, temperature=temperature)  # fmt: skip
         refs = {r: get(r) for r in self.variant.roles}
-        return parallelogram_target(self.variant, None, refs, alpha=self.alpha)  # type: ignore[arg-type]
+        return parallelogram_target(self.variant, None, refs, alpha=self.alpha,  # type: ignore[arg-type]
+                                    floor=self.floor, temperature=temperature)  # fmt: skip
 
     def describe(self, k: int, temperature: float) -> dict[str, Any]:
         """The manifest's `target` entry: which distribution the stored top-k belong to."""
-        return {"method": self.method, "variant": self.manifest_variant,
-                "alpha": self.manifest_alpha, "temperature": float(temperature), "k": int(k),
-                "formula": self.formula}  # fmt: skip
+        entry = {"method": self.method, "variant": self.manifest_variant,
+                 "alpha": self.manifest_alpha, "temperature": float(temperature), "k": int(k),
+                 "formula": self.formula}  # fmt: skip
+        if self.floor is not None:  # only when set: caches built without one keep their hash
+            entry["delta_floor"] = float(self.floor)
+        return entry
 
     # --- losses ----------------------------------------------------------------------------
     def kd_sum(
@@ -144,9 +152,11 @@ class Target:
             return kd_loss(student_logits, refs.logits(one), **common)
         if self.catalogued:
             return parallelogram_loss(student_logits, {r: refs.logits(r) for r in self.roles},
-                                      variant=self.variant.name, alpha=self.alpha, **common)  # fmt: skip
+                                      variant=self.variant.name, alpha=self.alpha,
+                                      floor=self.floor, **common)  # fmt: skip
         z = parallelogram_target(self.variant, student_logits,
-                                 {r: refs.logits(r) for r in self.roles}, alpha=self.alpha)  # fmt: skip
+                                 {r: refs.logits(r) for r in self.roles}, alpha=self.alpha,
+                                 floor=self.floor, temperature=temperature)  # fmt: skip
         return kd_loss(student_logits, z, **common)
 
     def fused_args(self) -> dict[str, Any] | None:
@@ -156,7 +166,8 @@ class Target:
         if one is not None:
             return {"variant": None, "target_role": one, "divergence": self.divergence}
         if self.catalogued:
-            return {"variant": self.variant.name, "divergence": self.divergence}
+            return {"variant": self.variant.name, "divergence": self.divergence,
+                    "delta_floor": self.floor}  # fmt: skip
         return None
 
     def fused_sum(
@@ -192,7 +203,7 @@ class Target:
         ref_inputs: dict[str, Any] = {}
         if refs.target is not None:
             # A cached target is the whole z: plain KD against it.
-            args.update(variant=None, target_role="teacher_ft")
+            args.update(variant=None, target_role="teacher_ft", delta_floor=None)
             ref_inputs["teacher_ft"] = refs.target
         else:
             for role in self.roles:
@@ -232,16 +243,39 @@ def _divergence(config: Any, variant: ParallelogramVariant) -> str:
     return config.divergence if config.divergence is not None else variant.default_divergence
 
 
+def _floor(config: Any, variant: ParallelogramVariant) -> float | None:
+    """The config's `delta_floor`, refused for a target outside the Delta-KD family."""
+    floor = getattr(config, "delta_floor", None)
+    if floor is None:
+        return None
+    try:
+        variant.check_floor(floor)
+    except ValueError:
+        family = [n for n, v in PARALLELOGRAM_VARIANTS.items() if v.floorable]
+        raise ConfigError(f"config field 'delta_floor' = {floor!r} is not allowed for method "
+                          f"{config.method!r}" + (f" variant {variant.name!r}"
+                          if config.method == "parallelogram" else "") + ": the floor bounds the "
+                          "raw models' log-probabilities inside α·(z_student_raw − "
+                          "z_teacher_raw), which only delta_kd and the parallelogram variants "
+                          f"{', '.join(family)} have. Set delta_floor=null.") from None  # fmt: skip
+    return float(floor)
+
+
 def kd_target(config: Any) -> Target:
+    _floor(config, KD_VARIANT)
     return Target("kd", KD_VARIANT, 0.0, _divergence(config, KD_VARIANT), KD_VARIANT.formula)
 
 
 def delta_kd_target(config: Any) -> Target:
     v = PARALLELOGRAM_VARIANTS["delta"]
     alpha = float(config.alpha)
-    return Target("delta_kd", v, alpha, _divergence(config, v),
-                  "z* = z_teacher_ft + α·(z_student_raw − z_teacher_raw)",
-                  manifest_alpha=alpha)  # fmt: skip
+    floor = _floor(config, v)
+    formula = "z* = z_teacher_ft + α·(z_student_raw − z_teacher_raw)"
+    if floor is not None:
+        formula = (f"z*/τ = z_teacher_ft/τ + α·(max(log π_student_raw, {floor:g}) − "
+                   f"max(log π_teacher_raw, {floor:g}))")  # fmt: skip
+    return Target("delta_kd", v, alpha, _divergence(config, v), formula,
+                  manifest_alpha=alpha, floor=floor)  # fmt: skip
 
 
 def parallelogram_variant_target(config: Any) -> Target:
@@ -251,7 +285,7 @@ def parallelogram_variant_target(config: Any) -> Target:
     v = get_variant(config.variant)
     alpha = float(config.alpha)
     return Target("parallelogram", v, alpha, _divergence(config, v), v.formula,
-                  manifest_variant=v.name, manifest_alpha=alpha)  # fmt: skip
+                  manifest_variant=v.name, manifest_alpha=alpha, floor=_floor(config, v))  # fmt: skip
 
 
 #: method name -> its target at a config's settings. Methods without a fixed-form target

@@ -122,3 +122,54 @@ def test_the_cache_package_asks_the_target_not_the_method_name():
         check_cacheable(load_config(None, {**base, "variant": "delta_rkl"}))
     with pytest.raises(ConfigError, match="method 'sft' cannot train from an offline cache"):
         check_cacheable(load_config(None, {**MINIMAL, "method": "sft"}))
+
+
+def test_delta_floor_reaches_the_loss_the_fused_loss_and_the_cache():
+    from deltakd.losses import delta_target
+    from deltakd.references.cache.build import target_logits
+    from deltakd.targets import target_of
+
+    cfg = load_config(None, {**MINIMAL, "method": "delta_kd", "alpha": 0.8, "temperature": 2.0,
+                             "delta_floor": -4.0})  # fmt: skip
+    method = get_method(cfg.method)
+    hidden, head, ref_logits, ids, mask = _inputs(2)
+    zs = {r: z[:, :-1] for r, z in ref_logits.items()}  # (B, T-1, V)
+    want_z = delta_target(zs["teacher_ft"], zs["teacher_raw"], zs["student_raw"], 0.8,
+                          floor=-4.0, temperature=2.0)  # fmt: skip
+    plain_z = delta_target(zs["teacher_ft"], zs["teacher_raw"], zs["student_raw"], 0.8)
+    # The cache stores the floored target (the floor acts on log-probabilities at τ)...
+    torch.testing.assert_close(target_logits(cfg, zs.__getitem__), want_z)
+    assert target_of(cfg).describe(8, 2.0)["delta_floor"] == -4.0
+    assert "delta_floor" not in target_of(cfg.replace(delta_floor=None)).describe(8, 2.0)
+    # ...the trainer's loss and the fused loss distil towards it.
+    batch = _batch(hidden, head, ids, mask, fused=False)
+    got = method.compute(batch, _refs(ref_logits), cfg).total
+    want = kd_loss(batch.student_logits, want_z, temperature=2.0, mask=mask, reduction="sum")
+    plain = kd_loss(batch.student_logits, plain_z, temperature=2.0, mask=mask, reduction="sum")
+    torch.testing.assert_close(got, want)
+    assert abs(float((want - plain).detach())) > 1e-3  # the floor bites on these logits
+    fused = method.fused_terms(_batch(hidden, head, ids, mask, fused=True), _refs(ref_logits),
+                               cfg.replace(fused_loss=True), head)  # fmt: skip
+    torch.testing.assert_close(fused.total, want)
+    # At α = 0 the target is teacher_ft alone, floor or not.
+    assert target_of(cfg.replace(alpha=0.0)).single_role == "teacher_ft"
+
+
+def test_delta_floor_validates():
+    from deltakd.errors import ConfigError
+
+    base = {**MINIMAL, "teacher_ft2": "f2"}
+    load_config(None, {**base, "method": "parallelogram", "variant": "multi_teacher",
+                       "delta_floor": -8})  # fmt: skip
+    for value in (0.0, 3.0, "nan"):
+        with pytest.raises(ConfigError, match=r"'delta_floor'.*negative log-probability"):
+            load_config(None, {**base, "delta_floor": value})
+    for extra, why in (
+        ({"method": "kd"}, "method 'kd'"),
+        ({"method": "parallelogram", "variant": "student_anchor"}, "variant 'student_anchor'"),
+        ({"method": "parallelogram", "variant": "live_shift_sg"}, "variant 'live_shift_sg'"),
+        ({"method": "sft"}, "method 'sft' has no Delta-KD target"),
+        ({"method": "minillm"}, "method 'minillm' has no Delta-KD target"),
+    ):
+        with pytest.raises(ConfigError, match=f"'delta_floor'.*{why}"):
+            load_config(None, {**base, **extra, "delta_floor": -8.0})

@@ -228,6 +228,16 @@ class TrainConfig:
             group="method",
         ),
     )
+    delta_floor: float | None = field(
+        default=None,
+        metadata=_help(
+            "Robust Delta-KD: floor the raw models' log-probabilities (at temperature τ) at this "
+            "value before differencing, z*/τ = z_ft/τ + α(max(log π_student_raw, f) − "
+            "max(log π_teacher_raw, f)); e.g. -8. Negative; null = off. Only for `delta_kd` and "
+            "the parallelogram variants with the shift α(z_student_raw − z_teacher_raw).",
+            group="method",
+        ),
+    )
     on_policy_ratio: float = field(
         default=0.0,
         metadata=_help(
@@ -563,6 +573,9 @@ class TrainConfig:
         in_range("beta", self.beta, 0.0, 1.0)
         in_range("on_policy_ratio", self.on_policy_ratio, 0.0, 1.0)
         positive("temperature", self.temperature)
+        if self.delta_floor is not None and not self.delta_floor < 0:
+            raise bad("delta_floor", self.delta_floor,
+                      "a negative log-probability such as -8.0, or null (off)")  # fmt: skip
         positive("learning_rate", self.learning_rate)
         positive("adam_epsilon", self.adam_epsilon)
         positive("num_epochs", self.num_epochs)

@@ -407,3 +407,51 @@ def _openmath_row(row: Mapping[str, Any], n: int, source: str) -> dict[str, Any]
         n,
         source,
     )
+
+
+# --- plain text (pretraining corpora) --------------------------------------------------------
+
+#: Plain-text specs for `load_texts` (MiniLLM's pretraining term, `method_args.pt_dataset`).
+TEXT_SPECS = '`mini:corpus`, a .txt file (one document per non-empty line) or a .jsonl file of {"text": ...} rows'
+
+
+def check_text_spec(spec: str) -> None:
+    """Refuse (DataError) a plain-text spec `load_texts` cannot read, before any loading."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"text dataset spec {spec!r} is empty: use {TEXT_SPECS}.")
+    spec = spec.strip()
+    if spec == "mini:corpus" or spec.endswith((".txt", ".jsonl")):
+        return
+    raise DataError(f"text dataset spec {spec!r} is not recognised: use {TEXT_SPECS}.")
+
+
+def load_texts(spec: str, *, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Plain-text documents for a language-modelling loss (no chat format).
+
+    `mini:corpus` is the mini world's pretraining corpus: the documents the shipped world's
+    raw models were pretrained on (`deltakd.data.mini.corpus.make_corpus` at the world's
+    `seed` and full scale). `limit` keeps the first documents.
+    """
+    check_text_spec(spec)
+    spec = spec.strip()
+    if spec == "mini:corpus":
+        from deltakd.data.mini.build import SCALES
+        from deltakd.data.mini.corpus import make_corpus
+
+        texts = make_corpus(seed, n_docs=SCALES["full"].corpus_docs)
+    elif spec.endswith(".txt"):
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"text file {path} does not exist: check the path.")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        texts = []
+        for n, row in _read_jsonl(Path(spec)):
+            if not isinstance(row, Mapping) or not isinstance(row.get("text"), str):
+                raise DataError(f"{spec}: line {n} has no string field 'text'; each line must "
+                                'be {"text": "..."}.')  # fmt: skip
+            texts.append(row["text"])
+    texts = [t for t in texts if t][:limit]
+    if not texts:
+        raise DataError(f"text dataset {spec!r} has no documents: point it at a non-empty file.")
+    return texts

@@ -41,7 +41,7 @@ from deltakd.losses.divergences import check_divergence_args, per_position_diver
 from deltakd.losses.heads import LogitHead
 from deltakd.losses.kd import check_mask_dtype, check_positive_int, check_reduction
 from deltakd.losses.sparse import SparseTarget, sparse_fkl_per_position
-from deltakd.losses.targets import get_variant
+from deltakd.losses.targets import FLOOR_ROLES, floor_logprobs_, get_variant
 
 Reduction = Literal["mean", "sum"]
 
@@ -134,6 +134,33 @@ class _Linear:
 
 
 @dataclass
+class _Floored:
+    """A raw role's term of a robust Delta-KD target: `τ · max(log_softmax(z/τ), floor)` of its
+    dense logits or `_Linear` output, made one chunk at a time like the other terms."""
+
+    ref: torch.Tensor | _Linear
+    floor: float
+    temperature: float
+
+    def logits_into(
+        self, out: torch.Tensor, rows, weight: float, first: bool, scratch: torch.Tensor | None
+    ) -> None:
+        """out (+)= weight · floored term, in place; the term is built in `out` when first,
+        else in `scratch`."""
+        dest = out if first else scratch
+        assert dest is not None
+        if isinstance(self.ref, _Linear):
+            self.ref.logits_into(dest, rows, 1.0, True, None)
+        else:
+            dest.copy_(_take(self.ref, rows))
+        floor_logprobs_(dest, self.floor, self.temperature)
+        if first:
+            out.mul_(weight)
+        else:
+            out.add_(dest, alpha=weight)
+
+
+@dataclass
 class _Plan:
     """Everything the chunk loop needs; built and validated by `fused_distill_loss`."""
 
@@ -145,7 +172,8 @@ class _Plan:
     chunk_size: int
     softmax_rows: int  # rows per softmax / divergence evaluation inside a chunk
     student: _Linear
-    frozen: list[tuple[float, torch.Tensor | _Linear]]  # (weight, dense (N, V) or linear)
+    # (weight, dense (N, V), linear, or either under a robust Delta-KD floor)
+    frozen: list[tuple[float, torch.Tensor | _Linear | _Floored]]
     live_weight: float  # weight of the live student (with gradient) inside the target
     sg_weight: float  # weight of the stop-gradient student inside the target
     sparse: SparseTarget | None  # leading shape (N,)
@@ -193,11 +221,13 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
     cap = min(plan.chunk_size, max(plan.count, 1))
     zs_buf = torch.empty(cap, vocab, dtype=dtype, device=device)
     work_buf = torch.empty(cap, vocab, dtype=dtype, device=device)
-    # A third buffer only when a soft-capped reference is not the target's first term.
+    # A third buffer only when a soft-capped or floored reference is not the target's first
+    # term.
     capped = [
         i
         for i, (_, ref) in enumerate(plan.frozen)
-        if isinstance(ref, _Linear) and ref.head is not None and not ref.head.is_linear
+        if isinstance(ref, _Floored)
+        or (isinstance(ref, _Linear) and ref.head is not None and not ref.head.is_linear)
     ]
     scratch_buf = (
         torch.empty(cap, vocab, dtype=dtype, device=device)
@@ -216,7 +246,7 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
         if plan.sparse is None:
             first = True
             for w, ref in plan.frozen:
-                if isinstance(ref, _Linear):
+                if isinstance(ref, (_Linear, _Floored)):
                     scratch = None if scratch_buf is None else scratch_buf[:c]
                     ref.logits_into(work, rows, w, first, scratch)
                 elif first:
@@ -341,6 +371,15 @@ class _FusedLinearDistill(torch.autograd.Function):
         return (None, *grads)
 
 
+def _floored(
+    ref: torch.Tensor | _Linear, role: str, floor: float | None, temperature: float
+) -> torch.Tensor | _Linear | _Floored:
+    """`ref` as a term of the target: under the floor when `role` is a raw model's."""
+    if floor is None or role not in FLOOR_ROLES:
+        return ref
+    return _Floored(ref, float(floor), float(temperature))
+
+
 def _check_lead(name: str, shape: torch.Size, lead: torch.Size, what: str) -> None:
     if shape != lead:
         raise ValueError(
@@ -422,6 +461,7 @@ def fused_distill_loss(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     return_components: bool = False,
+    delta_floor: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Delta-KD / parallelogram / plain KD loss computed straight from hidden states.
 
@@ -474,6 +514,9 @@ def fused_distill_loss(
             beyond it are padding and are ignored); default `student_head.shape[0]`.
         return_components: also return `{"kd": D reduced, "sft": CE reduced}` (detached, before
             the λ weights; "sft" only when λ > 0) for logging.
+        delta_floor: robust Delta-KD (the Delta-KD family of variants only): the raw roles'
+            log-probabilities at τ are floored at it before differencing
+            (`deltakd.losses.targets.floor_logprobs`); None is plain Delta-KD.
 
     Returns:
         The scalar loss in float32 (float64 if any input is float64; bf16/fp16 inputs are
@@ -522,6 +565,9 @@ def fused_distill_loss(
         v = get_variant(variant)
         divergence = v.default_divergence if divergence is None else divergence
         weights = v.weights(alpha)
+        v.check_floor(delta_floor)
+    if variant is None and delta_floor is not None:
+        raise ValueError("delta_floor needs a Delta-KD variant, not plain KD (variant=None)")
     check_divergence_args(divergence, temperature, beta)
 
     tensors = [student_hidden, student_head]
@@ -586,7 +632,7 @@ def fused_distill_loss(
                     f"vocabulary has {vocab} tokens; all roles must share one tokenizer"
                 )
             dense = ref.detach().reshape(n_total, ref.shape[-1])[:, :vocab]
-            frozen.append((w, dense))
+            frozen.append((w, _floored(dense, role, delta_floor, temperature)))
         elif isinstance(ref, (tuple, list)) and len(ref) in (2, 3):
             r_hidden = ref[0]
             r_head, r_bias, r_transform = _split_head(
@@ -603,7 +649,7 @@ def fused_distill_loss(
                 dtype,
                 r_transform,
             )
-            frozen.append((w, linear))
+            frozen.append((w, _floored(linear, role, delta_floor, temperature)))
         else:
             raise ValueError(
                 f"refs[{role!r}] must be logits [..., V], a SparseTarget, or a (hidden, head) "

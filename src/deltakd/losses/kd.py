@@ -27,19 +27,32 @@ from deltakd.losses.divergences import (
     per_position_divergence,
 )
 from deltakd.losses.sparse import SparseTarget, sparse_fkl_per_position
-from deltakd.losses.targets import _check_same_shape, get_variant, variant_terms
+from deltakd.losses.targets import _check_same_shape, floor_logprobs, get_variant, variant_terms
 
 Reduction = Literal["mean", "sum"]
 # Per-chunk loss: (student chunk (n, V), [term chunks]) -> per-position loss (n,).
 ChunkFn = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 
 
-def _combined_fn(weights: Sequence[float], divergence: str, tau: float, beta: float) -> ChunkFn:
-    """Loss of the student against the target Σ w_i · term_i."""
+def _combined_fn(
+    weights: Sequence[float],
+    divergence: str,
+    tau: float,
+    beta: float,
+    floored: Sequence[bool] = (),
+    floor: float | None = None,
+) -> ChunkFn:
+    """Loss of the student against the target Σ w_i · term_i, where a term flagged in
+    `floored` enters as `floor_logprobs(term, floor, τ)` (robust Delta-KD)."""
+    flags = list(floored) if floor is not None else []
+    flags += [False] * (len(weights) - len(flags))
 
     def fn(student: torch.Tensor, terms: Sequence[torch.Tensor]) -> torch.Tensor:
         dtype = compute_dtype(student, *terms)
-        target = sum(w * t.to(dtype) for w, t in zip(weights, terms))
+        target = sum(
+            w * (floor_logprobs(t.to(dtype), floor, tau) if f else t.to(dtype))  # type: ignore[arg-type]
+            for w, t, f in zip(weights, terms, flags)
+        )
         return per_position_divergence(student, target, divergence, tau, beta)
 
     return fn
@@ -299,11 +312,14 @@ def delta_kd_loss(
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     reduction: Reduction = "mean",
+    floor: float | None = None,
 ) -> torch.Tensor:
-    """`kd_loss(student, delta_target(teacher_ft, teacher_raw, student_raw, alpha), ...)`.
+    """`kd_loss(student, delta_target(teacher_ft, teacher_raw, student_raw, alpha,
+    floor=floor, temperature=temperature), ...)`.
 
     With `chunk_size` set the target z* is built one chunk at a time and never materialised
-    in full. The frozen roles get no gradient.
+    in full. The frozen roles get no gradient. `floor` (robust Delta-KD): the raw models'
+    log-probabilities at τ are floored at it before differencing (`deltakd.losses.targets`).
     """
     refs = {
         "teacher_ft": teacher_ft_logits,
@@ -321,6 +337,7 @@ def delta_kd_loss(
         mask=mask,
         chunk_size=chunk_size,
         reduction=reduction,
+        floor=floor,
     )
 
 
@@ -336,18 +353,23 @@ def parallelogram_loss(
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     reduction: Reduction = "mean",
+    floor: float | None = None,
 ) -> torch.Tensor:
     """Divergence between a catalogue target (`PARALLELOGRAM_VARIANTS`) and the student.
 
     `refs` maps frozen role names (`teacher_ft`, `teacher_raw`, `student_raw`, `teacher_ft2`)
     to `[..., V]` logits; the live student enters the target as the variant says, with or
-    without stop-gradient. `divergence=None` uses the variant's default.
+    without stop-gradient. `divergence=None` uses the variant's default. `floor` (robust
+    Delta-KD; the Delta-KD family only): the raw roles' log-probabilities at τ are floored at
+    it, chunk by chunk like the rest of the target.
     """
     v = get_variant(variant)
     divergence = v.default_divergence if divergence is None else divergence
     check_divergence_args(divergence, temperature, beta)
+    v.check_floor(floor)
     terms = variant_terms(v, student_logits, refs, alpha)
     _check_same_shape({"student": student_logits, **{r: refs[r] for r in v.roles}})
-    fn = _combined_fn([w for _, w in terms], divergence, temperature, beta)
+    fn = _combined_fn([w for _, w in terms], divergence, temperature, beta,
+                      v.floored(alpha), floor)  # fmt: skip
     tensors = [t for t, _ in terms]
     return _run(student_logits, tensors, fn, mask, chunk_size, reduction)

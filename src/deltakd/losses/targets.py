@@ -8,6 +8,17 @@ starting point:
 
 (normalisers cancel inside the softmax). Every target here is `z_target = Σ_i w_i(α) · z_i`
 over named roles, which is what lets the chunked and fused losses build it one chunk at a time.
+
+Robust Delta-KD (`floor`, the config's `delta_floor`): the raw models' log-probabilities at τ
+are floored at f before they are differenced,
+
+    z*/τ = z_teacher_ft/τ + α · (max(log π_student_raw, f) − max(log π_teacher_raw, f)),
+    log π_x = log_softmax(z_x / τ),
+
+i.e. each raw role's term `z_x` becomes `τ · max(log_softmax(z_x/τ), f)` (`floor_logprobs`).
+Without the floor this differs from `z_x` by a per-position constant only, which the softmax
+ignores. Where both raw models give a token less than e^f the ratio π_student_raw /
+π_teacher_raw is 1 instead of an arbitrarily large number, so the tail of π* stays bounded.
 """
 
 from __future__ import annotations
@@ -30,6 +41,38 @@ TARGET_ROLES: tuple[str, ...] = (
     "student_sg",
 )
 LIVE_ROLES: frozenset[str] = frozenset({"student", "student_sg"})
+#: The raw models whose log-probabilities a `floor` (robust Delta-KD) bounds from below.
+FLOOR_ROLES: frozenset[str] = frozenset({"student_raw", "teacher_raw"})
+
+
+def check_floor(floor: float | None) -> None:
+    """`floor` must be None (off) or a negative log-probability (−inf allowed: no effect)."""
+    if floor is None:
+        return
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor < 0:
+        raise ValueError(
+            f"floor (delta_floor) must be None or a negative log-probability such as -8.0, "
+            f"got {floor!r}"
+        )
+
+
+def floor_logprobs(logits: torch.Tensor, floor: float, temperature: float = 1.0) -> torch.Tensor:
+    """`τ · max(log_softmax(logits / τ), floor)`: a raw role's term in a floored target.
+
+    `[..., V]` → `[..., V]` in the compute dtype (float32, or float64 for float64 input).
+    """
+    x = logits.to(compute_dtype(logits))
+    return floor_logprobs_(x.clone() if x is logits else x, floor, temperature)
+
+
+def floor_logprobs_(z: torch.Tensor, floor: float, temperature: float = 1.0) -> torch.Tensor:
+    """In-place `floor_logprobs` on a float buffer `[..., V]` (the fused loss's chunks)."""
+    if temperature != 1.0:
+        z.div_(temperature)
+    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).clamp_(min=floor)
+    if temperature != 1.0:
+        z.mul_(temperature)
+    return z
 
 
 def delta_target(
@@ -37,10 +80,15 @@ def delta_target(
     teacher_raw: torch.Tensor,
     student_raw: torch.Tensor,
     alpha: float = 1.0,
+    *,
+    floor: float | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Delta-KD target logits `z* = teacher_ft + α · (student_raw − teacher_raw)`.
 
-    Args: three `[..., V]` logit tensors of one shape (any float dtype).
+    Args: three `[..., V]` logit tensors of one shape (any float dtype); `floor` (robust
+    Delta-KD, see the module docstring): the raw models' log-probabilities at `temperature`
+    are floored at it before differencing; None (default) is plain Delta-KD.
     Returns: `[..., V]` in float32 (float64 if an input is), without gradient.
     α = 0 gives the finetuned teacher; α = 1 the full parallelogram
     `student_raw + (teacher_ft − teacher_raw)`.
@@ -48,11 +96,15 @@ def delta_target(
     _check_same_shape(
         {"teacher_ft": teacher_ft, "teacher_raw": teacher_raw, "student_raw": student_raw}
     )
+    check_floor(floor)
     dtype = compute_dtype(teacher_ft, teacher_raw, student_raw)
     with torch.no_grad():
         z = teacher_ft.to(dtype)
         if alpha != 0:
-            z = z + alpha * (student_raw.to(dtype) - teacher_raw.to(dtype))
+            s, t = student_raw.to(dtype), teacher_raw.to(dtype)
+            if floor is not None:
+                s, t = floor_logprobs(s, floor, temperature), floor_logprobs(t, floor, temperature)
+            z = z + alpha * (s - t)
     return z
 
 
@@ -71,6 +123,28 @@ class ParallelogramVariant:
     def roles(self) -> tuple[str, ...]:
         """Frozen roles this variant needs from a reference source."""
         return tuple(r for r, _, _ in self.terms if r not in LIVE_ROLES)
+
+    @property
+    def floorable(self) -> bool:
+        """True for the Delta-KD family, whose shift is `α · (z_student_raw − z_teacher_raw)`:
+        the targets a `floor` (robust Delta-KD) applies to."""
+        coeffs = {r: (c, a) for r, c, a in self.terms}
+        return coeffs.get("student_raw") == (0, 1) and coeffs.get("teacher_raw") == (0, -1)
+
+    def floored(self, alpha: float) -> list[bool]:
+        """Per entry of `weights(alpha)`: whether a floor applies to that role's term."""
+        return [r in FLOOR_ROLES for r, _ in self.weights(alpha)]
+
+    def check_floor(self, floor: float | None) -> None:
+        """Refuse a floor for a variant outside the Delta-KD family (ValueError)."""
+        check_floor(floor)
+        if floor is not None and not self.floorable:
+            floorable = [n for n, v in PARALLELOGRAM_VARIANTS.items() if v.floorable]
+            raise ValueError(
+                f"a floor (delta_floor) applies to targets whose shift is "
+                f"α·(z_student_raw − z_teacher_raw) ({', '.join(floorable)}), not to "
+                f"{self.name!r}; unset it"
+            )
 
     @property
     def has_live_gradient(self) -> bool:
@@ -170,7 +244,8 @@ def variant_terms(
     refs: Mapping[str, torch.Tensor],
     alpha: float,
 ) -> list[tuple[torch.Tensor, float]]:
-    """[(logits, weight)] of a variant's target; frozen roles are detached."""
+    """[(logits, weight)] of a variant's target, in the order of `variant.weights(alpha)`;
+    frozen roles are detached."""
     terms = []
     for role, weight in variant.weights(alpha):
         if role == "student":
@@ -193,16 +268,25 @@ def parallelogram_target(
     student_logits: torch.Tensor,
     refs: Mapping[str, torch.Tensor],
     alpha: float = 1.0,
+    *,
+    floor: float | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """The variant's target logits `Σ w_i z_i` ([..., V], compute dtype).
 
     Gradient flows to `student_logits` only for variants naming the live `student` role.
+    `floor` (Delta-KD family only): the raw roles' terms are `floor_logprobs(z, floor, τ)`.
     """
     v = get_variant(variant) if isinstance(variant, str) else variant
+    v.check_floor(floor)
     terms = variant_terms(v, student_logits, refs, alpha)
     _check_same_shape({f"term{i}": t for i, (t, _) in enumerate(terms)})
     dtype = compute_dtype(*(t for t, _ in terms))
-    return sum(w * t.to(dtype) for t, w in terms)
+    floored = v.floored(alpha) if floor is not None else [False] * len(terms)
+    return sum(
+        w * (floor_logprobs(t.to(dtype), floor, temperature) if f else t.to(dtype))  # type: ignore[arg-type]
+        for (t, w), f in zip(terms, floored)
+    )
 
 
 def _check_same_shape(tensors: Mapping[str, torch.Tensor]) -> None:

@@ -63,6 +63,7 @@ def model_card(config: Any, history: list[dict[str, Any]], global_step: int,
                 "max_length": config.max_length, "precision": config.precision}  # fmt: skip
     if config.method in ("delta_kd", "parallelogram"):
         settings["alpha"] = config.alpha
+        settings["delta_floor"] = config.delta_floor  # None (off) is not listed
     if config.variant:
         settings["variant"] = config.variant
     if adapter:

@@ -136,6 +136,11 @@ class Method:
                 f"config field 'fused_loss' = True is not allowed: method {self.name!r} has no "
                 "fused form; set fused_loss=false."
             )
+        if getattr(config, "delta_floor", None) is not None and target is None:
+            raise ConfigError(
+                f"config field 'delta_floor' = {config.delta_floor!r} is not allowed: method "
+                f"{self.name!r} has no Delta-KD target to floor; set delta_floor=null."
+            )
         if config.on_policy_ratio > 0 and not self.supports_on_policy:
             raise ConfigError(
                 f"config field 'on_policy_ratio' = {config.on_policy_ratio!r} is not allowed: "

@@ -192,7 +192,7 @@ def _response_count(mask: Sequence[bool]) -> int:
 
 def target_logits(config: Any, logits: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """The target logits `[B, T-1, V]` of the config's method from the roles' logits."""
-    return cacheable_target(config).logits(logits)
+    return cacheable_target(config).logits(logits, temperature=config.temperature)
 
 
 # --- building on every rank --------------------------------------------------------------------
