@@ -330,15 +330,15 @@ def _corpus_docs(config: Any, options: DiagnoseOptions) -> tuple[list[str], str]
     if not info_file.is_file():
         return None
     info = json.loads(info_file.read_text(encoding="utf-8"))
-    from deltakd.data.mini import corpus as mini_corpus
+    from deltakd.data.mini import build as mini_build
 
-    make = getattr(mini_corpus, "make_heldout_corpus", None)
-    if make is not None:  # a world that names its own held-out text
-        docs = make(info, n_docs=options.corpus_docs)
+    heldout = getattr(mini_build, "heldout_corpus", None)
+    if heldout is not None:  # the world's own rule (v1 or v2 corpus, from its world.json)
+        docs = heldout(info, n_docs=options.corpus_docs)
     else:
-        docs = mini_corpus.make_corpus(
-            int(info.get("seed", 0)), n_docs=options.corpus_docs, stream="heldout"
-        )
+        from deltakd.data.mini.corpus import make_corpus
+
+        docs = make_corpus(int(info["seed"]), n_docs=options.corpus_docs, stream="heldout")
     return docs, f"{world.name} world held-out corpus ({len(docs)} docs)"
 
 
