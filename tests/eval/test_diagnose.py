@@ -122,8 +122,11 @@ def test_student_copy_of_teacher_premise_holds_exactly():
     assert r["premise_cosine"] == pytest.approx(1.0, abs=1e-5)
     assert r["teacher_seed_cosine"] == pytest.approx(1.0, abs=1e-5)  # a teacher with itself
     assert r["raw_top1_agreement"] == 1.0
+    zero = r["per_alpha"]["0"]
     for m in r["per_alpha"].values():
         assert m["kl_teacher_ft_to_target"] == pytest.approx(0.0, abs=1e-6)
+        for key in ("target_top1_agree_reference", "teacher_raw_logprob_of_wrong_target_top1"):
+            assert m[key] == pytest.approx(zero[key], abs=1e-5)
     assert r["kl_student_sft_to_target"] == pytest.approx(0.0, abs=1e-6)
     assert r["premise_holds"] is False  # not *closer* to π* than to π_ft: equal
     assert r["suggested_alpha_range"] == [0.0, 1.0]

@@ -61,8 +61,9 @@ from deltakd.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-#: The α grid when `--alphas` is not given (the configured α is always added).
-DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
+#: The α grid when `--alphas` is not given (the configured α is always added); α = 0 is
+#: π_ft itself, the row every other is read against.
+DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 #: Premise cosine may sit this far below the teacher-seed cosine (issue #16's acceptance).
 PREMISE_COSINE_MARGIN = 0.15
 #: Floats per [chunk, V] logits tensor: chunk = max(1, CHUNK_ELEMENTS // V) positions.
@@ -554,6 +555,7 @@ def _measure(
             means.add(
                 "teacher_ft_raw_logit_cosine", centred_cosine(z["teacher_ft"], z["teacher_raw"])
             )
+            lp_traw = lp_raw["teacher_raw"]
             del lp_raw
             if "teacher_ft2" in z:
                 means.add(
@@ -580,6 +582,13 @@ def _measure(
                 top1_t = lp_t.argmax(-1)
                 means.add(f"{key}/target_top1_agree_teacher_ft", (top1_t == top1_ft).float())
                 means.add(f"{key}/target_top1_agree_reference", (top1_t == ref).float())
+                wrong = top1_t != ref
+                if wrong.any():
+                    # where π*'s top token is wrong, how unlikely the raw teacher found it:
+                    # very negative values are the tail ratio π_student_raw / π_teacher_raw
+                    # blowing up (issue 16), not a shift carried over from SFT
+                    picked = lp_traw.gather(-1, top1_t[:, None])[:, 0]
+                    means.add(f"{key}/teacher_raw_logprob_of_wrong_target_top1", picked[wrong])
                 p_t = lp_t.exp()
                 for k, idx in topk_ft.items():
                     inside = p_t.gather(-1, idx).sum(-1)
