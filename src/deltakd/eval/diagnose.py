@@ -37,7 +37,8 @@ token is at most `top1_drop` below π_ft's. The premise holds when the student's
 π* than to π_ft and (when a second teacher exists) the premise cosine is within 0.15 of the
 teacher-seed cosine (issue #16's acceptance rule).
 
-Memory: each model's last hidden states of the response positions are kept ([N, H], small);
+Memory: one model is loaded at a time; after its pass only its last hidden states of the
+response positions ([N, H], small) and its output layer are kept;
 logits are made from them with the model's output layer (`deltakd.heads.logit_head`) one chunk
 of positions at a time, so at V = 152k no role holds an [N, V] float32 tensor.
 """
@@ -66,6 +67,14 @@ log = logging.getLogger(__name__)
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 #: Premise cosine may sit this far below the teacher-seed cosine (issue #16's acceptance).
 PREMISE_COSINE_MARGIN = 0.15
+#: The order roles are run in (one model in memory at a time).
+ROLE_ORDER: tuple[str, ...] = (
+    "teacher_ft",
+    "teacher_raw",
+    "student_raw",
+    "teacher_ft2",
+    "student_sft",
+)
 #: Floats per [chunk, V] logits tensor: chunk = max(1, CHUNK_ELEMENTS // V) positions.
 CHUNK_ELEMENTS = 1 << 23
 
@@ -171,6 +180,11 @@ class _Role:
             log.warning("role %s: %s", name, exc)
             self.head = None
         self.states: list[torch.Tensor] = []  # per batch: (N_b, H) hidden or (N_b, V) logits
+
+    def release(self) -> None:
+        """Drop the model, keeping its states and output layer: the next role loads into the
+        memory this one's decoder layers held."""
+        self.model = None
 
     @torch.no_grad()
     def run(
@@ -387,6 +401,8 @@ def _train_sft_student(config: Any, steps: int, work: Path) -> str:
 
 def diagnose(config: Any, options: DiagnoseOptions | None = None) -> dict[str, Any]:
     """Measure the figures of the module docstring; returns them as one flat-ish dict."""
+    from tqdm.auto import tqdm
+
     from deltakd.data.vocab import check_vocabulary, load_tokenizer
     from deltakd.loading import choose_device, reference_dtype
 
@@ -440,23 +456,39 @@ def diagnose(config: Any, options: DiagnoseOptions | None = None) -> dict[str, A
         }
         paths = {r: p for r, p in paths.items() if p and r not in options.models}
         vocab = check_vocabulary(tokenizer, paths, trust_remote_code=config.trust_remote_code)
-        v = vocab.vocab_size
-        roles: dict[str, _Role] = {}
-        for role in ("teacher_ft", "teacher_raw", "student_raw", "teacher_ft2", "student_sft"):
-            if role in options.models:
-                roles[role] = _Role(role, options.models[role].to(device), v)
-            elif role in paths:
-                roles[role] = _Role(role, _load(role, paths[role], config, device, dtype), v)
-        report.update(_measure(config, options, tokenizer, roles, target, alphas, device))
+        batches, labels, source = _sample_batches(config, options, tokenizer, device)
         corpus = _corpus_docs(config, options)
+        roles: dict[str, _Role] = {}
+        losses: dict[str, float] = {}
+        names = [r for r in ROLE_ORDER if r in options.models or r in paths]
+        bar = tqdm(
+            total=len(batches) * len(names),
+            desc="diagnose: models",
+            unit="batch",
+            disable=not options.progress,
+        )
+        # One model in memory at a time: its states at the response positions and its output
+        # layer stay, its decoder layers go before the next one loads.
+        for role in names:
+            if role in options.models:
+                model = options.models[role].to(device)
+            else:
+                model = _load(role, paths[role], config, device, dtype)
+            r = roles[role] = _Role(role, model, vocab.vocab_size)
+            for batch in batches:
+                r.run(*batch)
+                bar.update(1)
+            if corpus is not None and role in ("teacher_raw", "teacher_ft", "teacher_ft2"):
+                losses[role] = _corpus_loss(model, tokenizer, corpus[0])
+            r.release()
+            del model
+        bar.close()
+        report["rows"] = sum(int(ids.shape[0]) for ids, _, _ in batches)
+        report.update(_measure(config, options, roles, labels, source, target, alphas))
         if corpus is not None:
-            docs, source = corpus
-            losses = {}
-            for role in ("teacher_raw", "teacher_ft", "teacher_ft2"):
-                if role in roles:
-                    losses[role] = _corpus_loss(roles[role].model, tokenizer, docs)
-                    report[f"{role}_corpus_loss"] = losses[role]
-            report["corpus"] = source
+            report["corpus"] = corpus[1]
+            for role, loss in losses.items():
+                report[f"{role}_corpus_loss"] = loss
             report["teacher_corpus_loss_ratio"] = losses["teacher_ft"] / losses["teacher_raw"]
             if "teacher_ft2" in losses:
                 report["teacher_ft2_corpus_loss_ratio"] = (
@@ -469,51 +501,45 @@ def diagnose(config: Any, options: DiagnoseOptions | None = None) -> dict[str, A
     return report
 
 
-def _measure(
-    config: Any,
-    options: DiagnoseOptions,
-    tokenizer: Any,
-    roles: dict[str, _Role],
-    target: Any,
-    alphas: list[float],
-    device: torch.device,
-) -> dict[str, Any]:
-    """Run every model over the sample and average the per-position figures."""
-    from tqdm.auto import tqdm
-
+def _sample_batches(
+    config: Any, options: DiagnoseOptions, tokenizer: Any, device: torch.device
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[torch.Tensor], str]:
+    """The sample as model inputs: [(input_ids, attention_mask, mask (B, T-1))] per batch,
+    the reference tokens at the masked positions per batch, and where the rows came from."""
     from deltakd.data.tokenize import encode_rows
-    from deltakd.losses.divergences import kl_from_log_probs
 
     rows, source = _sample_rows(config, options)
     # rows left without a response token are dropped (and all dropped raises DataError)
     encoded = list(
         encode_rows(tokenizer, rows, max_length=config.max_length, truncation="truncate")[0]
     )
-    if not encoded:
-        raise DataError(
-            f"none of the {len(rows)} sampled rows of {source} has a response "
-            "token within max_length; raise max_length or check the data."
-        )
-    tau = float(config.temperature)
-    ks = sorted({int(k) for k in options.top_k if int(k) > 0})
-    means = _Means()
-    batches = list(_batches(encoded, options.batch_size, tokenizer.pad_token_id))
-    labels_all: list[torch.Tensor] = []
-    bar = tqdm(
-        total=len(batches) * len(roles),
-        desc="diagnose: models",
-        unit="batch",
-        disable=not options.progress,
-    )
-    for batch in batches:
+    batches, labels = [], []
+    for batch in _batches(encoded, options.batch_size, tokenizer.pad_token_id):
         ids = batch["input_ids"].to(device)
         att = batch["attention_mask"].to(device)
         mask = (batch["assistant_mask"][:, 1:] & batch["attention_mask"][:, 1:].bool()).to(device)
-        labels_all.append(ids[:, 1:][mask])
-        for role in roles.values():
-            role.run(ids, att, mask)
-            bar.update(1)
-    bar.close()
+        batches.append((ids, att, mask))
+        labels.append(ids[:, 1:][mask])
+    return batches, labels, source
+
+
+def _measure(
+    config: Any,
+    options: DiagnoseOptions,
+    roles: dict[str, _Role],
+    labels_all: list[torch.Tensor],
+    source: str,
+    target: Any,
+    alphas: list[float],
+) -> dict[str, Any]:
+    """Average the per-position figures over the sample, a chunk of positions at a time."""
+    from tqdm.auto import tqdm
+
+    from deltakd.losses.divergences import kl_from_log_probs
+
+    tau = float(config.temperature)
+    ks = sorted({int(k) for k in options.top_k if int(k) > 0})
+    means = _Means()
     v = next(iter(roles.values())).vocab_size
     chunk = max(1, CHUNK_ELEMENTS // v)
     n_positions = sum(int(lab.numel()) for lab in labels_all)
@@ -604,7 +630,6 @@ def _measure(
     bar.close()
     out: dict[str, Any] = {
         "data": source,
-        "rows": len(encoded),
         "positions": n_positions,
         "vocab_size": v,
         "top_k": ks,
