@@ -257,7 +257,8 @@ def test_bad_corpus_files(tmp_path):
         dg._corpus_loss(None, load_tokenizer("mini:tokenizer"), docs)
 
 
-def test_sft_steps_trains_a_student(tiny_world, tmp_path):
+@pytest.mark.parametrize("peft", [{}, {"r": 2}], ids=["full", "lora"])
+def test_sft_steps_trains_a_student(tiny_world, tmp_path, peft):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(
         "".join(
@@ -277,6 +278,7 @@ def test_sft_steps_trains_a_student(tiny_world, tmp_path):
             **tiny_run_fields(tiny_world, rows),
             "method": "delta_kd",
             "output_dir": str(tmp_path / "out"),
+            "peft": peft,
         },
     )
     r = diagnose(config, _opts(sft_steps=3, rows=4))
