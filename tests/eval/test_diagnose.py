@@ -58,6 +58,11 @@ def test_shift_cosine_known_values():
     # opposite shifts -> −1; a model that did not move -> 0 (not NaN)
     assert shift_cosine(-e0, zero, e0, zero).item() == pytest.approx(-1.0)
     assert shift_cosine(before + 3.0, before, e0, zero).abs().max().item() < 1e-6
+    # on a subset of tokens: e0 and e1 restricted to tokens {0, 2, 3} are (.75, -.25, -.25)
+    # and (-.25, -.25, -.25): dot = -0.0625, norms² = 0.6875, 0.1875 -> −0.0625 / √0.1289
+    ids = torch.tensor([[0, 2, 3]])
+    expected = -0.0625 / math.sqrt(0.6875 * 0.1875)
+    assert shift_cosine(e0, zero, e1, zero, tokens=ids).item() == pytest.approx(expected)
 
 
 def test_centred_cosine_is_shift_invariant():
@@ -120,6 +125,7 @@ def test_student_copy_of_teacher_premise_holds_exactly():
     config = _config(student_raw="mini:teacher_raw")
     r = diagnose(config, _opts(student_sft="mini:teacher_ft", teacher_ft2="mini:teacher_ft"))
     assert r["premise_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert r["premise_cosine_top64"] == pytest.approx(1.0, abs=1e-5)
     assert r["teacher_seed_cosine"] == pytest.approx(1.0, abs=1e-5)  # a teacher with itself
     assert r["raw_top1_agreement"] == 1.0
     zero = r["per_alpha"]["0"]

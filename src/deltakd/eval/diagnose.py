@@ -118,11 +118,14 @@ def shift_cosine(
     before_a: torch.Tensor,
     after_b: torch.Tensor,
     before_b: torch.Tensor,
+    tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position cosine of two SFT shifts `c(after) − c(before)`.   # 4 × (N, V) -> (N,)
 
-    A position where a shift is zero (the model did not move; below float32 rounding of the
-    logits it is a difference of) gives cosine 0, not the cosine of rounding noise."""
+    `tokens` (N, k): compare the shifts on these token ids only (centring stays over the whole
+    vocabulary), e.g. the finetuned teacher's top-k, where the probability mass is. A position
+    where a shift is zero (the model did not move; below float32 rounding of the logits it is
+    a difference of) gives cosine 0, not the cosine of rounding noise."""
 
     def shift(after: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
         ca, cb = centred(after), centred(before)
@@ -130,7 +133,10 @@ def shift_cosine(
         scale = ca.norm(dim=-1, keepdim=True) + cb.norm(dim=-1, keepdim=True)
         return torch.where(d.norm(dim=-1, keepdim=True) > 1e-5 * scale, d, torch.zeros_like(d))
 
-    return centred_cosine(shift(after_a, before_a), shift(after_b, before_b), centre=False)
+    da, db = shift(after_a, before_a), shift(after_b, before_b)
+    if tokens is not None:
+        da, db = da.gather(-1, tokens), db.gather(-1, tokens)
+    return centred_cosine(da, db, centre=False)
 
 
 def centred_cosine(a: torch.Tensor, b: torch.Tensor, *, centre: bool = True) -> torch.Tensor:
@@ -583,21 +589,21 @@ def _measure(
             )
             lp_traw = lp_raw["teacher_raw"]
             del lp_raw
-            if "teacher_ft2" in z:
-                means.add(
-                    "teacher_seed_cosine",
-                    shift_cosine(
-                        z["teacher_ft"], z["teacher_raw"], z["teacher_ft2"], z["teacher_raw"]
-                    ),
-                )
+            # the same cosines on π_ft's top-k only (largest k): the shift where the mass is,
+            # not in the far tail, where a small model's logits drift freely
+            top_ids = topk_ft[ks[-1]] if ks else None
+            pairs = {
+                "teacher_seed_cosine": ("teacher_ft2", "teacher_raw", "teacher_ft", "teacher_raw"),
+                "premise_cosine": ("student_sft", "student_raw", "teacher_ft", "teacher_raw"),
+            }
+            for name, (a1, b1, a2, b2) in pairs.items():
+                if a1 in z:
+                    means.add(name, shift_cosine(z[a1], z[b1], z[a2], z[b2]))
+                    if top_ids is not None:
+                        cos = shift_cosine(z[a1], z[b1], z[a2], z[b2], tokens=top_ids)
+                        means.add(f"{name}_top{ks[-1]}", cos)
             lp_sft = logp(z["student_sft"]) if "student_sft" in z else None
             if lp_sft is not None:
-                means.add(
-                    "premise_cosine",
-                    shift_cosine(
-                        z["student_sft"], z["student_raw"], z["teacher_ft"], z["teacher_raw"]
-                    ),
-                )
                 means.add("kl_student_sft_to_teacher_ft", kl_from_log_probs(lp_sft, lp_ft))
                 means.add("kl_teacher_ft_to_student_sft", kl_from_log_probs(lp_ft, lp_sft))
             for a in alphas:
@@ -733,14 +739,20 @@ def format_report(report: dict[str, Any]) -> str:
     widths = [max(len(x[i]) for x in rows) for i in range(len(head))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.append("")
+    k = r["top_k"][-1] if r["top_k"] else None
+
+    def on_top(name: str) -> str:
+        return f" ({f(r[f'{name}_top{k}'])} on π_ft's top {k})" if f"{name}_top{k}" in r else ""
+
     if "teacher_seed_cosine" in r:
         lines.append(
-            f"teacher-seed cosine (teacher_ft vs teacher_ft2 shifts): {f(r['teacher_seed_cosine'])}"
+            "teacher-seed cosine (teacher_ft vs teacher_ft2 shifts): "
+            f"{f(r['teacher_seed_cosine'])}{on_top('teacher_seed_cosine')}"
         )
     if "premise_cosine" in r:
         lines.append(
-            f"premise: cosine(student SFT shift, teacher SFT shift) = "
-            f"{f(r['premise_cosine'])}; KL(student_sft‖π*) = "
+            "premise: cosine(student SFT shift, teacher SFT shift) = "
+            f"{f(r['premise_cosine'])}{on_top('premise_cosine')}; KL(student_sft‖π*) = "
             f"{f(r['kl_student_sft_to_target'])} vs KL(student_sft‖π_ft) = "
             f"{f(r['kl_student_sft_to_teacher_ft'])}"
         )
