@@ -402,6 +402,8 @@ def _train_sft_student(config: Any, steps: int, work: Path) -> str:
         push_to_hub=False,
     )
     result = train(sft)
+    if result.interrupted:  # SIGTERM: the trainer checkpointed and stopped; no final/ model
+        raise KeyboardInterrupt
     return str(result.final_dir)
 
 
