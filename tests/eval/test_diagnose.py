@@ -138,12 +138,23 @@ def test_student_copy_of_teacher_premise_holds_exactly():
     assert r["suggested_alpha_range"] == [0.0, 1.0]
 
 
-def test_chunks_and_head_path_give_the_same_figures(monkeypatch):
+def test_chunks_and_head_paths_give_the_same_figures(monkeypatch):
     config = _config()
     opts = _opts(rows=2)
+    # few positions (< H): each role's logits are kept, its head dropped
     whole = diagnose(config, opts)
-    # three positions per chunk, and logits from the models' own forward instead of the head
+
+    def same(other: dict) -> None:
+        for alpha, m in whole["per_alpha"].items():
+            for key, value in m.items():
+                assert other["per_alpha"][alpha][key] == pytest.approx(value, rel=1e-4, abs=1e-6)
+        assert other["raw_top1_agreement"] == whole["raw_top1_agreement"]
+
+    # hidden states + head, logits made three positions at a time
     monkeypatch.setattr(dg, "CHUNK_ELEMENTS", 3 * whole["vocab_size"])
+    monkeypatch.setattr(dg._Role, "release", lambda self: setattr(self, "model", None))
+    same(diagnose(config, opts))
+    # logits from the models' own forward instead of the head
     original = dg._Role.__init__
 
     def no_head(self, *a, **kw):
@@ -151,10 +162,7 @@ def test_chunks_and_head_path_give_the_same_figures(monkeypatch):
         self.head = None
 
     monkeypatch.setattr(dg._Role, "__init__", no_head)
-    chunked = diagnose(config, opts)
-    for alpha, m in whole["per_alpha"].items():
-        for key, value in m.items():
-            assert chunked["per_alpha"][alpha][key] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    same(diagnose(config, opts))
 
 
 def test_corpus_loss_ratio_matches_world_json():

@@ -186,11 +186,26 @@ class _Role:
             log.warning("role %s: %s", name, exc)
             self.head = None
         self.states: list[torch.Tensor] = []  # per batch: (N_b, H) hidden or (N_b, V) logits
+        self.precomputed = False  # states are logits before the head's scale / soft cap
 
     def release(self) -> None:
         """Drop the model, keeping its states and output layer: the next role loads into the
-        memory this one's decoder layers held."""
+        memory this one's decoder layers held. When the sample has fewer positions than the
+        hidden size, its logits (in the model's dtype, as its own head makes them) are smaller
+        than the [V, H] head: keep those instead and let the head go too."""
         self.model = None
+        head = self.head
+        if head is None or sum(int(h.shape[0]) for h in self.states) >= head.weight.shape[1]:
+            return
+        rows = max(1, CHUNK_ELEMENTS // self.vocab_size)
+        self.states = [
+            torch.cat([self._linear(h[i : i + rows]) for i in range(0, h.shape[0], rows)])
+            for h in self.states
+        ]
+        # only the scale / soft cap are needed from now on: a one-row copy keeps them
+        one = None if head.bias is None else head.bias[:1].clone()
+        self.head = dataclasses.replace(head, weight=head.weight[:1].clone(), bias=one)
+        self.precomputed = True
 
     @torch.no_grad()
     def run(
@@ -213,12 +228,18 @@ class _Role:
         s = self.states[batch][start:stop]
         if self.head is None:
             return s.float()
-        z = torch.nn.functional.linear(
-            s,
-            self.head.weight[: self.vocab_size].to(s.dtype),
-            None if self.head.bias is None else self.head.bias[: self.vocab_size].to(s.dtype),
-        )
+        z = s if self.precomputed else self._linear(s)
         return self.head.transform_(z.float())
+
+    def _linear(self, h: torch.Tensor) -> torch.Tensor:
+        """h @ W.T + b in the states' dtype (the model's own head), sliced to V.   # (C, V)"""
+        head = self.head
+        assert head is not None
+        return torch.nn.functional.linear(
+            h,
+            head.weight[: self.vocab_size].to(h.dtype),
+            None if head.bias is None else head.bias[: self.vocab_size].to(h.dtype),
+        )
 
 
 def _load(role: str, path: str, config: Any, device: torch.device, dtype: torch.dtype) -> Any:
