@@ -25,7 +25,8 @@ tokenizer's vocabulary `V` with the config's τ.
 * shift cosine: `cos(Δ_a, Δ_b) = ⟨Δ_a, Δ_b⟩ / (‖Δ_a‖·‖Δ_b‖)` per position, averaged over
   positions. `premise_cosine` = cos(Δ_student, Δ_teacher) with Δ_student = student_sft −
   student_raw and Δ_teacher = teacher_ft − teacher_raw; `teacher_seed_cosine` =
-  cos(teacher_ft − teacher_raw, teacher_ft2 − teacher_raw);
+  cos(teacher_ft − teacher_raw, teacher_ft2 − teacher_raw); the `_top{k}` variants compare
+  the shifts on π_ft's top-k token ids only;
 * `kl_student_sft_to_target` = KL(π_student_sft ‖ π*) and `kl_student_sft_to_teacher_ft` =
   KL(π_student_sft ‖ π_ft), the student's distribution first (the reverse directions are
   reported too, as `kl_target_to_student_sft` / `kl_teacher_ft_to_student_sft`);
@@ -38,9 +39,10 @@ token is at most `top1_drop` below π_ft's. The premise holds when the student's
 teacher-seed cosine (issue #16's acceptance rule).
 
 Memory: one model is loaded at a time; after its pass only its last hidden states of the
-response positions ([N, H], small) and its output layer are kept;
-logits are made from them with the model's output layer (`deltakd.heads.logit_head`) one chunk
-of positions at a time, so at V = 152k no role holds an [N, V] float32 tensor.
+response positions ([N, H], small) and its output layer (`deltakd.heads.logit_head`) are kept,
+or its [N, V] logits in the model's dtype when N < H makes them the smaller of the two. Float32
+logits are made one chunk of positions at a time, so at V = 152k no role holds an [N, V]
+float32 tensor.
 """
 
 from __future__ import annotations
