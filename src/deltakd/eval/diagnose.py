@@ -394,7 +394,9 @@ def _corpus_loss(model: Any, tokenizer: Any, docs: list[str]) -> float:
             f"the corpus ({len(docs)} documents) holds fewer than {BLOCK} tokens, "
             "one packed block: pass more text (--corpus, --corpus-docs)."
         )
-    return corpus_loss(model, tokenizer, docs, batch_size=8)
+    # blocks per forward: the full-vocabulary logits of a batch stay near CHUNK_ELEMENTS floats
+    batch = max(1, min(32, CHUNK_ELEMENTS // (BLOCK * len(tokenizer))))
+    return corpus_loss(model, tokenizer, docs, batch_size=batch)
 
 
 # --- the diagnosis -----------------------------------------------------------------------------
