@@ -249,9 +249,13 @@ def test_cli_errors(tmp_path, capsys):
     assert "--rows 0" in capsys.readouterr().err
 
 
-def test_mismatched_tokenizer_is_refused(tiny_world):
+def test_mismatched_tokenizer_is_refused(tiny_world, tmp_path):
     with pytest.raises(VocabularyError, match="different tokenizer"):
         diagnose(_config(student_raw=str(tiny_world["student_raw"])), _opts())
+    with pytest.raises(VocabularyError, match="teacher_ft2"):  # the second teacher too
+        diagnose(_config(), _opts(teacher_ft2=str(tiny_world["teacher_ft"])))
+    with pytest.raises(ConfigError, match="does not exist"):
+        diagnose(_config(), _opts(student_sft=str(tmp_path / "no" / "such" / "model")))
 
 
 def test_bad_corpus_files(tmp_path):
