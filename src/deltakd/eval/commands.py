@@ -1,4 +1,4 @@
-"""`deltakd eval`, `deltakd sweep` and `deltakd report`."""
+"""`deltakd eval`, `deltakd sweep`, `deltakd report` and `deltakd diagnose`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_eval(sub)
     _register_sweep(sub)
     _register_report(sub)
+    _register_diagnose(sub)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -249,4 +250,122 @@ def _run_report(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/report.md, report.json and {len(rep.plots)} plot(s)")
     if args.json:
         print(json.dumps({"out": args.out, "groups": rep.groups, "plots": rep.plots}))
+    return 0
+
+
+# ---------------------------------------------------------------- diagnose
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated numbers, e.g. 0.25,0.5,1"
+        ) from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+
+
+def _register_diagnose(sub: argparse._SubParsersAction) -> None:
+    from deltakd.eval.diagnose import DEFAULT_ALPHAS
+
+    p = sub.add_parser(
+        "diagnose",
+        help="check the Delta-KD premise on a sample of a config's data and models",
+        description=(
+            "On a seeded sample of the config's own data and models: KL(π_teacher_ft ‖ π*) per "
+            "token at the configured α and others, π*'s entropy, top-1 agreement and mass "
+            "outside π_teacher_ft's top-k, the raw models' agreement, the premise check with a "
+            "briefly SFT'd student (--student-sft / --sft-steps), the teacher-seed cosine with "
+            "teacher_ft2, the teacher's held-out corpus loss ratio, a verdict and a suggested α "
+            "range. Definitions: docs/USAGE.md, 'Diagnose before you train'."
+        ),
+    )
+    p.add_argument("config", help="YAML training config")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides (as deltakd train)"
+    )
+    p.add_argument("--rows", type=int, default=32, help="rows sampled (seeded) from the data (32)")
+    p.add_argument(
+        "--alphas",
+        type=_floats,
+        default=list(DEFAULT_ALPHAS),
+        help="α grid, comma-separated; the configured α is added "
+        f"({','.join(f'{a:g}' for a in DEFAULT_ALPHAS)})",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: the config's)")
+    p.add_argument("--split", default=None, help="data split (default: validation where it exists)")
+    p.add_argument("--seed", type=int, default=0, help="row sampling seed (0)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (4)")
+    p.add_argument("--student-sft", default=None, help="a briefly SFT'd student_raw (directory)")
+    p.add_argument(
+        "--sft-steps",
+        type=int,
+        default=0,
+        help="make the SFT'd student: N steps of method sft on the config's data (temp dir)",
+    )
+    p.add_argument(
+        "--teacher-ft2", default=None, help="a second finetuned teacher (default: config's)"
+    )
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="held-out pretraining text: plain text (blank-line separated documents) or JSONL "
+        "with a 'text' field (default: the mini world's own)",
+    )
+    p.add_argument("--corpus-docs", type=int, default=300, help="corpus documents used (300)")
+    p.add_argument(
+        "--top-k", type=_ints, default=None, help="k of 'mass outside π_ft's top-k' (5 and cache.k)"
+    )
+    p.add_argument("--kl-bound", type=float, default=0.25, help="α range: KL(π_ft‖π*) bound (0.25)")
+    p.add_argument(
+        "--top1-drop", type=float, default=0.03, help="α range: allowed top-1 drop (0.03)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="end with one line of JSON: every figure")
+    p.set_defaults(func=_run_diagnose)
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    from deltakd.errors import ConfigError
+    from deltakd.eval.diagnose import DiagnoseOptions, diagnose, format_report, json_line
+    from deltakd.train.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    top_k = args.top_k
+    if top_k is None:
+        k = config.cache.k  # None: the cache's default 64; "V": the whole vocabulary, no tail
+        top_k = [5] + ([k] if isinstance(k, int) else [64] if k is None else [])
+    for name in ("rows", "batch_size", "corpus_docs"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be ≥ 1.")
+    if args.sft_steps < 0:
+        raise ConfigError(f"--sft-steps {args.sft_steps}: must be ≥ 0.")
+    options = DiagnoseOptions(
+        rows=args.rows,
+        alphas=args.alphas,
+        device=args.device,
+        seed=args.seed,
+        split=args.split,
+        batch_size=args.batch_size,
+        student_sft=args.student_sft,
+        sft_steps=args.sft_steps,
+        teacher_ft2=args.teacher_ft2,
+        corpus=args.corpus,
+        corpus_docs=args.corpus_docs,
+        top_k=top_k,
+        kl_bound=args.kl_bound,
+        top1_drop=args.top1_drop,
+        progress=not args.no_progress,
+    )
+    report = diagnose(config, options)
+    print(format_report(report))
+    if args.json:
+        print(json_line(report))
     return 0
