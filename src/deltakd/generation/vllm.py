@@ -59,6 +59,40 @@ DTYPES: tuple[str, ...] = VLLM_DTYPES
 CPU_KV_CACHE_GIB = 0.5
 
 
+def check_head_size(model: str, *, what: str, trust_remote_code: bool = False) -> None:
+    """Refuse (`ConfigError`) a model whose attention head size the installed vLLM's CPU
+    attention has no kernel for, naming the sizes it has and the way out (`backend hf`).
+    Nothing to check on a GPU, or for a config transformers cannot read (vLLM's own loading
+    error then says why). `model` is a directory, `mini:<role>` or Hub name; `what` names it
+    in the message."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from transformers import AutoConfig
+
+    from deltakd.data.vocab import resolve_model_path
+
+    try:
+        cfg = AutoConfig.from_pretrained(
+            resolve_model_path(model), trust_remote_code=trust_remote_code
+        ).get_text_config()
+        head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return
+    import_vllm()
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = list(CPUAttentionBackend.get_supported_head_sizes())
+    if head not in sizes:
+        raise ConfigError(
+            f"vLLM cannot run {what} on this CPU: its attention head size is {head} "
+            f"(hidden_size / num_attention_heads), and the installed vLLM's CPU attention "
+            f"supports head sizes {', '.join(map(str, sizes))}. Set generation.backend=hf "
+            "for this model (deltakd eval / sweep: --backend hf), or use vLLM on a GPU."
+        )
+
+
 @dataclass
 class VLLMSettings:
     """How the engine is built (decoding settings live in `GenerationSettings`).
@@ -171,13 +205,15 @@ class VLLMEngine:
         settings: VLLMSettings | None = None,
         *,
         dummy_weights: bool = False,
+        name: str | None = None,
     ) -> None:
         import torch
 
         from deltakd.data.vocab import resolve_model_path
 
         self.settings = settings or VLLMSettings()
-        self.model_name = str(model)
+        #: how messages name the model (`name`, else `model`)
+        self.model_name = name or str(model)
         self._tmpdir: str | None = None
         self._counted = False
         s = self.settings
@@ -239,24 +275,8 @@ class VLLMEngine:
     def _check_cpu_head_size(self, path: str) -> None:
         # vLLM's CPU attention kernels exist for some head sizes only, and an unsupported one
         # surfaces as a kernel error at the first generate call; refuse it before building.
-        from transformers import AutoConfig
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        try:
-            cfg = AutoConfig.from_pretrained(
-                path, trust_remote_code=self.settings.trust_remote_code
-            )
-            cfg = cfg.get_text_config()
-            head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            return  # not a config transformers reads: vLLM's own loading error will say why
-        sizes = CPUAttentionBackend.get_supported_head_sizes()
-        if int(head) not in sizes:
-            raise ConfigError(
-                f"vLLM cannot run the model {self.model_name!r} on this CPU: its attention head "
-                f"size is {head}, and vLLM's CPU attention supports {sizes}. Use backend hf "
-                "for this model (or vLLM on a GPU)."
-            )
+        check_head_size(path, what=f"the model {self.model_name!r}",
+                        trust_remote_code=self.settings.trust_remote_code)  # fmt: skip
 
     @classmethod
     def from_model(
@@ -280,14 +300,15 @@ class VLLMEngine:
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
             settings = dataclasses.replace(settings, dtype=dtype if dtype in DTYPES else "auto")
         tmp = tempfile.mkdtemp(prefix="deltakd-vllm-")
+        # Messages name the model, not the temporary directory its config sits in.
+        name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
         try:
             config.save_pretrained(tmp)
-            engine = cls(tmp, settings, dummy_weights=True)
+            engine = cls(tmp, settings, dummy_weights=True, name=name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         engine._tmpdir = tmp
-        engine.model_name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
         engine.load_weights(model.state_dict())
         return engine
 
