@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-BACKENDS = ("hf", "vllm")
+from deltakd.config.sections import GENERATION_BACKENDS as BACKENDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
