@@ -118,7 +118,7 @@ def test_student_head_size_vllm_lacks_is_refused_when_the_config_is_read(tmp_pat
         on_policy_config(Path("mini:student_raw"), tmp_path)
     text = str(info.value)
     assert "student_raw='mini:student_raw'" in text
-    assert "head size is 16" in text
+    assert "head size (head_dim) is 16" in text
     assert "32, 64" in text and "generation.backend=hf" in text
 
 

@@ -86,9 +86,9 @@ def check_head_size(model: str, *, what: str, trust_remote_code: bool = False) -
     sizes = list(CPUAttentionBackend.get_supported_head_sizes())
     if head not in sizes:
         raise ConfigError(
-            f"vLLM cannot run {what} on this CPU: its attention head size is {head} "
-            f"(hidden_size / num_attention_heads), and the installed vLLM's CPU attention "
-            f"supports head sizes {', '.join(map(str, sizes))}. Set generation.backend=hf "
+            f"vLLM cannot run {what} on this CPU: its attention head size (head_dim) is "
+            f"{head}, and the installed vLLM's CPU attention supports head sizes "
+            f"{', '.join(map(str, sizes))}. Set generation.backend=hf "
             "for this model (deltakd eval / sweep: --backend hf), or use vLLM on a GPU."
         )
 
