@@ -41,3 +41,33 @@ def test_bench_generate_reports_both_backends(capsys: pytest.CaptureFixture) -> 
 def test_bench_generate_refuses_an_unknown_backend(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "generate", "--backends", "hf,sglang"]) == 2
     assert "expected a comma-separated subset of hf,vllm" in capsys.readouterr().err
+
+
+def test_head32_student_is_the_mini_student_in_32_wide_heads(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from deltakd.bench.generate import build_head32_student
+    from deltakd.data.vocab import resolve_model_path
+
+    mini = AutoModelForCausalLM.from_pretrained(resolve_model_path("mini:student_raw"))
+    built = AutoModelForCausalLM.from_pretrained(build_head32_student(str(tmp_path / "s")))
+    c = built.config
+    assert (c.head_dim, c.num_attention_heads, c.num_key_value_heads) == (32, 2, 1)
+    assert c.hidden_size == mini.config.hidden_size
+    a, b = mini.state_dict(), built.state_dict()
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert (tmp_path / "s" / "tokenizer_config.json").exists()
+
+
+# Two short trainings in child processes (each loads torch, transformers and the data): slow.
+@pytest.mark.slow
+def test_on_policy_step_time_counts_the_sampling(capsys: pytest.CaptureFixture) -> None:
+    # The trainer draws and samples a step's batch before its step-begin callback; a step
+    # timed begin-to-end left the sampling out (the figure the vLLM target is about).
+    argv = ["bench", "generate", "--backends", "hf", "--limit", "1", "--max-new-tokens", "48",
+            "--on-policy-steps", "3", "--on-policy-batch", "4", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    hf = result["on_policy"]["hf"]
+    assert 0 < hf["sample_s"] <= hf["step_s"]
+    assert 0 < hf["sampled_tokens"] <= 48

@@ -136,7 +136,7 @@ def test_head_size_the_cpu_kernels_lack_is_refused() -> None:
     pytest.importorskip("vllm")
     from deltakd.generation.vllm import VLLMEngine
 
-    with pytest.raises(ConfigError, match=r"head size is 16.*backend hf"):
+    with pytest.raises(ConfigError, match=r"head size \(head_dim\) is 16.*backend=hf"):
         VLLMEngine("mini:student_raw")
 
 

@@ -26,17 +26,43 @@ def test_generation_section_builds_engine_settings() -> None:
     ("section", "match"),
     [
         ({"backend": "sglang"}, r"generation.backend' = 'sglang'.*hf, vllm"),
-        ({"backend": "vllm", "max_len": 3}, r"generation.max_len' is unknown"),
+        ({"backend": "vllm", "max_len": 3}, r"unknown config key 'generation.max_len'"),
         ({"max_model_len": 128}, r"backend' is hf; set generation.backend=vllm"),
         ({"backend": "vllm", "max_model_len": "long"}, r"max_model_len' = 'long'"),
         ({"backend": "vllm", "tensor_parallel_size": 1.5}, r"tensor_parallel_size' = 1.5"),
         ({"backend": "vllm", "gpu_memory_utilization": 1.5}, r"must be in \(0, 1\]"),
-        ({"backend": "vllm", "dtype": "int8"}, r"dtype 'int8' is not allowed"),
+        ({"backend": "vllm", "dtype": "int8"}, r"dtype' = 'int8' is not allowed.*auto, float32"),
+        ({"backend": "vllm", "enforce_eager": "sometimes"}, r"enforce_eager' = 'sometimes'"),
     ],
 )
 def test_bad_generation_sections_are_config_errors(section: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         backend_from_section(section)
+
+
+def test_config_and_engine_share_one_list_of_names() -> None:
+    # The `generation:` schema is the one place the names live; the backend registry and the
+    # engine settings follow it (a key added to one and not the other fails here).
+    import dataclasses
+
+    from deltakd.config.sections import ENGINE_KEYS, GENERATION_BACKENDS, GenerationSection
+    from deltakd.generation import BACKENDS
+    from deltakd.generation.vllm import DTYPES
+
+    assert tuple(BACKENDS) == GENERATION_BACKENDS
+    engine_fields = {f.name: f.type for f in dataclasses.fields(VLLMSettings)}
+    section_fields = {f.name: f.type for f in dataclasses.fields(GenerationSection)}
+    assert set(ENGINE_KEYS) <= set(engine_fields)
+    for key in ENGINE_KEYS:  # same value type, None meaning "the engine's default"
+        assert section_fields[key].split(" | ")[0] == engine_fields[key].split(" | ")[0], key
+    assert GenerationSection.__dataclass_fields__["dtype"].metadata["choices"] == DTYPES
+
+
+def test_config_file_refuses_engine_keys_with_hf() -> None:
+    from deltakd.train import load_config
+
+    with pytest.raises(ConfigError, match=r"generation.kv_cache_gib' sets up the vLLM engine"):
+        load_config(None, {"dataset": "mini:instruct", "generation": {"kv_cache_gib": 1.0}})
 
 
 def test_unknown_backend_setting_is_refused() -> None:

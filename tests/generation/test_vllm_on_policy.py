@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from deltakd.errors import ConfigError
 from deltakd.train import load_config, train
 from tests.generation.conftest import make_vllm_student
 
@@ -105,3 +107,21 @@ def _check_runs(student: Path, tmp_path: Path, syncs: list, samples: list) -> No
     assert samples == run_a, "a fixed seed gives the same on-policy samples run to run"
     assert [v for _, v in first.losses()] == [v for _, v in second.losses()]
     assert all(len(s) > 0 for batch in run_a for s in batch)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks vLLM's CPU attention kernels")
+def test_student_head_size_vllm_lacks_is_refused_when_the_config_is_read(tmp_path) -> None:
+    # The mini student's 16-wide heads: refused at validation (before data and models load),
+    # naming the student, the sizes the installed vLLM supports and the way out.
+    pytest.importorskip("vllm")
+    with pytest.raises(ConfigError) as info:
+        on_policy_config(Path("mini:student_raw"), tmp_path)
+    text = str(info.value)
+    assert "student_raw='mini:student_raw'" in text
+    assert "head size (head_dim) is 16" in text
+    assert "32, 64" in text and "generation.backend=hf" in text
+
+
+def test_hf_on_policy_takes_any_head_size(tmp_path) -> None:
+    config = on_policy_config(Path("mini:student_raw"), tmp_path, generation={})
+    assert config.student_raw == "mini:student_raw"

@@ -13,10 +13,15 @@ its peak memory is its own and one engine's threads do not slow the other. Per b
 Greedy decoding by default, so the run also reports how many replies the two backends agree on.
 
 With ``--on-policy-steps N`` it also times on-policy KD training (`on_policy_ratio: 1`) with the
-student's samples from hf's token loop and from the colocated vLLM engine: the median step
-time over steps 2..N (step 1 builds the engine) and the median weight sync into the engine.
-The student is ``--on-policy-student`` (default mini:teacher_raw: the mini student's 16-wide
-attention heads are not supported by vLLM's CPU kernels), the teacher ``--model``.
+student's samples from hf's token loop and from the colocated vLLM engine: the median time of
+a whole optimizer step over steps 2..N (step 1 builds the engine), from one step's end to the
+next's, so drawing the batch and sampling it (which the trainer does before its step-begin
+callback) count; the median sampling time and weight sync into the engine; and the mean
+sampled tokens per row. The student is ``--on-policy-student``: a model path / `mini:<role>`,
+or ``head32`` (the default): the mini world's `student_raw` (hidden 64, 2 layers) with its
+weights laid out as 2 attention heads of 32 and 1 KV head instead of 4 × 16 and 2 (the same
+tensors, so the same size; its attention is not retrained), because vLLM's CPU attention has no
+kernel for 16-wide heads. The teacher is ``--model``.
 Figures from a shared machine are noisy; the ratio of the two, taken in one run, is the figure
 to compare.
 """
@@ -31,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-BACKENDS = ("hf", "vllm")
+from deltakd.config.sections import GENERATION_BACKENDS as BACKENDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--on-policy-batch", type=int, default=8, help="rows per step (8)")
     parser.add_argument(
-        "--on-policy-student", default="mini:teacher_raw", help="student of the on-policy runs"
+        "--on-policy-student",
+        "--student",
+        default="head32",
+        help="student of the on-policy runs: a path, mini:<role>, or head32 (the mini student "
+        "with 32-wide heads; default)",
     )
 
 
@@ -121,8 +130,11 @@ def run(args: argparse.Namespace) -> int:
             f"max_new_tokens {args.max_new_tokens}"
         )
         for b, r in policy.items():
-            sync = f"  weight sync {1000 * r['sync_s']:.1f} ms" if r.get("sync_s") else ""
-            print(f"{b:<8} step {r['step_s']:.3f} s (median of steps 2..){sync}")
+            sync = f", weight sync {1000 * r['sync_s']:.1f} ms" if r.get("sync_s") else ""
+            print(
+                f"{b:<8} step {r['step_s']:.3f} s (median of steps 2..), of which sampling "
+                f"{r['sample_s']:.3f} s{sync}; {r['sampled_tokens']:.1f} sampled tokens/row"
+            )
         if "hf" in policy and "vllm" in policy:
             ratio = policy["vllm"]["step_s"] / policy["hf"]["step_s"]
             policy["step_ratio"] = ratio
@@ -227,18 +239,43 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def build_head32_student(out: str) -> str:
+    """The mini `student_raw` with 2 attention heads of 32 and 1 KV head (instead of 4 × 16 and
+    2): the same tensors, re-read in a layout vLLM's CPU attention supports. Saved with the
+    mini tokenizer to `out`, which is returned."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltakd.data.vocab import resolve_model_path
+
+    path = resolve_model_path("mini:student_raw")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    config = model.config
+    heads = config.hidden_size // 32
+    kv = max(1, config.num_key_value_heads * heads // config.num_attention_heads)
+    config_32 = type(config)(**{**config.to_dict(), "num_attention_heads": heads,
+                                "num_key_value_heads": kv, "head_dim": 32})  # fmt: skip
+    student = type(model)(config_32)
+    student.load_state_dict(model.state_dict(), strict=True)  # same shapes: q (64, 64), k (32, 64)
+    student.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return out
+
+
 def _on_policy_child(job: dict[str, Any]) -> dict[str, Any]:
-    """Median on-policy KD step time (and vLLM weight sync) for one backend."""
+    """Median on-policy KD step time (and sampling, vLLM weight sync) for one backend."""
     import statistics
     import tempfile
 
     import torch
     from transformers import TrainerCallback
 
+    import deltakd.train.on_policy as on_policy
     from deltakd.train import load_config, train
 
     torch.set_num_threads(int(job["threads"]))
     syncs: list[float] = []
+    samples: list[float] = []
+    lengths: list[float] = []
     if job["backend"] == "vllm":
         from deltakd.generation.vllm import VLLMEngine
 
@@ -250,26 +287,45 @@ def _on_policy_child(job: dict[str, Any]) -> dict[str, Any]:
             return seconds
 
         VLLMEngine.load_weights = timed  # type: ignore[method-assign]
+    sample = on_policy.StudentSampler.sample
+
+    def timed_sample(self: Any, *a: Any, **k: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        batch = sample(self, *a, **k)
+        samples.append(time.perf_counter() - start)
+        mask = batch["assistant_mask"]  # (B, T): the sampled tokens
+        lengths.append(float(mask.sum()) / mask.shape[0])
+        return batch
+
+    on_policy.StudentSampler.sample = timed_sample  # type: ignore[method-assign]
 
     class StepTimes(TrainerCallback):
+        """Step end to step end: the trainer draws and samples a step's batch before its
+        `on_step_begin`, so begin-to-end would leave the sampling out."""
+
         def __init__(self) -> None:
             self.times: list[float] = []
             self._t = 0.0
 
-        def on_step_begin(self, *a: Any, **k: Any) -> None:
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
             self._t = time.perf_counter()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
-            self.times.append(time.perf_counter() - self._t)
+            now = time.perf_counter()
+            self.times.append(now - self._t)
+            self._t = now
 
     steps = StepTimes()
     with tempfile.TemporaryDirectory(prefix="deltakd-bench-onpolicy-") as out:
+        student = job["student"]
+        if student == "head32":
+            student = build_head32_student(f"{out}/student")
         config = load_config(
             None,
             {
                 "method": "kd",
                 "on_policy_ratio": 1.0,
-                "student_raw": job["student"],
+                "student_raw": student,
                 "teacher_ft": job["model"],
                 "teacher_raw": "mini:teacher_raw",
                 "tokenizer": "mini:tokenizer",
@@ -284,7 +340,7 @@ def _on_policy_child(job: dict[str, Any]) -> dict[str, Any]:
                 "progress": False,
                 "save_steps": 0,
                 "resume": "never",
-                "output_dir": out,
+                "output_dir": f"{out}/run",
                 "generation": {"backend": job["backend"]} if job["backend"] == "vllm" else {},
             },
         )
@@ -293,6 +349,8 @@ def _on_policy_child(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "step_s": statistics.median(later),
         "first_step_s": steps.times[0],
+        "sample_s": statistics.median(samples[1:] or samples),
+        "sampled_tokens": statistics.mean(lengths),
         "sync_s": statistics.median(syncs[1:]) if len(syncs) > 1 else None,
     }
 

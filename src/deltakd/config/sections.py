@@ -8,6 +8,7 @@ sections read as mappings of what the user set, so the consumers receive exactly
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -245,27 +246,28 @@ class PeftSection(Section):
         )
 
 
+#: generation backends (`deltakd.generation.BACKENDS` registers one function per name)
+GENERATION_BACKENDS: tuple[str, ...] = ("hf", "vllm")
+#: weight dtypes a vLLM engine accepts (`generation.dtype`, `deltakd.generation.vllm.VLLMSettings`)
+VLLM_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass(eq=True)
 class GenerationSection(Section):
     """`generation:` where SeqKD replies and on-policy samples are generated (docs/USAGE.md,
-    'Generation on vLLM'): `backend` plus the vLLM engine's settings
-    (`deltakd.generation.vllm.VLLMSettings`). Types and choices are checked here; the rest
-    (engine keys only with `backend: vllm`, ranges) by `generation.vllm.backend_from_section`
-    when the run reads the section.
+    'Generation on vLLM'): `backend` plus the vLLM engine's settings (`ENGINE_KEYS`, the
+    fields of `deltakd.generation.vllm.VLLMSettings` a config may set). The one place where the
+    section's names, types and choices are checked; the engine's ranges are `VLLMSettings`'.
     """
 
     key: ClassVar[str] = "generation"
 
     backend: str | None = _opt(
         "`hf` (transformers' generate) or `vllm` (a vLLM engine; `pip install 'deltakd[vllm]'`)",
-        choices=("hf", "vllm"),
+        choices=GENERATION_BACKENDS,
         default="`hf`",
     )
-    dtype: str | None = _opt(
-        "vLLM engine dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="`auto`",
-    )
+    dtype: str | None = _opt("vLLM engine dtype", choices=VLLM_DTYPES, default="`auto`")
     max_model_len: int | None = _opt(
         "vLLM: prompt + reply tokens per sequence", default="the model's `max_position_embeddings`"
     )
@@ -281,6 +283,20 @@ class GenerationSection(Section):
         "vLLM: no CUDA graphs / compilation", default="true on CPU, false on GPU"
     )
     max_num_seqs: int | None = _opt("vLLM: sequences scheduled at once", default="vLLM's")
+
+    def validate(self) -> None:
+        engine = [k for k in ENGINE_KEYS if getattr(self, k) is not None]
+        if engine and (self.backend or "hf") == "hf":
+            raise ConfigError(
+                f"config field '{self.key}.{engine[0]}' sets up the vLLM engine, but "
+                f"'{self.key}.backend' is hf; set {self.key}.backend=vllm or remove it."
+            )
+
+
+#: the `generation:` keys besides `backend`: the vLLM engine's settings
+ENGINE_KEYS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(GenerationSection) if f.name != "backend"
+)
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from deltakd.config.sections import GENERATION_BACKENDS, VLLM_DTYPES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_eval(sub)
@@ -25,7 +27,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     g.add_argument(
         "--backend",
-        choices=("hf", "vllm"),
+        choices=GENERATION_BACKENDS,
         default="hf",
         help="generation engine: hf (transformers generate) or vllm (needs the vllm extra)",
     )
@@ -105,7 +107,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=VLLM_DTYPES,  # the weights' dtype for hf, the engine's for vllm
         help="weights dtype (float32)",
     )
     p.add_argument("--json", action="store_true", help="end with one line of JSON metrics")

@@ -1,7 +1,8 @@
 """Text generation for every part of deltakd that needs it (SeqKD, on-policy, evaluation).
 
 This package sits below `deltakd.train` and `deltakd.eval` (docs/ARCHITECTURE.md): it imports
-only `deltakd.errors` and, inside functions, its backends. One backend-neutral entry point::
+only `deltakd.errors`, the backend names of `deltakd.config.sections` (the `generation:`
+section's schema, the one place they are listed) and, inside functions, its backends. One backend-neutral entry point::
 
     from deltakd.generation import Generation, GenerationSettings, generate
 
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from deltakd.config.sections import GENERATION_BACKENDS
 from deltakd.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -36,10 +38,10 @@ Message = dict[str, str]
 #: Tokens that end an assistant turn besides the tokenizer's eos (ChatML's end-of-turn marker).
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>",)
 
-#: backend name -> "module:function" (see the module docstring for the function's signature)
+#: backend name -> "module:function" (see the module docstring for the function's signature);
+#: backend `name` is `deltakd.generation.<name>`
 BACKENDS: dict[str, str] = {
-    "hf": "deltakd.generation.hf:generate_batch",
-    "vllm": "deltakd.generation.vllm:generate_batch",
+    name: f"deltakd.generation.{name}:generate_batch" for name in GENERATION_BACKENDS
 }
 
 

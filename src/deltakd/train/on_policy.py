@@ -376,9 +376,17 @@ class _OnPolicyMixin:
                     "servers, or on_policy_ratio=0."
                 )
             _sample_temperature(config)
-        from deltakd.generation.vllm import backend_from_section
+        from deltakd.generation.vllm import backend_from_section, check_head_size
 
-        backend_from_section(config.generation)
+        backend, _ = backend_from_section(config.generation)
+        if config.on_policy_ratio > 0 and backend == "vllm":
+            # Refused here, before data and models load, rather than at the first sampling step.
+            check_head_size(
+                config.student_raw,
+                what=f"the on-policy student student_raw={config.student_raw!r} (generation."
+                "backend=vllm samples it)",
+                trust_remote_code=config.trust_remote_code,
+            )
 
     def prefetches_ahead(self, config: TrainConfig) -> bool:
         # Samples depend on the current weights: the next step's micro-batches must not be

@@ -356,7 +356,14 @@ class SeqKD(SFT):
                 "finetuned teacher that writes the training responses (set teacher_ft=PATH)."
             )
         generation_settings(config)
-        backend_from_section(config.generation)
+        if backend_from_section(config.generation)[0] == "vllm":
+            from deltakd.generation.vllm import check_head_size
+
+            check_head_size(
+                config.teacher_ft,
+                what=f"teacher_ft={config.teacher_ft!r} (generation.backend=vllm writes its replies)",
+                trust_remote_code=config.trust_remote_code,
+            )
 
     def prepare_rows(self, rows: list[dict], trainer_ctx: Any) -> list[dict]:
         from deltakd.data.vocab import check_vocabulary
