@@ -165,6 +165,7 @@ def _deltakd_config(args: argparse.Namespace, method: str, fused: bool, out: str
         shuffle=False, fused_loss=fused, precision="fp32", reference_dtype="fp32",
         device="cpu" if args.device == "cpu" else "auto", references="local",
         logging_steps=1, save_steps=0, report_to="none", progress=False, seed=args.seed,
+        truncation="truncate",
     )  # fmt: skip
 
 
