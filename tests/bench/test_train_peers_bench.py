@@ -65,6 +65,7 @@ def test_missing_trl_skips_its_row_and_the_rest_agree_at_step_one(monkeypatch, c
     for impl in ran:
         r = summary[impl]
         assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] >= r["baseline_rss_bytes"] > 10 << 20
+        assert not r["checkpointing"] and not r["bf16"]
     assert any("× naive_delta" in line for line in out)
 
 
@@ -102,7 +103,7 @@ def test_bench_train_peers_each_in_its_own_process(capsys):
         assert set(summary["skipped"]) == {"trl_gkd"}
     else:
         trl, ours = summary["trl_gkd"], summary["deltakd_kd_fused"]
-        assert trl["tokens"] == ours["tokens"]
+        assert trl["tokens"] == ours["tokens"] and not trl["checkpointing"] and not trl["bf16"]
         assert ours["losses"][0] == pytest.approx(trl["losses"][0], rel=1e-4)
     kd, kd_fused = summary["deltakd_kd"], summary["deltakd_kd_fused"]
     assert kd["tokens"] == kd_fused["tokens"] and len(kd["tokens"]) == 2

@@ -169,6 +169,16 @@ def _deltakd_config(args: argparse.Namespace, method: str, fused: bool, out: str
     )  # fmt: skip
 
 
+def _checkpointing_key() -> str:
+    import inspect
+
+    from transformers import TrainingArguments
+
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    return "activation_checkpointing" if "activation_checkpointing" in params else (
+        "gradient_checkpointing")  # fmt: skip
+
+
 def _hf_kwargs(cfg: Any) -> dict[str, Any]:
     """The `TrainingArguments` of the peers: the deltakd config's optimizer, schedule, batch
     and order, nothing saved."""
@@ -181,7 +191,9 @@ def _hf_kwargs(cfg: Any) -> dict[str, Any]:
         train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=cfg.device == "cpu", dataloader_num_workers=0,
         dataloader_pin_memory=False, disable_tqdm=True, remove_unused_columns=False,
-        bf16=False, fp16=False, gradient_checkpointing=False, log_level="warning",
+        bf16=False, fp16=False, log_level="warning",
+        # TRL's SFTConfig turns checkpointing on by default; transformers 5.20 renamed the key
+        **{_checkpointing_key(): False},
     )  # fmt: skip
 
 
@@ -347,6 +359,9 @@ def _worker(args: argparse.Namespace) -> int:
         "peak_rss_bytes": peak,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "threads": torch.get_num_threads(),
+        # what the trainer ran with (TRL's configs default both on)
+        "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+        "bf16": bool(trainer.args.bf16),
         "vocab": int(models["student"].config.vocab_size),
         "params": {r: sum(p.numel() for p in m.parameters()) for r, m in models.items()},
     }
@@ -450,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         keys = ("tokens_per_s", "response_tokens_per_s", "seconds", "peak_rss_bytes",
                 "baseline_rss_bytes", "peak_cuda_bytes", "losses", "tokens", "step_seconds",
-                "vocab")  # fmt: skip
+                "vocab", "checkpointing", "bf16")  # fmt: skip
         summary: dict[str, Any] = {i: {k: r[k] for k in keys} for i, r in results.items()}
         summary["config"] = {k: getattr(args, k) for k in ("world", "batch", "max_length",
                                                               "turns", "steps", "warmup",
