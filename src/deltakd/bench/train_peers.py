@@ -37,6 +37,8 @@ Qwen2.5-1.5B's width, the teachers at Qwen2.5-7B's width with their MLP shrunk t
 Qwen2.5 tokenizer's 151,665 tokens for every model, as TRL requires equal vocabularies and
 deltakd slices the padded rows off, so all implementations compute over the same V; the
 tokenizer is the rehearsal's Qwen2.5-sized one, trained on the mini world's text).
+`--teacher-shape 1.5b` gives the teachers the student's width instead (Delta-KD at the 7B
+width holds two 7B-wide teachers, the student, its copy and its optimizer state: ~11 GiB in fp32).
 Rows: `--turns` consecutive mini:instruct rows joined into one multi-turn chat, cut at
 `--max-length`.
 """
@@ -115,7 +117,7 @@ def _models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, Any]:
             from deltakd.rehearse import shapes
 
             seed = {"teacher_ft": 1, "teacher_raw": 2, "student_raw": 3}[base]
-            if base == "student_raw":
+            if base == "student_raw" or args.teacher_shape == "1.5b":
                 model = _qwen_model(shapes.QWEN_1_5B, layers=args.layers, seed=seed)
             else:
                 model = _qwen_model(shapes.QWEN_7B, layers=args.layers, seed=seed,
@@ -391,7 +393,7 @@ def _worker_cmd(impl: str, args: argparse.Namespace) -> list[str]:
            "--world", args.world, "--tokenizer", args.tokenizer, "--seed", str(args.seed),
            "--threads", str(args.threads), "--device", args.device]  # fmt: skip
     for key in ("batch", "max_length", "turns", "steps", "warmup", "layers",
-                "teacher_intermediate"):  # fmt: skip
+                "teacher_intermediate", "teacher_shape"):  # fmt: skip
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return cmd
 
@@ -439,7 +441,8 @@ def run(args: argparse.Namespace) -> int:
         args.tokenizer = str(build_real_tokenizer(Path(tmp.name) / "tokenizer"))
     args.tokenizer = args.tokenizer or "mini:tokenizer"
     print(f"deltakd bench train{' --peers' if args.peers else ''}: world={args.world}"
-          f"{f' layers={args.layers}' if args.world == 'real' else ''} batch={args.batch} "
+          f"{f' layers={args.layers} teachers={args.teacher_shape}' if args.world == 'real' else ''}"
+          f" batch={args.batch} "
           f"max_length={args.max_length} turns/row={args.turns} steps={args.steps} "
           f"(first {args.warmup} not timed) fp32 threads={args.threads} device={args.device}; "
           "each implementation in its own process", flush=True)  # fmt: skip
@@ -469,7 +472,8 @@ def run(args: argparse.Namespace) -> int:
         summary: dict[str, Any] = {i: {k: r[k] for k in keys} for i, r in results.items()}
         summary["config"] = {k: getattr(args, k) for k in ("world", "batch", "max_length",
                                                               "turns", "steps", "warmup",
-                                                              "layers", "threads", "seed")}  # fmt: skip
+                                                              "layers", "threads", "seed",
+                                                              "teacher_shape")}  # fmt: skip
         summary["skipped"] = missing
         summary["failed"] = failed
         summary["losses_agree"] = agree
@@ -548,6 +552,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder layers of the real-shape models (1)")  # fmt: skip
     parser.add_argument("--teacher-intermediate", type=int, default=4864,
                         help="the real-shape teachers' MLP width (18,944 in Qwen2.5-7B)")  # fmt: skip
+    parser.add_argument("--teacher-shape", choices=("7b", "1.5b"), default="7b",
+                        help="real-shape teachers at Qwen2.5-7B's width (default) or at the "
+                             "student's (1.5B, for machines without ~12 GiB free)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, or auto (this process's GPU)")
