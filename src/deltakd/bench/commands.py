@@ -16,6 +16,8 @@ BENCHMARKS: dict[str, str] = {
     "cache": "offline sparse target cache: bytes/token, KL to dense, throughput",
     "precision": "Delta-KD target with bf16 references: KL to the exact target per setting",
     "generate": "generation: hf vs vLLM tokens/s, time to first reply, peak memory",
+    "train": "end-to-end training tokens/s and peak memory; --peers: beside TRL GKD and a naive "
+    "transformers.Trainer",
 }
 
 
