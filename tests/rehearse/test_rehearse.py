@@ -1,11 +1,11 @@
 """The rehearsal world resolves the shipped configs' Hub ids offline, at the real shapes, and
-the quick rehearsal (1 process, 2 steps, delta_kd with references: local) trains on it.
+the quick rehearsal (1 process, 2 steps, delta_kd with references: local, Qwen2.5 and Llama 3
+shapes) trains on it.
 
-The world is built once per session into a temporary directory (about 1.5 min: ~2.9 B random
-bf16 parameters written), or reused from `DELTAKD_REHEARSAL_DIR` when that names a built
-world. Every test that needs the world is behind `slow` for now: building it and one real-shape
-step take 4–7 minutes on the 2-core machine, more than the default run's budget allows. The
-full rehearsal (`deltakd rehearse run DIR`, both families, every method) is `slow` too.
+The world is built once per session into a temporary directory: the quick world
+(`QUICK_ROWS`: every model at its real shape and every split with its schema, a few rows
+each), or reused from `DELTAKD_REHEARSAL_DIR` when that names a built world. The full
+rehearsal (`deltakd rehearse run DIR`, every method) is `slow`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if given and (Path(given) / "rehearsal.json").is_file():
         yield Path(given)
         return
-    from deltakd.rehearse.world import build
+    from deltakd.rehearse.world import QUICK_ROWS, build
 
     root = tmp_path_factory.mktemp("rehearsal")
-    build(root, families=("qwen",), log=lambda _: None)
+    build(root, families=("qwen", "llama"), rows=QUICK_ROWS, log=lambda _: None)
     yield root
-    shutil.rmtree(root, ignore_errors=True)  # 5.7 GB of weights: not kept between sessions
+    shutil.rmtree(root, ignore_errors=True)  # 11 GB of weights: not kept between sessions
 
 
 def _offline(world: Path, code: str) -> dict:
@@ -47,7 +47,6 @@ def _offline(world: Path, code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
 def test_hub_ids_resolve_offline_to_the_real_configs(world: Path) -> None:
     got = _offline(
         world,
@@ -81,7 +80,6 @@ print(json.dumps(out))
     )
 
 
-@pytest.mark.slow
 def test_datasets_have_the_published_schemas_and_lengths(world: Path) -> None:
     got = _offline(
         world,
@@ -120,19 +118,23 @@ print(json.dumps(out))
     assert cot["median_tokens"] >= 2500  # chain-of-thought of several thousand tokens
 
 
-@pytest.mark.slow
 def test_quick_rehearsal_trains_the_shipped_config(world: Path, tmp_path: Path) -> None:
     from deltakd.rehearse.run import rehearse
 
-    (res,) = rehearse(world, quick=True, families=("qwen",), out=tmp_path, log=lambda _: None)
-    assert res.status == "ok", Path(res.log).read_text()[-3000:]
-    assert res.s_per_step is not None and res.s_per_step > 0
-    assert len(res.peak_rss_gb) == 1 and res.peak_rss_gb[0] > 5  # two 7B-shape models + student
-    assert (tmp_path / "quick-qwen" / "final" / "model.safetensors").is_file()
-    history = [json.loads(x) for x in (tmp_path / "quick-qwen" / "history.jsonl").open()]
-    losses = [h["loss"] for h in history if "loss" in h]
-    assert len(losses) == 2 and all(x == x and x > 0 for x in losses)  # finite, positive
-    assert "| delta_kd local (qwen, ultrachat) | ok |" in (tmp_path / "rehearsal.md").read_text()
+    results = rehearse(world, quick=True, families=("qwen", "llama"), out=tmp_path,
+                       log=lambda _: None)  # fmt: skip
+    assert [r.name for r in results] == [
+        "delta_kd local (qwen, ultrachat)", "delta_kd local (llama, ultrachat)"]  # fmt: skip
+    table = (tmp_path / "rehearsal.md").read_text()
+    for res, fam in zip(results, ("qwen", "llama")):
+        assert res.status == "ok", Path(res.log).read_text()[-3000:]
+        assert res.s_per_step is not None and res.s_per_step > 0
+        assert len(res.peak_rss_gb) == 1 and res.peak_rss_gb[0] > 5  # 7B shapes + student
+        assert (tmp_path / f"quick-{fam}" / "final" / "model.safetensors").is_file()
+        history = [json.loads(x) for x in (tmp_path / f"quick-{fam}" / "history.jsonl").open()]
+        losses = [h["loss"] for h in history if "loss" in h]
+        assert len(losses) == 2 and all(x == x and x > 0 for x in losses)  # finite, positive
+        assert f"| delta_kd local ({fam}, ultrachat) | ok |" in table
 
 
 @pytest.mark.slow
@@ -164,12 +166,22 @@ def test_the_shipped_configs_are_changed_only_by_the_listed_overrides(tmp_path: 
 
     allowed = set(CPU_OVERRIDES) | {"max_steps", "output_dir", "method", "max_new_tokens",
                                     "on_policy_ratio", "references", "cache.dir", "limit",
-                                    "fused_loss"}  # fmt: skip
+                                    "servers.placement", "servers.output",
+                                    "servers.threads"}  # fmt: skip
     rows = plan(tmp_path, tmp_path / "runs", quick=False, nproc=2, steps=2)
     trains = [r for r in rows if r.train is not None]
     assert {r.name.split(" (")[0] for r in trains} == {
-        "delta_kd local", "delta_kd cache: train", "kd", "seqkd", "on_policy", "minillm"}  # fmt: skip
+        "delta_kd local", "delta_kd cache: train", "kd", "seqkd", "on_policy", "minillm",
+        "delta_kd servers"}  # fmt: skip
     for r in trains:
         config, overrides = r.train
         assert config.name.startswith("qwen2.5-7b-to-1.5b-") and config.is_file()
         assert set(overrides) <= allowed, set(overrides) - allowed
+        # The shipped settings run as they are: no reporter without its package (report_to),
+        # no fused_loss that minillm would refuse.
+        assert not {"report_to", "fused_loss"} & set(overrides), overrides
+    (servers,) = [r for r in trains if r.name.startswith("delta_kd servers")]
+    assert servers.train[1]["references"] == "servers"
+    assert servers.train[1]["servers.placement"] == "shared"
+    assert servers.train[1]["servers.output"] == "hidden"
+    assert servers.nproc == 2 and servers.servers == 3
