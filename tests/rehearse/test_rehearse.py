@@ -37,12 +37,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)  # 11 GB of weights: not kept between sessions
 
 
-def _offline(world: Path, code: str) -> dict:
+def _offline(world: Path, code: str, cwd: Path | None = None) -> dict:
     """Run `code` (which prints one JSON line last) with HF_HOME=world, offline."""
     env = {**os.environ, "HF_HOME": str(world), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
+                          env=env, timeout=600, cwd=cwd)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -116,6 +116,34 @@ print(json.dumps(out))
     cot = info["datasets"]["nvidia/OpenMathReasoning"]["cot"]
     assert 1000 <= chats["median_tokens"] <= 2500  # multi-turn chats around 1.5k tokens
     assert cot["median_tokens"] >= 2500  # chain-of-thought of several thousand tokens
+
+
+def test_shipped_openmath_config_keeps_the_chains_of_thought(world: Path) -> None:
+    """At the shipped max_length no realistic chain of thought is dropped (at 4096, the old
+    value, most were: their median is ~5.6k tokens)."""
+    got = _offline(
+        world,
+        """
+import json, yaml
+from deltakd.data.specs import load_rows
+from deltakd.data.tokenize import encode_rows
+from transformers import AutoTokenizer
+cfg = yaml.safe_load(open("configs/qwen2.5-7b-to-1.5b-openmath.yaml"))
+tok = AutoTokenizer.from_pretrained(cfg["tokenizer"])
+rows = load_rows(cfg["dataset"], cfg["train_split"])
+out = {}
+for n in (cfg["max_length"], 4096):
+    _, kept, _ = encode_rows(tok, rows, max_length=n, truncation=cfg["truncation"])
+    out[str(n)] = [len(rows), len(kept)]
+out["micro_batch_tokens"] = cfg["max_length"] * cfg["per_device_batch_size"]
+print(json.dumps(out))
+""",
+        cwd=Path(SRC).parent,
+    )
+    rows, kept = got.pop("8192")
+    assert rows >= 8 and kept == rows, (rows, kept)
+    assert got["4096"][1] < rows / 2  # what the old max_length dropped
+    assert got["micro_batch_tokens"] == 8192  # the activation memory of 2 × 4096
 
 
 def test_quick_rehearsal_trains_the_shipped_config(world: Path, tmp_path: Path) -> None:
