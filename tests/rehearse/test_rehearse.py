@@ -213,3 +213,21 @@ def test_the_shipped_configs_are_changed_only_by_the_listed_overrides(tmp_path: 
     assert servers.train[1]["servers.placement"] == "shared"
     assert servers.train[1]["servers.output"] == "hidden"
     assert servers.nproc == 2 and servers.servers == 3
+
+
+def test_launch_width_counts_the_shared_frozen_weights_once(tmp_path: Path, monkeypatch) -> None:
+    """The frozen models' weights are memory-mapped file pages every process of a row shares;
+    only the student and activations are per process. 18 GiB free holds two delta_kd local
+    processes (3.8 shared + 2 x 6.8), 10 GiB one, and the table says why."""
+    import deltakd.rehearse.run as run
+
+    (row,) = [r for r in run.plan(tmp_path, tmp_path / "runs", quick=False, nproc=2, steps=2)
+              if r.name.startswith("delta_kd local")]  # fmt: skip
+    monkeypatch.setattr(run, "_mem_available_gb", lambda: 18.0)
+    run._launch_width(row)
+    assert row.nproc == 2 and not row.note
+    assert "--nproc_per_node=2" in row.commands[0]
+    monkeypatch.setattr(run, "_mem_available_gb", lambda: 10.0)
+    row.nproc = 2
+    run._launch_width(row)
+    assert row.nproc == 1 and row.note.startswith("1 of 2 processes: 3.8 GiB shared + 6.8 GiB each")
