@@ -184,7 +184,7 @@ def _mem_available_gb() -> float:
 NEED_GB: dict[str, tuple[float, float]] = {
     "local": (3.8, 6.8),
     "teacher": (2.6, 6.8),
-    "student": (0.6, 6.0),
+    "student": (0.3, 7.6),
     "servers": (6.2, 6.0),
 }
 
