@@ -179,13 +179,16 @@ def _mem_available_gb() -> float:
 #: (fp32 weights, gradients, AdamW moments) and activations are each process's own (anonymous
 #: RSS). Figures from `deltakd rehearse run` on the 2-core, 24 GiB machine, rounded up:
 #: delta_kd / on_policy with `references: local` (three frozen models), kd / minillm / seqkd (one
-#: frozen 7B-shape model), a student alone (training from the cache or from teacher servers;
+#: frozen 7B-shape model; minillm more, below), a student alone (training from the cache or from teacher servers;
 #: the servers' own processes hold the frozen models once per node).
 NEED_GB: dict[str, tuple[float, float]] = {
     "local": (3.8, 6.8),
     "teacher": (2.6, 6.8),
     "student": (0.3, 7.6),
     "servers": (6.2, 6.0),
+    # MiniLLM's sampler loads its own copy of teacher_ft in the student's dtype (fp32) for
+    # teacher-mixed sampling, beside the bf16 reference: a rank peaked at 9.8 GiB, all anon.
+    "minillm": (2.6, 10.4),
 }
 
 
@@ -228,7 +231,7 @@ def plan(root: Path, out: Path, *, quick: bool, nproc: int, steps: int,
         ("seqkd", {"method": "seqkd", "limit": 16, **gen}, "teacher"),
         ("on_policy", {"on_policy_ratio": 1.0, **gen}, "local"),
         # The shipped configs' fused_loss: true is set aside by minillm itself (one log line).
-        ("minillm", {"method": "minillm", **gen}, "teacher"),
+        ("minillm", {"method": "minillm", **gen}, "minillm"),
         # One set of teacher servers per node (bf16 hidden states; the trainer applies each
         # role's lm_head chunk by chunk with the configs' fused_loss), shared by both ranks.
         (
