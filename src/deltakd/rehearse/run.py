@@ -186,8 +186,8 @@ NEED_GB: dict[str, tuple[float, float]] = {
     "teacher": (2.6, 6.8),
     "student": (0.3, 7.6),
     "servers": (6.2, 6.0),
-    # MiniLLM's sampler loads its own copy of teacher_ft in the student's dtype (fp32) for
-    # teacher-mixed sampling, beside the bf16 reference: a rank peaked at 9.8 GiB, all anon.
+    # MiniLLM with two ranks: one peaked at 9.8 GiB, all anonymous, and the other was
+    # OOM-killed at 10 GiB free (alone: 8.2 GiB, 6.5 anonymous).
     "minillm": (2.6, 10.4),
 }
 
