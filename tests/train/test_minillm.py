@@ -160,7 +160,6 @@ def test_bad_minillm_settings_are_refused(base_overrides, tmp_path):
         ({"method_args": {"importance_clip": 0}}, r"importance_clip' = 0.0 .*> 0"),
         ({"method_args": {"mix": 0.1}}, "allowed keys are teacher_mix, importance_clip"),
         ({"references": "cache"}, "not for the student's fresh samples"),
-        ({"fused_loss": True}, "method 'minillm' has no fused form"),
     ]
     for over, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--layers", type=int, default=1, help="decoder layers per model (1)")
     b.add_argument("--families", default="qwen,llama", help="model families: qwen, llama (both)")
     b.add_argument("--seed", type=int, default=0, help="weights and data seed (0)")
+    b.add_argument(
+        "--quick", action="store_true",
+        help="a few rows per split: enough for `run --quick`, not for the full run",
+    )  # fmt: skip
     b.set_defaults(func=_build)
     r = actions.add_parser("run", help="train the shipped configs against DIR; print the table")
     r.add_argument("dir", help="a directory written by `deltakd rehearse build`")
@@ -50,7 +54,10 @@ def _build(args: argparse.Namespace) -> int:
             f"--families {args.families!r} / --layers {args.layers}: use families from "
             "qwen,llama and at least 1 layer."
         )
-    info = build(args.dir, families=families, layers=args.layers, seed=args.seed)
+    from deltakd.rehearse.world import QUICK_ROWS
+
+    info = build(args.dir, families=families, layers=args.layers, seed=args.seed,
+                 rows=QUICK_ROWS if args.quick else None)  # fmt: skip
     print(f"rehearsal world written to {args.dir} in {info['seconds']:.0f} s; use it with")
     print(f"  HF_HOME={args.dir} HF_HUB_OFFLINE=1 deltakd train configs/qwen2.5-7b-to-1.5b-*.yaml")
     return 0

@@ -40,7 +40,6 @@ CPU_OVERRIDES: dict[str, tuple[str, str]] = {
     "max_length": ("512", "same; rows are cut to 512 tokens (truncation=truncate) to fit 20 min"),
     "truncation": ("truncate", "with max_length=512 every realistic row would be dropped"),
     "max_prompt_length": ("256", "must stay below max_length"),
-    "report_to": ("csv", "tensorboard is not a deltakd dependency (pip install tensorboard)"),
     "device": ("cpu", "no GPU"),
     "precision": ("bf16", "as shipped (CPU autocast)"),
     "logging_steps": ("1", "a log line per step, for the table"),
@@ -63,7 +62,8 @@ class Row:
     output_dir: Path | None = None
     steps: int = 0
     note: str = ""
-    need_gb: float = 0.0
+    need_gb: tuple[float, float] = (0.0, 0.0)  # (shared once, per process), see NEED_GB
+    servers: int = 0  # teacher server processes the row launches (reported beside the ranks)
     train: tuple[Path, dict[str, str]] | None = None
 
 
@@ -173,11 +173,23 @@ def _mem_available_gb() -> float:
     return 0.0
 
 
-#: Peak RSS of one training process at these shapes, GiB (`deltakd rehearse run` on this
-#: machine, rounded up): three frozen 7B/7B/1.5B-shape models in bf16 + the 1.5B-shape student
-#: in fp32 with AdamW (delta_kd local, on_policy); one frozen 7B-shape model + student (kd,
-#: minillm, seqkd's generation); the student alone (training from the cache).
-NEED_GB = {"local": 10.6, "teacher": 8.5, "student": 6.0}
+#: Memory of a training row at these shapes, GiB, as (shared once, per process): the frozen
+#: models' bf16 weights stay memory-mapped from their safetensors files, so every process of
+#: the row reads the same page-cache pages (file-backed RSS, counted once), while the student
+#: (fp32 weights, gradients, AdamW moments) and activations are each process's own (anonymous
+#: RSS). Figures from `deltakd rehearse run` on the 2-core, 24 GiB machine, rounded up:
+#: delta_kd / on_policy with `references: local` (three frozen models), kd / minillm / seqkd (one
+#: frozen 7B-shape model; minillm more, below), a student alone (training from the cache or from teacher servers;
+#: the servers' own processes hold the frozen models once per node).
+NEED_GB: dict[str, tuple[float, float]] = {
+    "local": (3.8, 6.8),
+    "teacher": (2.6, 6.8),
+    "student": (0.3, 7.6),
+    "servers": (6.2, 6.0),
+    # MiniLLM with two ranks: one peaked at 9.8 GiB, all anonymous, and the other was
+    # OOM-killed at 10 GiB free (alone: 8.2 GiB, 6.5 anonymous).
+    "minillm": (2.6, 10.4),
+}
 
 
 def plan(root: Path, out: Path, *, quick: bool, nproc: int, steps: int,
@@ -218,12 +230,25 @@ def plan(root: Path, out: Path, *, quick: bool, nproc: int, steps: int,
         # 64-prompt chunk of the 192 came out in 7 min on the shared 2-core machine).
         ("seqkd", {"method": "seqkd", "limit": 16, **gen}, "teacher"),
         ("on_policy", {"on_policy_ratio": 1.0, **gen}, "local"),
-        # The shipped configs set fused_loss: true, which minillm refuses (it has no fused form).
-        ("minillm", {"method": "minillm", "fused_loss": "false", **gen}, "teacher"),
+        # The shipped configs' fused_loss: true is set aside by minillm itself (one log line).
+        ("minillm", {"method": "minillm", **gen}, "minillm"),
+        # One set of teacher servers per node (bf16 hidden states; the trainer applies each
+        # role's lm_head chunk by chunk with the configs' fused_loss), shared by both ranks.
+        (
+            "delta_kd servers",
+            {
+                "references": "servers",
+                "servers.placement": "shared",
+                "servers.output": "hidden",
+                "servers.threads": 1,
+            },
+            "servers",
+        ),
     ):
         o = out / method
         plan_.append(Row(f"{method} (ultrachat)", [], nproc, o, steps, need_gb=NEED_GB[need],
-                         train=(uc, _overrides(o, steps, extra))))  # fmt: skip
+                         train=(uc, _overrides(o, steps, extra)),
+                         servers=3 if need == "servers" else 0))  # fmt: skip
     evaluate = [sys.executable, "-m", "deltakd.cli", "eval", "--model",
                 str(out / "delta_kd_cache" / "final"), "--data",
                 "openmath:nvidia/OpenMathReasoning", "--split", "cot", "--limit", "4",
@@ -240,9 +265,10 @@ def _launch_width(row: Row) -> None:
     if row.train is None:
         return
     free = _mem_available_gb()
-    fits = max(1, min(row.nproc, int(free // row.need_gb))) if row.need_gb else row.nproc
+    shared, each = row.need_gb
+    fits = max(1, min(row.nproc, int((free - shared) // each))) if each else row.nproc
     if fits < row.nproc:
-        row.note = (f"{fits} of {row.nproc} processes: {row.need_gb} GiB each, "
+        row.note = (f"{fits} of {row.nproc} processes: {shared} GiB shared + {each} GiB each, "
                     f"{free:.0f} GiB free")  # fmt: skip
         row.nproc = fits
     row.commands = [_train_cmd(row.train[0], row.train[1], row.nproc)]
@@ -293,7 +319,8 @@ def run_row(row: Row, env: dict[str, str], log_dir: Path, timeout: float) -> Res
                 status = f"failed (exit {rc})"
                 break
     res = Result(row.name, status, row.nproc, round(time.perf_counter() - t0, 1),
-                 peak_rss_gb=peaks[: max(row.nproc, 1)], peak_anon_gb=anons[: max(row.nproc, 1)],
+                 peak_rss_gb=peaks[: max(row.nproc, 1) + row.servers],
+                 peak_anon_gb=anons[: max(row.nproc, 1) + row.servers],
                  note=row.note, log=str(log))  # fmt: skip
     _figures(row, res)
     return res

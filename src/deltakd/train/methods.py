@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -44,6 +45,8 @@ import torch
 from deltakd.config.fields import Section
 from deltakd.errors import ConfigError
 from deltakd.targets import Target, target_of
+
+logger = logging.getLogger("deltakd.train")
 
 if TYPE_CHECKING:
     from deltakd.config import TrainConfig
@@ -131,7 +134,19 @@ class Method:
     def validate(self, config: TrainConfig) -> None:
         """Raise ConfigError for settings this method cannot use (call super() when overriding)."""
         target = self.target(config) if self.uses_kd else None
-        if config.fused_loss and self.uses_kd and (target is None or target.fused_args() is None):
+        if config.fused_loss and self.uses_kd and target is None:
+            # No fixed target (MiniLLM's policy gradient needs every position's logits of the
+            # student's own samples): there is nothing to fuse, so the shipped configs'
+            # `fused_loss: true` is set aside rather than refused when a user switches method.
+            logger.warning("fused_loss does not apply to method %r (it has no fixed target to "
+                           "fuse); training with full logits.", self.name)  # fmt: skip
+            config.fused_loss = False
+        if (
+            config.fused_loss
+            and self.uses_kd
+            and target is not None
+            and target.fused_args() is None
+        ):
             raise ConfigError(
                 f"config field 'fused_loss' = True is not allowed: method {self.name!r} has no "
                 "fused form; set fused_loss=false."

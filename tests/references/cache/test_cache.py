@@ -450,3 +450,35 @@ def test_build_through_teacher_servers_matches_local(built_cache, tmp_path):
         ta, tb = a.fetch(key, batch).target, b.fetch(key, batch).target
         assert torch.equal(ta.indices, tb.indices)
         torch.testing.assert_close(ta.logprobs, tb.logprobs, atol=1e-4, rtol=0)
+
+
+def test_build_makes_targets_a_chunk_of_positions_at_a_time(
+    cache_overrides, built_cache, tmp_path, monkeypatch
+):
+    """The build asks its source for hidden states and applies each role's lm_head to at most
+    `chunk_size` positions at once (at V = 152k a whole row's float32 logits of every role did
+    not fit: docs/USAGE.md), and stores exactly what an unchunked build stores."""
+    from safetensors.torch import load_file
+
+    from deltakd.losses.heads import LogitHead
+    from deltakd.references.cache.build import build_cache
+
+    seen: list[int] = []
+    apply = LogitHead.apply
+
+    def counting(self, hidden, vocab=None):
+        seen.append(hidden.shape[:-1].numel())  # positions in this call
+        return apply(self, hidden, vocab)
+
+    monkeypatch.setattr(LogitHead, "apply", counting)
+    config = make_config(cache_overrides, tmp_path, cache={"value_dtype": "fp32"}, chunk_size=2)
+    result = build_cache(config, progress=False)
+    assert seen and max(seen) <= 2, seen
+    _, whole = built_cache
+    assert [s.file for s in result.manifest.shards] == [s.file for s in whole.manifest.shards]
+    for info in result.manifest.shards:
+        got = load_file(str(result.cache_dir / info.file))
+        want = load_file(str(whole.cache_dir / info.file))
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,10 @@ from deltakd.references.cache.writer import CachedRow, encode_rows, write_shard
 from deltakd.targets import TARGET_BUILDERS, Target, target_of
 
 logger = logging.getLogger("deltakd.cache")
+
+#: Positions whose target logits exist at once while building when the config sets no
+#: `chunk_size` (the value does not change what is stored: every operation is per position).
+DEFAULT_CHUNK_POSITIONS = 1024
 
 
 # --- what the run needs ------------------------------------------------------------------------
@@ -269,7 +273,6 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
 
     from deltakd.data.tokenize import ChatCollator
     from deltakd.data.vocab import check_vocabulary, load_tokenizer
-    from deltakd.losses import SparseTarget
 
     start = time.perf_counter()
     check_cacheable(config)
@@ -283,7 +286,6 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
     manifest = expected_manifest(config, settings, tokenizer, data, roles)
     h = manifest.settings_hash()
     k = int(manifest.target["k"])
-    tau = float(config.temperature)
     rank, world = build_rank()
     mine = set(rank_shards(max(1, math.ceil(len(data.unique()) / settings.rows_per_shard)), rank,
                            world))  # fmt: skip
@@ -373,12 +375,9 @@ def build_cache(config: Any, *, references: Any = None, progress: bool | None = 
             for j, (members_b, batch) in enumerate(zip(batches, collated)):
                 if j + 1 < len(collated):
                     source.prefetch(base + j + 1, collated[j + 1])
-                z, mask = _batch_target(config, source, vocab.vocab_size, base + j, batch)
-                for b, i in enumerate(members_b):
-                    pos = mask[b].nonzero().flatten()  # (n,)
-                    sparse = SparseTarget.from_logits(  # (n, k), coefficients (n, r)
-                        z[b, pos.to(z.device)], k, tau, tail_basis=basis, tail_offset=offset
-                    )
+                for b, pos, sparse in _batch_sparse(config, source, vocab.vocab_size, base + j,
+                                                    batch, k, basis, offset):  # fmt: skip
+                    i = members_b[b]
                     if bool(sparse.logprobs.isnan().any() or sparse.tail_mass.isnan().any()):
                         raise NonFiniteError(
                             f"the target of dataset row {data.row_indices[i]} contains NaN (the "
@@ -433,16 +432,75 @@ def _collate_rows(collate: Any, data: EncodedDataset, members: Sequence[int]) ->
                      "row_index": data.row_indices[i]} for i in members])  # fmt: skip
 
 
-def _batch_target(config: Any, source: Any, vocab_size: int, key: int,
-                  batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The method's target logits `(B, T-1, V)` for a collated batch, and its response mask
-    `(B, T-1)` (the positions the trainer counts)."""
-    from deltakd.references.role_logits import RoleLogits
+def _row_target_chunks(config: Any, source: Any, vocab_size: int, key: int,
+                       batch: Mapping[str, torch.Tensor]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """The method's target logits at the counted positions of each row of a collated batch,
+    `chunk_size` positions at a time: yields (row b, positions (c,), target logits (c, V)).
+
+    Positions index the trainer's next-token positions `0 .. T-2` (the response mask
+    `assistant_mask[:, 1:] & attention_mask[:, 1:]`). Only a chunk of logits per role exists at
+    once, computed from the sources' hidden states and each role's output layer where they send
+    them (never `(B, T, V)` float32 logits of every role: 2 GiB per 1k-token row at V = 152k).
+    """
+    from deltakd.losses.heads import as_logit_head
 
     ref = source.fetch(key, batch)
-    logits = RoleLogits(ref, source.lm_heads(), vocab_size, choose_device(config.device)).logits
+    device = choose_device(config.device)
+    heads = {r: as_logit_head(h).to(device) for r, h in source.lm_heads().items()}
     mask = batch["assistant_mask"][:, 1:].bool() & batch["attention_mask"][:, 1:].bool()
-    return target_logits(config, logits), mask
+    chunk = int(config.chunk_size or DEFAULT_CHUNK_POSITIONS)
+    target = cacheable_target(config)
+
+    for b in range(mask.shape[0]):
+        pos = mask[b].nonzero().flatten()  # (n,)
+        for lo in range(0, max(len(pos), 1), chunk):
+            part = pos[lo : lo + chunk]  # (c,)
+
+            def logits(role: str, b: int = b, part: torch.Tensor = part) -> torch.Tensor:  # (c, V)
+                if role in ref.logits:
+                    return ref.logits[role][b, part.to(ref.logits[role].device), :vocab_size].to(
+                        device
+                    )
+                if role in ref.hidden:
+                    hidden = ref.hidden[role][b, part.to(ref.hidden[role].device)]  # (c, H)
+                    return heads[role].apply(hidden.to(device), vocab=vocab_size)
+                raise CacheError(f"the reference source returned no output for role {role!r}; "
+                                 "configure that role for the source.")  # fmt: skip
+
+            yield b, part, target.logits(logits)
+
+
+def _batch_sparse(config: Any, source: Any, vocab_size: int, key: int,
+                  batch: Mapping[str, torch.Tensor], k: int, basis: torch.Tensor | None,
+                  offset: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor, Any]]:  # fmt: skip
+    """(row b, positions (n,), its `SparseTarget` (n, k)) for each row of a collated batch,
+    made chunk by chunk (`_row_target_chunks`) and joined per row."""
+    from deltakd.losses import SparseTarget
+
+    tau = float(config.temperature)
+    parts: list[Any] = []
+    positions: list[torch.Tensor] = []
+    row = None
+    for b, pos, z in _row_target_chunks(config, source, vocab_size, key, batch):
+        if row is not None and b != row:
+            yield row, torch.cat(positions), _join_sparse(parts)
+            parts, positions = [], []
+        row = b
+        positions.append(pos)
+        parts.append(SparseTarget.from_logits(z, k, tau, tail_basis=basis, tail_offset=offset))
+    if row is not None:
+        yield row, torch.cat(positions), _join_sparse(parts)
+
+
+def _join_sparse(parts: Sequence[Any]) -> Any:
+    """One `SparseTarget` of the positions of `parts` (same k, τ and tail model), in order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    coeffs = None if first.tail_coeffs is None else torch.cat([p.tail_coeffs for p in parts])
+    return type(first)(torch.cat([p.indices for p in parts]), torch.cat([p.logprobs for p in parts]),
+                       torch.cat([p.tail_mass for p in parts]), first.temperature, coeffs,
+                       first.tail_basis, first.tail_offset)  # fmt: skip
 
 
 #: reference keys used by the tail-model fit; the shards' keys start after them
@@ -466,12 +524,13 @@ def _fit_tail_model(config: Any, settings: CacheSettings, data: EncodedDataset, 
         if have >= want:
             break
         batch = _collate_rows(collate, data, uniq[j : j + settings.batch_size])
-        z, mask = _batch_target(config, source, vocab_size, j, batch)
-        logp = torch.log_softmax(z[mask.to(z.device)].float() / config.temperature, dim=-1)
-        take = logp[: want - have]  # (n, V), fitted where the models ran
-        parts.append(take)
-        have += take.shape[0]
-        bar.update(take.shape[0])
+        for _, _, z in _row_target_chunks(config, source, vocab_size, j, batch):
+            if have >= want:
+                break
+            take = z[: want - have]  # (n, V), fitted where the models ran
+            parts.append(torch.log_softmax(take.float() / config.temperature, dim=-1))
+            have += take.shape[0]
+            bar.update(take.shape[0])
     bar.close()
     if have < rank:
         raise ConfigError(f"config field 'cache.tail_rank' = {rank} needs at least {rank} response "
@@ -504,8 +563,9 @@ def _write_tail_model(path: Path, model: tuple[torch.Tensor, torch.Tensor], h: s
 def _build_source(config: Any, settings: CacheSettings, roles: Sequence[str]) -> Any:
     from deltakd.references.factory import build_reference_source
 
-    # `references: cache` in the training config: build from `cache.source` instead.
-    cfg = config.replace(references=settings.source)
+    # `references: cache` in the training config: build from `cache.source` instead; with
+    # hidden states (as fused_loss asks) so targets are made a chunk of positions at a time.
+    cfg = config.replace(references=settings.source, fused_loss=True)
     return build_reference_source(cfg, tuple(roles), choose_device(config.device),
                                   reference_dtype(config))  # fmt: skip
 
