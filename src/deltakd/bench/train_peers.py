@@ -182,13 +182,13 @@ def _checkpointing_key() -> str:
 
 
 def _hf_kwargs(cfg: Any) -> dict[str, Any]:
-    """The `TrainingArguments` of the peers: the deltakd config's optimizer, schedule, batch
-    and order, nothing saved."""
+    """The `TrainingArguments` of the peers: the deltakd config's optimizer settings (and, like
+    deltakd, transformers' default optimizer), schedule, batch and order, nothing saved."""
     return dict(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=1, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
-        adam_epsilon=cfg.adam_epsilon, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
+        adam_epsilon=cfg.adam_epsilon, max_grad_norm=cfg.max_grad_norm,
         lr_scheduler_type="constant", warmup_steps=0, seed=cfg.seed, data_seed=cfg.seed,
         train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=cfg.device == "cpu", dataloader_num_workers=0,

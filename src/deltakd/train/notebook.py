@@ -90,7 +90,10 @@ def training_arguments(config: TrainConfig) -> Any:
         adam_beta1=config.adam_beta1,
         adam_beta2=config.adam_beta2,
         adam_epsilon=config.adam_epsilon,
-        optim="adamw_torch",
+        # No `optim`: transformers' own default (the fused AdamW for torch >= 2.8, also on CPU)
+        # is several times faster per step than the single-tensor "adamw_torch" this used to pin
+        # (a 67M-parameter step on 2 cores: 0.20 s against 1.43 s). `training_args: {optim: ...}`
+        # still chooses another.
         lr_scheduler_type=schedule,
         warmup_steps=warmup,
         max_steps=config.max_steps,
