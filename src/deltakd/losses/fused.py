@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from deltakd.losses import closed_form
 from deltakd.losses.divergences import check_divergence_args, per_position_divergence
 from deltakd.losses.heads import LogitHead
 from deltakd.losses.kd import check_mask_dtype, check_positive_int, check_reduction
@@ -204,6 +205,22 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
         if any(i > 0 for i in capped) and plan.sparse is None
         else None
     )
+    # The closed-form value + gradient (deltakd.losses.closed_form) where it applies; `work`
+    # then holds each chunk's gradient divided by g_scale, which the matmuls multiply back.
+    fast = None
+    g_scale = 1.0
+    sft_ratio = 0.0
+    if (
+        plan.sparse is None
+        and not plan.live_weight
+        and closed_form.supports(plan.divergence, plan.temperature, plan.labels is not None)
+        and plan.kd_scale > 0
+    ):
+        fast = closed_form.SliceGrad(
+            plan.divergence, plan.temperature, plan.beta, plan.softmax_rows, vocab, dtype, device
+        )
+        g_scale = plan.kd_scale * fast.factor
+        sft_ratio = plan.sft_scale / plan.kd_scale
     for rows, c in _chunks(plan):
         zs = zs_buf[:c]
         h, z = s.logits(rows, out=zs)  # (c, H), (c, V)
@@ -233,41 +250,29 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
             sparse = plan.sparse.map_positions(lambda t: _take(t, rows))  # noqa: B023
         labels = None if plan.labels is None else _take(plan.labels, rows)
         # The softmax and divergence run on row slices of the chunk: their intermediates (a few
-        # (rows, V) arrays) stay small while the matmuls keep full chunks.
+        # (rows, V) arrays) stay small while the matmuls keep full chunks. Each slice's
+        # gradient (dL/dz_student, divided by g_scale) overwrites its consumed target rows.
         for a in range(0, c, plan.softmax_rows):
             b = min(a + plan.softmax_rows, c)
-            with torch.set_grad_enabled(any_grad):
-                leaf = zs[a:b].detach().requires_grad_(any_grad)
-                if sparse is not None:
-                    t = sparse.map_positions(lambda x: x[a:b])  # noqa: B023
-                    per = sparse_fkl_per_position(
-                        leaf, t.indices, t.logprobs, t.tail_mass, plan.temperature,
-                        t.tail_coeffs, t.tail_basis, t.tail_offset,
-                    )  # fmt: skip
-                else:
-                    target = work[a:b]
-                    if plan.live_weight:
-                        # The student's logits sit inside the target too; autograd sums both.
-                        target = target + plan.live_weight * leaf
-                    per = per_position_divergence(
-                        leaf, target, plan.divergence, plan.temperature, plan.beta
-                    )
-                    del target
-                kd_sum = per.sum()
-                loss = plan.kd_scale * kd_sum
-                del per
-                if labels is not None:
-                    ce_sum = F.cross_entropy(
-                        leaf, labels[a:b], ignore_index=plan.ignore_index, reduction="sum"
-                    )
-                    loss = loss + plan.sft_scale * ce_sum
-                    sft_total += ce_sum.detach()
-                kd_total += kd_sum.detach()
-                if any_grad:
-                    (g,) = torch.autograd.grad(loss, leaf)  # (b - a, V): dL/dz_student
-                    work[a:b].copy_(g)  # these target rows are consumed
-                    del g
-                del loss, kd_sum, leaf
+            lab = None if labels is None else labels[a:b]
+            res = None
+            if fast is not None:
+                res = fast(zs[a:b], work[a:b], work[a:b], lab, plan.ignore_index, sft_ratio)
+            if res is not None:
+                per, ce_sum = res
+                kd_total += per.sum()
+                if ce_sum is not None:
+                    sft_total += ce_sum
+                continue
+            # The autograd path: other divergences, live-student targets, sparse targets, and
+            # slices whose closed form is not finite (-inf targets, underflow).
+            g = _slice_autograd(plan, zs[a:b], None if sparse is None else (sparse, a, b),
+                                work[a:b], lab, any_grad, kd_total, sft_total)  # fmt: skip
+            if g is not None:
+                work[a:b].copy_(g)
+                if fast is not None:  # the other slices hold the gradient / g_scale
+                    work[a:b].div_(g_scale)
+                del g
         if not any_grad:
             continue
         if s.head is not None:
@@ -276,20 +281,66 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
         g = work if s.weight.dtype == dtype else work.to(s.weight.dtype)  # (c, V)
         if need_h:
             gh = g @ s.weight  # (c, H), in the matmul dtype
+            if g_scale != 1.0:
+                gh.mul_(g_scale)  # (c, H): a pass over H columns, not V
             if isinstance(rows, slice):
                 grad_h[rows] = gh
             else:
                 # index_copy_ does not cast: a 16-bit chunk into the compute-dtype buffer.
                 grad_h.index_copy_(0, rows, gh.to(grad_h.dtype))
         if need_w:
-            grad_w.addmm_(work.t(), h.to(dtype))  # (V, H) += (V, c) @ (c, H), compute dtype
+            # (V, H) += (V, c) @ (c, H), in the compute dtype
+            grad_w.addmm_(work.t(), h.to(dtype), alpha=g_scale)
         if need_b:
-            grad_b += work.sum(0)
+            grad_b.add_(work.sum(0), alpha=g_scale)
         del g
     plan.parts["kd_sum"] = kd_total
     plan.parts["sft_sum"] = sft_total
     plan.parts["grads"] = (grad_h, grad_w, grad_b)
     return plan.kd_scale * kd_total + plan.sft_scale * sft_total
+
+
+def _slice_autograd(
+    plan: _Plan,
+    zs: torch.Tensor,
+    sparse: tuple[SparseTarget, int, int] | None,
+    target: torch.Tensor,
+    labels: torch.Tensor | None,
+    any_grad: bool,
+    kd_total: torch.Tensor,
+    sft_total: torch.Tensor,
+) -> torch.Tensor | None:
+    """One softmax slice through autograd: adds its sums to the totals in place, returns
+    dL/dz_student (r, V) when a gradient is wanted. `zs` (r, V) are the student's logits,
+    `target` (r, V) the frozen part of the target (unused for a sparse target, given as the
+    chunk's `SparseTarget` and the slice's rows a:b)."""
+    with torch.set_grad_enabled(any_grad):
+        leaf = zs.detach().requires_grad_(any_grad)
+        if sparse is not None:
+            chunk, a, b = sparse
+            t = chunk.map_positions(lambda x: x[a:b])
+            per = sparse_fkl_per_position(
+                leaf, t.indices, t.logprobs, t.tail_mass, plan.temperature,
+                t.tail_coeffs, t.tail_basis, t.tail_offset,
+            )  # fmt: skip
+        else:
+            if plan.live_weight:
+                # The student's logits sit inside the target too; autograd sums both.
+                target = target + plan.live_weight * leaf
+            per = per_position_divergence(
+                leaf, target, plan.divergence, plan.temperature, plan.beta
+            )
+        kd_sum = per.sum()
+        loss = plan.kd_scale * kd_sum
+        if labels is not None:
+            ce_sum = F.cross_entropy(leaf, labels, ignore_index=plan.ignore_index, reduction="sum")
+            loss = loss + plan.sft_scale * ce_sum
+            sft_total += ce_sum.detach()
+        kd_total += kd_sum.detach()
+        if not any_grad:
+            return None
+        (g,) = torch.autograd.grad(loss, leaf)  # (r, V): dL/dz_student
+        return g
 
 
 def _student_grads(plan: _Plan, hidden, head, bias, needs) -> tuple[torch.Tensor, list]:
