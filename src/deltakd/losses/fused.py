@@ -181,11 +181,13 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
     s = plan.student
     dtype, device, vocab = plan.dtype, s.weight.device, plan.vocab
     any_grad = need_h or need_w or need_b
-    grad_h = (
-        torch.zeros(plan.n_total, s.hidden.shape[1], dtype=dtype, device=device) if need_h else None
-    )
-    # The head's gradient sums over chunks: accumulated in the compute dtype.
-    grad_w = torch.zeros(s.weight.shape, dtype=dtype, device=device) if need_w else None
+    # Every row of grad_h is written when every position counts; masked rows need zeros.
+    new_h = torch.empty if plan.rows is None else torch.zeros
+    grad_h = new_h(plan.n_total, s.hidden.shape[1], dtype=dtype, device=device) if need_h else None
+    # The head's gradient sums over chunks, in the compute dtype; the first chunk's matmul
+    # writes it (beta = 0), so it is not zero-filled first (a pass over [V, H]).
+    grad_w = torch.empty(s.weight.shape, dtype=dtype, device=device) if need_w else None
+    w_written = False
     grad_b = torch.zeros(vocab, dtype=dtype, device=device) if need_b else None
     kd_total = torch.zeros((), dtype=dtype, device=device)
     sft_total = torch.zeros((), dtype=dtype, device=device)
@@ -290,12 +292,15 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
                 grad_h.index_copy_(0, rows, gh.to(grad_h.dtype))
         if need_w:
             # (V, H) += (V, c) @ (c, H), in the compute dtype
-            grad_w.addmm_(work.t(), h.to(dtype), alpha=g_scale)
+            grad_w.addmm_(work.t(), h.to(dtype), beta=1.0 if w_written else 0.0, alpha=g_scale)
+            w_written = True
         if need_b:
             grad_b.add_(work.sum(0), alpha=g_scale)
         del g
     plan.parts["kd_sum"] = kd_total
     plan.parts["sft_sum"] = sft_total
+    if grad_w is not None and not w_written:
+        grad_w.zero_()  # nothing counted
     plan.parts["grads"] = (grad_h, grad_w, grad_b)
     return plan.kd_scale * kd_total + plan.sft_scale * sft_total
 
