@@ -28,6 +28,11 @@ import math
 
 import torch
 
+#: Logits per softmax / divergence slice when the caller does not choose: 2^21 (8 MiB in
+#: float32, 13 rows of a 152k vocabulary). Small slices bound the intermediates and stay
+#: cache-friendly; larger ones measured no faster on CPU and used more memory.
+DEFAULT_SOFTMAX_ELEMENTS = 1 << 21
+
 #: Divergences with a closed-form path here; the others take the autograd path.
 CLOSED_FORM: tuple[str, ...] = ("fkl", "rkl", "jsd")
 
@@ -81,18 +86,11 @@ class SliceGrad:
         self._lq = torch.empty(shape, dtype=dtype, device=device)
         self._lp = torch.empty(shape, dtype=dtype, device=device)
         self._q = torch.empty(shape, dtype=dtype, device=device)
-        self._p = torch.empty(shape, dtype=dtype, device=device) if divergence != "rkl" else None
+        self._p = torch.empty(shape, dtype=dtype, device=device)
 
-    def _softmax(
-        self, x: torch.Tensor, log_out: torch.Tensor, out: torch.Tensor | None
-    ) -> torch.Tensor:
-        """log softmax(x/τ) into `log_out` and, with `out`, softmax(x/τ) into `out`, from one
-        `exp` per element (log_softmax then exp would take two)."""
-        if out is None:
-            if self.tau != 1.0:
-                torch.mul(x, 1.0 / self.tau, out=log_out)
-                x = log_out
-            return torch.log_softmax(x, dim=-1, out=log_out)
+    def _softmax(self, x: torch.Tensor, log_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """log softmax(x/τ) into `log_out` and softmax(x/τ) into `out`, from one `exp` per
+        element (log_softmax then exp would take two)."""
         if self.tau != 1.0:  # no division pass at τ = 1
             torch.mul(x, 1.0 / self.tau, out=log_out)
             log_out.sub_(log_out.amax(dim=-1, keepdim=True))
@@ -123,9 +121,9 @@ class SliceGrad:
         r = student.shape[0]
         div = self.divergence
         q = self._q[:r]
-        p = None if self._p is None else self._p[:r]
+        p = self._p[:r]
         lq = self._softmax(student, self._lq[:r], q)  # (r, V) log q, q
-        lp = self._softmax(target, self._lp[:r], p)  # (r, V) log p, p (not for rkl)
+        lp = self._softmax(target, self._lp[:r], p)  # (r, V) log p, p
         ce = None
         if labels is not None:
             valid = labels != ignore_index
@@ -188,4 +186,4 @@ def _sub_onehot(
     out.index_put_((rows, cols), -amount.index_select(0, rows).to(out.dtype), accumulate=True)
 
 
-__all__ = ["CLOSED_FORM", "SliceGrad", "supports"]
+__all__ = ["CLOSED_FORM", "DEFAULT_SOFTMAX_ELEMENTS", "SliceGrad", "supports"]

@@ -58,10 +58,8 @@ RefInput = torch.Tensor | SparseTarget | LinearRef
 #: Rows per chunk when `chunk_size` is not given: the matmuls run at full speed on a CPU from
 #: about 256 rows on, and two (256, 152k) float32 buffers take 311 MB.
 DEFAULT_CHUNK_SIZE = 256
-#: Logits per softmax / divergence slice when `softmax_chunk_size` is not given: 2^21 (8 MiB in
-#: float32, 13 rows of a 152k vocabulary). Small slices bound the divergence's intermediates and
-#: stay cache-friendly; larger ones measured no faster on CPU and used more memory.
-DEFAULT_SOFTMAX_ELEMENTS = 1 << 21
+#: Logits per softmax / divergence slice when `softmax_chunk_size` is not given.
+DEFAULT_SOFTMAX_ELEMENTS = closed_form.DEFAULT_SOFTMAX_ELEMENTS
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
