@@ -87,12 +87,17 @@ class SliceGrad:
         self._lp = torch.empty(shape, dtype=dtype, device=device)
         self._q = torch.empty(shape, dtype=dtype, device=device)
         self._p = torch.empty(shape, dtype=dtype, device=device)
+        # log m (jsd): its own buffer, as `out` may be the target, needed if a row falls back.
+        self._m = torch.empty(shape, dtype=dtype, device=device) if divergence == "jsd" else None
 
     def _softmax(self, x: torch.Tensor, log_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """log softmax(x/τ) into `log_out` and softmax(x/τ) into `out`, from one `exp` per
         element (log_softmax then exp would take two)."""
         if self.tau != 1.0:  # no division pass at τ = 1
-            torch.mul(x, 1.0 / self.tau, out=log_out)
+            torch.mul(x.to(log_out.dtype), 1.0 / self.tau, out=log_out)
+            log_out.sub_(log_out.amax(dim=-1, keepdim=True))
+        elif x.dtype != log_out.dtype:  # 16-bit logits: upcast before subtracting the max
+            log_out.copy_(x)
             log_out.sub_(log_out.amax(dim=-1, keepdim=True))
         else:
             torch.sub(x, x.amax(dim=-1, keepdim=True), out=log_out)
@@ -154,7 +159,7 @@ class SliceGrad:
         else:  # jsd, 0 < β < 1
             beta = self.beta
             # m/β = p + c·q: its log is log m − log β (the constant is added back below).
-            m = torch.add(p, q, alpha=(1.0 - beta) / beta, out=out)
+            m = torch.add(p, q, alpha=(1.0 - beta) / beta, out=self._m[:r])
             m.log_()
             lp.sub_(m)
             lq.sub_(m)  # log q − log m + log β
