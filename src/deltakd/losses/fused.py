@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from deltakd.losses import closed_form
 from deltakd.losses.divergences import check_divergence_args, per_position_divergence
-from deltakd.losses.heads import LogitHead
+from deltakd.losses.heads import LogitHead, linear_float32_
 from deltakd.losses.kd import check_mask_dtype, check_positive_int, check_reduction
 from deltakd.losses.sparse import SparseTarget, sparse_fkl_per_position
 from deltakd.losses.targets import get_variant
@@ -70,8 +70,9 @@ class _Linear:
     """A model's last hidden states and its lm_head, already sliced to the shared vocab.
 
     `weight` and `bias` are in the matmul dtype: the inputs' own dtype when hidden states and
-    head share a 16-bit dtype (as the model's own lm_head would compute; the logits are then
-    upcast chunk by chunk), else the compute dtype.
+    head share a 16-bit dtype (no float32 copy of the [V, H] head), else the compute dtype.
+    A 16-bit product is kept in float32 (`linear_float32_`) unless `float32_logits` is False,
+    which rounds it to 16 bits as the model's own lm_head does.
     """
 
     hidden: torch.Tensor  # (N, H) flattened, original dtype
@@ -79,13 +80,29 @@ class _Linear:
     bias: torch.Tensor | None  # (V,) in the matmul dtype
     # Scale / soft cap applied after `h @ W.T + b` (the model's own head), None for none.
     head: LogitHead | None = None
+    float32_logits: bool = True
+
+    @property
+    def wide(self) -> bool:
+        """16-bit inputs whose product is kept in float32."""
+        return self.float32_logits and self.weight.dtype in _LOW_PRECISION
 
     def logits(self, rows, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h[rows] in the matmul dtype (c, H), logits h @ W.T + b (c, V)).
 
-        The logits are written into `out` when it has the matmul dtype.
+        The logits are written into `out` when it has the logits' dtype (the matmul dtype, or
+        the compute dtype for a product kept in float32).
         """
         h = _take(self.hidden, rows).to(self.weight.dtype)  # (c, H)
+        if self.wide:
+            z = out
+            if z is None:
+                z = torch.empty(h.shape[0], self.weight.shape[0], dtype=torch.float32,
+                                device=h.device)  # fmt: skip
+            linear_float32_(z, h, self.weight)
+            if self.bias is not None:
+                z.add_(self.bias.to(z.dtype))
+            return h, z
         out_mm = out if out is not None and out.dtype == self.weight.dtype else None
         if self.bias is not None:
             z = torch.addmm(self.bias, h, self.weight.t(), out=out_mm)
@@ -102,14 +119,14 @@ class _Linear:
         `scratch` (a (c, V) buffer of out's dtype reused by every chunk)."""
         head = self.head
         if (
-            out.dtype == self.weight.dtype
+            (out.dtype == self.weight.dtype or self.wide)
             and self.bias is None
             and (head is None or head.is_linear)
         ):
             h = _take(self.hidden, rows).to(self.weight.dtype)  # (c, H)
             beta = 0.0 if first else 1.0
             alpha = weight if head is None else weight * head.scale  # a scale folds into alpha
-            torch.addmm(out, h, self.weight.t(), beta=beta, alpha=alpha, out=out)
+            linear_float32_(out, h, self.weight, alpha=alpha, beta=beta)
             return
         if head is not None and not head.is_linear:
             dest = out if first else scratch
@@ -412,6 +429,7 @@ def _linear(
     vocab: int,
     dtype: torch.dtype,
     transform: LogitHead | None = None,
+    float32_logits: bool = True,
 ) -> _Linear:
     """Flatten hidden states, slice an lm_head (and bias) to the shared vocabulary;
     `transform` carries the head's scale / soft cap (None or an identity: plain linear)."""
@@ -439,7 +457,7 @@ def _linear(
         b = bias.detach()[:vocab].to(mm_dtype)
     if transform is not None and transform.scale == 1.0 and transform.softcap is None:
         transform = None
-    return _Linear(hidden.reshape(n_total, hidden_size), w, b, transform)
+    return _Linear(hidden.reshape(n_total, hidden_size), w, b, transform, float32_logits)
 
 
 def _split_head(
@@ -476,6 +494,7 @@ def fused_distill_loss(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     return_components: bool = False,
+    float32_logits: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Delta-KD / parallelogram / plain KD loss computed straight from hidden states.
 
@@ -528,6 +547,10 @@ def fused_distill_loss(
             beyond it are padding and are ignored); default `student_head.shape[0]`.
         return_components: also return `{"kd": D reduced, "sft": CE reduced}` (detached, before
             the λ weights; "sft" only when λ > 0) for logging.
+        float32_logits: for 16-bit hidden states and heads, keep each product `h @ W.T` in
+            float32 (default). False rounds it to 16 bits, as the model's own lm_head does:
+            with bf16 references that costs the Delta-KD target 1.4e-3 nats/token of
+            KL(π*_fp32 ‖ π*), against 5e-5 in float32 (docs/BENCHMARKS.md, "Precision").
 
     Returns:
         The scalar loss in float32 (float64 if any input is float64; bf16/fp16 inputs are
@@ -537,8 +560,8 @@ def fused_distill_loss(
     Memory: two `(chunk_size, V)` buffers (the student's logits; the target, overwritten by the
     logits' gradient), the divergence's intermediates for `softmax_chunk_size` rows, one
     `[V, H]` head gradient (compute dtype) and one `[N, H]` hidden gradient. 16-bit hidden
-    states and heads are multiplied in their own dtype, as the model's lm_head would, and the
-    logits upcast per chunk; mixed dtypes are converted to the compute dtype (a `[V, H]` copy).
+    states and heads stay 16-bit (the head is upcast a block of rows at a time for the float32
+    product, never whole); mixed dtypes are converted to the compute dtype (a `[V, H]` copy).
     Backward scales the stored gradients in place and hands them to autograd without a copy;
     a repeated backward (retain_graph) recomputes them; double backward is not supported.
     """
@@ -597,6 +620,7 @@ def fused_distill_loss(
         vocab,
         dtype,
         s_transform,
+        float32_logits,
     )
 
     frozen: list[tuple[float, torch.Tensor | _Linear]] = []
@@ -656,6 +680,7 @@ def fused_distill_loss(
                 vocab,
                 dtype,
                 r_transform,
+                float32_logits,
             )
             frozen.append((w, linear))
         else:
