@@ -123,13 +123,26 @@ def linear_float32_(
 
     With 16-bit inputs the product is accumulated and kept in float32 — the model's own lm_head
     rounds it to 16 bits, which costs the Delta-KD target 1.4e-3 nats/token in bf16
-    (docs/BENCHMARKS.md). PyTorch's CPU matmul has no 16-bit → float32 form, so the head is
-    upcast a block of rows at a time (no float32 copy of the whole [V, H] head is kept; the
-    hidden states are upcast once). bf16 → float32 is exact, so this equals a float32 matmul of
-    the rounded inputs."""
-    h = hidden.to(out.dtype)  # (n, H)
+    (docs/BENCHMARKS.md). On CUDA, `torch.mm(..., out_dtype=float32)`. PyTorch's CPU matmul
+    has no 16-bit → float32 form, so there the head is upcast a block of rows at a time (no
+    float32 copy of the whole [V, H] head is kept) and multiplied in float32 — several times
+    slower than a bf16 matmul on CPUs with bf16 matrix units (`deltakd bench precision
+    --cost`). bf16 → float32 is exact, so this equals a float32 matmul of the rounded inputs."""
     if weight.dtype == out.dtype:
+        h = hidden.to(out.dtype)  # (n, H)
         return torch.addmm(out, h, weight.t(), beta=beta, alpha=alpha, out=out)
+    if out.is_cuda and out.dtype == torch.float32 and hidden.dtype == weight.dtype:
+        # cuBLAS accumulates 16-bit products in float32 anyway: ask for that output directly.
+        # (Not run on a GPU in this project yet; any refusal falls through to the upcast.)
+        try:
+            z = torch.mm(hidden, weight.t(), out_dtype=torch.float32)  # (n, V)
+        except (RuntimeError, NotImplementedError, TypeError):
+            pass
+        else:
+            if beta == 0.0:
+                return torch.mul(z, alpha, out=out) if alpha != 1.0 else out.copy_(z)
+            return out.mul_(beta).add_(z, alpha=alpha)
+    h = hidden.to(out.dtype)  # (n, H)
     rows = max(1, UPCAST_BLOCK_ELEMENTS // max(weight.shape[1], 1))
     for v0 in range(0, weight.shape[0], rows):
         block = weight[v0 : v0 + rows].to(out.dtype)  # (rows, H)
