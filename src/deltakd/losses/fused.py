@@ -12,9 +12,10 @@ positions `chunk_size` at a time and, for each chunk,
    target buffer: no per-model logits are kept),
 2. evaluates the divergence (the same `per_position_divergence` / `sparse_fkl_per_position` as
    the unfused `deltakd.losses.kd` losses) plus, optionally, the λ·SFT cross-entropy,
-3. takes the gradient `g` w.r.t. that chunk of student logits with autograd (for the live
-   student variants the logits appear both as the student and inside the target; autograd sums
-   both paths), chains it through the soft cap and scale if any, and turns it into
+3. takes the gradient `g` w.r.t. that chunk of student logits — in closed form for `fkl`,
+   `rkl` and `jsd` against a frozen target (`deltakd.losses.closed_form`), else with autograd
+   (for the live student variants the logits appear both as the student and inside the target;
+   autograd sums both paths) — chains it through the soft cap and scale if any, and turns it into
    `grad_h[chunk] = g @ W_s` and `grad_W_s += g.T @ h_chunk`.
 
 So at most one chunk of logits per model exists at a time, and the gradients of the student's
