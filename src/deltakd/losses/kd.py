@@ -196,7 +196,7 @@ def _closed_form_chunks(
     weights, divergence, tau, beta = combined
     student, *terms = inputs
     vocab = student.shape[-1]
-    dtype = total.dtype
+    dtype = compute_dtype(student, *terms)  # float64 if any input is
     n = rows.numel()
     chunk_size = min(chunk_size, max(n, 1))
     srows = min(chunk_size, max(1, closed_form.DEFAULT_SOFTMAX_ELEMENTS // max(vocab, 1)))
