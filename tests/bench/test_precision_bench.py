@@ -20,3 +20,16 @@ def test_bench_precision_orders_the_settings(capsys):
     assert kl["bf16 logits"] < kl["bf16 logits, z* in bf16"]
     assert 10 * kl["fp32 logits from bf16"] < kl["bf16 logits"]
     assert out["cheapest"] in kl
+
+
+def test_bench_precision_cost_times_both_settings(capsys):
+    argv = ["bench", "precision", "--cost", "--json", "--cost-n", "8", "--vocab", "2000",
+            "--teacher-hidden", "64", "--student-hidden", "32", "--threads", "1", "--repeats",
+            "1", "--vocab-chunk", "1000"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cases = {r["case"]: r for r in out["cost"]}
+    assert set(cases) == {"fused Delta-KD loss", "dense logits, one role"}
+    for r in cases.values():
+        assert r["seconds_bf16_logits"] > 0 and r["seconds_fp32_product"] > 0
+        assert r["time_ratio"] == r["seconds_fp32_product"] / r["seconds_bf16_logits"]

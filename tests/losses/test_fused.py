@@ -271,6 +271,11 @@ def test_scaled_and_repeated_backward():
     torch.testing.assert_close(ws.grad, 3.0 * g_ref)
 
 
+def wide(refs):
+    """The roles' 16-bit hidden states and heads upcast: their products then stay float32."""
+    return {r: (h.float(), w.float()) for r, (h, w) in refs.items()}
+
+
 def test_bfloat16_inputs_compute_in_float32():
     hs, ws, _, refs = world(dtype=torch.bfloat16, n=16, v=32, h=8)
     refs = {r: (h, w) for r, (h, w) in refs.items()}
@@ -278,11 +283,26 @@ def test_bfloat16_inputs_compute_in_float32():
     assert loss.dtype == torch.float32
     g_h, g_w = grads(loss, hs, ws)
     assert g_h.dtype == torch.bfloat16 and g_w.dtype == torch.bfloat16
+    # The unfused path on the float32 products of the bf16 inputs (the default).
+    ref = unfused(hs.float(), ws.float(), None, wide(refs))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip((g_h, g_w), grads(ref, hs, ws)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_bfloat16_logits_as_the_models_emit_them_are_still_selectable():
+    hs, ws, _, refs = world(dtype=torch.bfloat16, n=16, v=32, h=8)
+    refs = {r: (h, w) for r, (h, w) in refs.items()}
+    loss = fused_distill_loss(hs, ws, refs, chunk_size=5, float32_logits=False)
     # The unfused path on the bf16 logits the models themselves would emit.
     ref = unfused(hs, ws, None, refs)
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
-    for a, b in zip((g_h, g_w), grads(ref, hs, ws)):
+    for a, b in zip(grads(loss, hs, ws), grads(ref, hs, ws)):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+    default = fused_distill_loss(hs, ws, refs, chunk_size=5)
+    assert (
+        abs(float(default.detach()) - float(loss.detach())) > 1e-4
+    )  # the rounding the default avoids
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -297,8 +317,8 @@ def test_16bit_inputs_with_a_mask_match_the_unfused_loss(dtype):
     g_h, g_w = grads(loss, hs, ws)
     assert g_h.dtype == dtype and g_w.dtype == dtype
     assert not bool(g_h[~mask].any())  # uncounted positions get no gradient
-    ref = unfused(hs, ws, None, refs, mask=mask)
-    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    ref = unfused(hs.float(), ws.float(), None, wide(refs), mask=mask)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip((g_h, g_w), grads(ref, hs, ws)):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
 

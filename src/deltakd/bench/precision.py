@@ -59,6 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vocab-chunk", type=int, default=8192, help="head rows drawn and multiplied at once"
     )
+    parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="instead: time and peak memory of the float32 product (the default) against the "
+        "models' bf16 logits, for the fused Delta-KD loss and for dense reference logits",
+    )
+    parser.add_argument(
+        "--cost-n", type=int, default=256, help="positions of the --cost run (default 256)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting (--cost)")
 
 
 def _hidden(n: int, h: int, gen, offsets):
@@ -130,11 +140,98 @@ def _targets(args: argparse.Namespace):
     return exact, out, top, offsets
 
 
+def _timed(fn, peak_rss) -> tuple[float, int]:
+    """(seconds, peak resident bytes above the RSS before the call) of one call."""
+    import gc
+
+    gc.collect()
+    probe = peak_rss()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    return seconds, probe.peak() - probe.baseline
+
+
+def cost(args: argparse.Namespace) -> int:
+    """Same-process A/B of `float32_logits` (True, the default, against False: the models'
+    16-bit logits), settings interleaved, median of `--repeats` after one warm-up each."""
+    import statistics
+
+    import torch
+
+    from deltakd.bench.loss import PeakRSS
+    from deltakd.losses.fused import fused_distill_loss
+    from deltakd.losses.heads import LogitHead
+
+    n, v, chunk = args.cost_n, args.vocab, 256
+    g = torch.Generator().manual_seed(args.seed)
+    offsets = torch.empty(n).uniform_(8.0, 24.0, generator=g)
+    refs = {}
+    for role, kind in ROLES.items():
+        size = args.teacher_hidden if kind == "teacher" else args.student_hidden
+        head = torch.empty(v, size, dtype=torch.bfloat16)
+        for v0 in range(0, v, args.vocab_chunk):
+            v1 = min(v, v0 + args.vocab_chunk)
+            head[v0:v1] = _head_chunk(role, v0, v1, size, args.seed)
+        refs[role] = (_hidden(n, size, g, offsets).bfloat16(), head)
+    hs = refs["student_raw"][0].clone().requires_grad_()
+    ws = refs["student_raw"][1].clone().requires_grad_()
+
+    def fused(wide: bool):
+        def call():
+            hs.grad = ws.grad = None
+            fused_distill_loss(hs, ws, refs, chunk_size=chunk, float32_logits=wide).backward()
+
+        return call
+
+    def dense(wide: bool):
+        head = LogitHead(refs["teacher_ft"][1])
+        h = refs["teacher_ft"][0]
+
+        def call():
+            with torch.no_grad():
+                z = head.float32_logits(h) if wide else head.apply(h)  # (N, V)
+            return z
+
+        return call
+
+    cases = {("fused Delta-KD loss", wide): fused(wide) for wide in (False, True)}
+    cases.update({("dense logits, one role", wide): dense(wide) for wide in (False, True)})
+    for fn in cases.values():
+        fn()  # warm-up
+    times: dict = {k: [] for k in cases}
+    mems: dict = {k: [] for k in cases}
+    for _ in range(args.repeats):
+        for key, fn in cases.items():
+            t, m = _timed(fn, PeakRSS)
+            times[key].append(t)
+            mems[key].append(m)
+    print(f"deltakd bench precision --cost: N={n} V={v}, references' H={args.teacher_hidden}, "
+          f"student's H={args.student_hidden}, bf16 inputs, chunk {chunk}, threads "
+          f"{torch.get_num_threads()}; median of {args.repeats} (settings interleaved)")  # fmt: skip
+    rows = []
+    for what in ("fused Delta-KD loss", "dense logits, one role"):
+        t16, t32 = (statistics.median(times[(what, w)]) for w in (False, True))
+        m16, m32 = (statistics.median(mems[(what, w)]) for w in (False, True))
+        rows.append({"case": what, "seconds_bf16_logits": t16, "seconds_fp32_product": t32,
+                     "time_ratio": t32 / t16, "peak_extra_bytes_bf16_logits": m16,
+                     "peak_extra_bytes_fp32_product": m32})  # fmt: skip
+        print(f"  {what:<24} bf16 logits {t16:8.3f} s {m16 / 2**30:6.3f} GiB | float32 product "
+              f"{t32:8.3f} s {m32 / 2**30:6.3f} GiB | time × {t32 / t16:.3f}")  # fmt: skip
+    if args.json:
+        print(json.dumps({"cost": rows, "config": {"n": n, "vocab": v, "chunk": chunk,
+                          "teacher_hidden": args.teacher_hidden,
+                          "student_hidden": args.student_hidden, "repeats": args.repeats}}))  # fmt: skip
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cost:
+        return cost(args)
     start = time.perf_counter()
     exact, out, top, _ = _targets(args)
     tau = args.temperature

@@ -294,7 +294,10 @@ class TrainConfig:
         default="auto",
         metadata=_help(
             "dtype of the local frozen models: `auto` follows `precision` (bf16/fp16 runs load "
-            "references in that dtype, fp32 runs in fp32).",
+            "references in that dtype, fp32 runs in fp32). A 16-bit reference's logits are its "
+            "last hidden states times its lm_head with the product kept in float32 (not rounded "
+            "to 16 bits as the model's own forward does: 1.4e-3 nats/token of Delta-KD target "
+            "error in bf16 against 5e-5; docs/BENCHMARKS.md), except a server's `output: logits`.",
             choices=("auto", "fp32", "bf16", "fp16"),
             group="references",
         ),

@@ -12,9 +12,10 @@ positions `chunk_size` at a time and, for each chunk,
    target buffer: no per-model logits are kept),
 2. evaluates the divergence (the same `per_position_divergence` / `sparse_fkl_per_position` as
    the unfused `deltakd.losses.kd` losses) plus, optionally, the λ·SFT cross-entropy,
-3. takes the gradient `g` w.r.t. that chunk of student logits with autograd (for the live
-   student variants the logits appear both as the student and inside the target; autograd sums
-   both paths), chains it through the soft cap and scale if any, and turns it into
+3. takes the gradient `g` w.r.t. that chunk of student logits — in closed form for `fkl`,
+   `rkl` and `jsd` against a frozen target (`deltakd.losses.closed_form`), else with autograd
+   (for the live student variants the logits appear both as the student and inside the target;
+   autograd sums both paths) — chains it through the soft cap and scale if any, and turns it into
    `grad_h[chunk] = g @ W_s` and `grad_W_s += g.T @ h_chunk`.
 
 So at most one chunk of logits per model exists at a time, and the gradients of the student's
@@ -37,8 +38,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from deltakd.losses import closed_form
 from deltakd.losses.divergences import check_divergence_args, per_position_divergence
-from deltakd.losses.heads import LogitHead
+from deltakd.losses.heads import LogitHead, linear_float32_
 from deltakd.losses.kd import check_mask_dtype, check_positive_int, check_reduction
 from deltakd.losses.sparse import SparseTarget, sparse_fkl_per_position
 from deltakd.losses.targets import FLOOR_ROLES, floor_logprobs_, get_variant
@@ -57,10 +59,8 @@ RefInput = torch.Tensor | SparseTarget | LinearRef
 #: Rows per chunk when `chunk_size` is not given: the matmuls run at full speed on a CPU from
 #: about 256 rows on, and two (256, 152k) float32 buffers take 311 MB.
 DEFAULT_CHUNK_SIZE = 256
-#: Logits per softmax / divergence slice when `softmax_chunk_size` is not given: 2^21 (8 MiB in
-#: float32, 13 rows of a 152k vocabulary). Small slices bound the divergence's intermediates and
-#: stay cache-friendly; larger ones measured no faster on CPU and used more memory.
-DEFAULT_SOFTMAX_ELEMENTS = 1 << 21
+#: Logits per softmax / divergence slice when `softmax_chunk_size` is not given.
+DEFAULT_SOFTMAX_ELEMENTS = closed_form.DEFAULT_SOFTMAX_ELEMENTS
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -71,8 +71,9 @@ class _Linear:
     """A model's last hidden states and its lm_head, already sliced to the shared vocab.
 
     `weight` and `bias` are in the matmul dtype: the inputs' own dtype when hidden states and
-    head share a 16-bit dtype (as the model's own lm_head would compute; the logits are then
-    upcast chunk by chunk), else the compute dtype.
+    head share a 16-bit dtype (no float32 copy of the [V, H] head), else the compute dtype.
+    A 16-bit product is kept in float32 (`linear_float32_`) unless `float32_logits` is False,
+    which rounds it to 16 bits as the model's own lm_head does.
     """
 
     hidden: torch.Tensor  # (N, H) flattened, original dtype
@@ -80,13 +81,29 @@ class _Linear:
     bias: torch.Tensor | None  # (V,) in the matmul dtype
     # Scale / soft cap applied after `h @ W.T + b` (the model's own head), None for none.
     head: LogitHead | None = None
+    float32_logits: bool = True
+
+    @property
+    def wide(self) -> bool:
+        """16-bit inputs whose product is kept in float32."""
+        return self.float32_logits and self.weight.dtype in _LOW_PRECISION
 
     def logits(self, rows, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h[rows] in the matmul dtype (c, H), logits h @ W.T + b (c, V)).
 
-        The logits are written into `out` when it has the matmul dtype.
+        The logits are written into `out` when it has the logits' dtype (the matmul dtype, or
+        the compute dtype for a product kept in float32).
         """
         h = _take(self.hidden, rows).to(self.weight.dtype)  # (c, H)
+        if self.wide:
+            z = out
+            if z is None:
+                z = torch.empty(h.shape[0], self.weight.shape[0], dtype=torch.float32,
+                                device=h.device)  # fmt: skip
+            linear_float32_(z, h, self.weight)
+            if self.bias is not None:
+                z.add_(self.bias.to(z.dtype))
+            return h, z
         out_mm = out if out is not None and out.dtype == self.weight.dtype else None
         if self.bias is not None:
             z = torch.addmm(self.bias, h, self.weight.t(), out=out_mm)
@@ -103,14 +120,14 @@ class _Linear:
         `scratch` (a (c, V) buffer of out's dtype reused by every chunk)."""
         head = self.head
         if (
-            out.dtype == self.weight.dtype
+            (out.dtype == self.weight.dtype or self.wide)
             and self.bias is None
             and (head is None or head.is_linear)
         ):
             h = _take(self.hidden, rows).to(self.weight.dtype)  # (c, H)
             beta = 0.0 if first else 1.0
             alpha = weight if head is None else weight * head.scale  # a scale folds into alpha
-            torch.addmm(out, h, self.weight.t(), beta=beta, alpha=alpha, out=out)
+            linear_float32_(out, h, self.weight, alpha=alpha, beta=beta)
             return
         if head is not None and not head.is_linear:
             dest = out if first else scratch
@@ -208,11 +225,13 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
     s = plan.student
     dtype, device, vocab = plan.dtype, s.weight.device, plan.vocab
     any_grad = need_h or need_w or need_b
-    grad_h = (
-        torch.zeros(plan.n_total, s.hidden.shape[1], dtype=dtype, device=device) if need_h else None
-    )
-    # The head's gradient sums over chunks: accumulated in the compute dtype.
-    grad_w = torch.zeros(s.weight.shape, dtype=dtype, device=device) if need_w else None
+    # Every row of grad_h is written when every position counts; masked rows need zeros.
+    new_h = torch.empty if plan.rows is None else torch.zeros
+    grad_h = new_h(plan.n_total, s.hidden.shape[1], dtype=dtype, device=device) if need_h else None
+    # The head's gradient sums over chunks, in the compute dtype; the first chunk's matmul
+    # writes it (beta = 0), so it is not zero-filled first (a pass over [V, H]).
+    grad_w = torch.empty(s.weight.shape, dtype=dtype, device=device) if need_w else None
+    w_written = False
     grad_b = torch.zeros(vocab, dtype=dtype, device=device) if need_b else None
     kd_total = torch.zeros((), dtype=dtype, device=device)
     sft_total = torch.zeros((), dtype=dtype, device=device)
@@ -234,6 +253,22 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
         if any(i > 0 for i in capped) and plan.sparse is None
         else None
     )
+    # The closed-form value + gradient (deltakd.losses.closed_form) where it applies; `work`
+    # then holds each chunk's gradient divided by g_scale, which the matmuls multiply back.
+    fast = None
+    g_scale = 1.0
+    sft_ratio = 0.0
+    if (
+        plan.sparse is None
+        and not plan.live_weight
+        and closed_form.supports(plan.divergence, plan.temperature, plan.labels is not None)
+        and plan.kd_scale > 0
+    ):
+        fast = closed_form.SliceGrad(
+            plan.divergence, plan.temperature, plan.beta, plan.softmax_rows, vocab, dtype, device
+        )
+        g_scale = plan.kd_scale * fast.factor
+        sft_ratio = plan.sft_scale / plan.kd_scale
     for rows, c in _chunks(plan):
         zs = zs_buf[:c]
         h, z = s.logits(rows, out=zs)  # (c, H), (c, V)
@@ -263,41 +298,29 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
             sparse = plan.sparse.map_positions(lambda t: _take(t, rows))  # noqa: B023
         labels = None if plan.labels is None else _take(plan.labels, rows)
         # The softmax and divergence run on row slices of the chunk: their intermediates (a few
-        # (rows, V) arrays) stay small while the matmuls keep full chunks.
+        # (rows, V) arrays) stay small while the matmuls keep full chunks. Each slice's
+        # gradient (dL/dz_student, divided by g_scale) overwrites its consumed target rows.
         for a in range(0, c, plan.softmax_rows):
             b = min(a + plan.softmax_rows, c)
-            with torch.set_grad_enabled(any_grad):
-                leaf = zs[a:b].detach().requires_grad_(any_grad)
-                if sparse is not None:
-                    t = sparse.map_positions(lambda x: x[a:b])  # noqa: B023
-                    per = sparse_fkl_per_position(
-                        leaf, t.indices, t.logprobs, t.tail_mass, plan.temperature,
-                        t.tail_coeffs, t.tail_basis, t.tail_offset,
-                    )  # fmt: skip
-                else:
-                    target = work[a:b]
-                    if plan.live_weight:
-                        # The student's logits sit inside the target too; autograd sums both.
-                        target = target + plan.live_weight * leaf
-                    per = per_position_divergence(
-                        leaf, target, plan.divergence, plan.temperature, plan.beta
-                    )
-                    del target
-                kd_sum = per.sum()
-                loss = plan.kd_scale * kd_sum
-                del per
-                if labels is not None:
-                    ce_sum = F.cross_entropy(
-                        leaf, labels[a:b], ignore_index=plan.ignore_index, reduction="sum"
-                    )
-                    loss = loss + plan.sft_scale * ce_sum
-                    sft_total += ce_sum.detach()
-                kd_total += kd_sum.detach()
-                if any_grad:
-                    (g,) = torch.autograd.grad(loss, leaf)  # (b - a, V): dL/dz_student
-                    work[a:b].copy_(g)  # these target rows are consumed
-                    del g
-                del loss, kd_sum, leaf
+            lab = None if labels is None else labels[a:b]
+            res = None
+            if fast is not None:
+                res = fast(zs[a:b], work[a:b], work[a:b], lab, plan.ignore_index, sft_ratio)
+            if res is not None:
+                per, ce_sum = res
+                kd_total += per.sum()
+                if ce_sum is not None:
+                    sft_total += ce_sum
+                continue
+            # The autograd path: other divergences, live-student targets, sparse targets, and
+            # slices whose closed form is not finite (-inf targets, underflow).
+            g = _slice_autograd(plan, zs[a:b], None if sparse is None else (sparse, a, b),
+                                work[a:b], lab, any_grad, kd_total, sft_total)  # fmt: skip
+            if g is not None:
+                work[a:b].copy_(g)
+                if fast is not None:  # the other slices hold the gradient / g_scale
+                    work[a:b].div_(g_scale)
+                del g
         if not any_grad:
             continue
         if s.head is not None:
@@ -306,20 +329,69 @@ def _run_chunks(plan: _Plan, need_h: bool, need_w: bool, need_b: bool) -> torch.
         g = work if s.weight.dtype == dtype else work.to(s.weight.dtype)  # (c, V)
         if need_h:
             gh = g @ s.weight  # (c, H), in the matmul dtype
+            if g_scale != 1.0:
+                gh.mul_(g_scale)  # (c, H): a pass over H columns, not V
             if isinstance(rows, slice):
                 grad_h[rows] = gh
             else:
                 # index_copy_ does not cast: a 16-bit chunk into the compute-dtype buffer.
                 grad_h.index_copy_(0, rows, gh.to(grad_h.dtype))
         if need_w:
-            grad_w.addmm_(work.t(), h.to(dtype))  # (V, H) += (V, c) @ (c, H), compute dtype
+            # (V, H) += (V, c) @ (c, H), in the compute dtype
+            grad_w.addmm_(work.t(), h.to(dtype), beta=1.0 if w_written else 0.0, alpha=g_scale)
+            w_written = True
         if need_b:
-            grad_b += work.sum(0)
+            grad_b.add_(work.sum(0), alpha=g_scale)
         del g
     plan.parts["kd_sum"] = kd_total
     plan.parts["sft_sum"] = sft_total
+    if grad_w is not None and not w_written:
+        grad_w.zero_()  # nothing counted
     plan.parts["grads"] = (grad_h, grad_w, grad_b)
     return plan.kd_scale * kd_total + plan.sft_scale * sft_total
+
+
+def _slice_autograd(
+    plan: _Plan,
+    zs: torch.Tensor,
+    sparse: tuple[SparseTarget, int, int] | None,
+    target: torch.Tensor,
+    labels: torch.Tensor | None,
+    any_grad: bool,
+    kd_total: torch.Tensor,
+    sft_total: torch.Tensor,
+) -> torch.Tensor | None:
+    """One softmax slice through autograd: adds its sums to the totals in place, returns
+    dL/dz_student (r, V) when a gradient is wanted. `zs` (r, V) are the student's logits,
+    `target` (r, V) the frozen part of the target (unused for a sparse target, given as the
+    chunk's `SparseTarget` and the slice's rows a:b)."""
+    with torch.set_grad_enabled(any_grad):
+        leaf = zs.detach().requires_grad_(any_grad)
+        if sparse is not None:
+            chunk, a, b = sparse
+            t = chunk.map_positions(lambda x: x[a:b])
+            per = sparse_fkl_per_position(
+                leaf, t.indices, t.logprobs, t.tail_mass, plan.temperature,
+                t.tail_coeffs, t.tail_basis, t.tail_offset,
+            )  # fmt: skip
+        else:
+            if plan.live_weight:
+                # The student's logits sit inside the target too; autograd sums both.
+                target = target + plan.live_weight * leaf
+            per = per_position_divergence(
+                leaf, target, plan.divergence, plan.temperature, plan.beta
+            )
+        kd_sum = per.sum()
+        loss = plan.kd_scale * kd_sum
+        if labels is not None:
+            ce_sum = F.cross_entropy(leaf, labels, ignore_index=plan.ignore_index, reduction="sum")
+            loss = loss + plan.sft_scale * ce_sum
+            sft_total += ce_sum.detach()
+        kd_total += kd_sum.detach()
+        if not any_grad:
+            return None
+        (g,) = torch.autograd.grad(loss, leaf)  # (r, V): dL/dz_student
+        return g
 
 
 def _student_grads(plan: _Plan, hidden, head, bias, needs) -> tuple[torch.Tensor, list]:
@@ -397,6 +469,7 @@ def _linear(
     vocab: int,
     dtype: torch.dtype,
     transform: LogitHead | None = None,
+    float32_logits: bool = True,
 ) -> _Linear:
     """Flatten hidden states, slice an lm_head (and bias) to the shared vocabulary;
     `transform` carries the head's scale / soft cap (None or an identity: plain linear)."""
@@ -424,7 +497,7 @@ def _linear(
         b = bias.detach()[:vocab].to(mm_dtype)
     if transform is not None and transform.scale == 1.0 and transform.softcap is None:
         transform = None
-    return _Linear(hidden.reshape(n_total, hidden_size), w, b, transform)
+    return _Linear(hidden.reshape(n_total, hidden_size), w, b, transform, float32_logits)
 
 
 def _split_head(
@@ -462,6 +535,7 @@ def fused_distill_loss(
     vocab_size: int | None = None,
     return_components: bool = False,
     delta_floor: float | None = None,
+    float32_logits: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Delta-KD / parallelogram / plain KD loss computed straight from hidden states.
 
@@ -517,6 +591,10 @@ def fused_distill_loss(
         delta_floor: robust Delta-KD (the Delta-KD family of variants only): the raw roles'
             log-probabilities at τ are floored at it before differencing
             (`deltakd.losses.targets.floor_logprobs`); None is plain Delta-KD.
+        float32_logits: for 16-bit hidden states and heads, keep each product `h @ W.T` in
+            float32 (default). False rounds it to 16 bits, as the model's own lm_head does:
+            with bf16 references that costs the Delta-KD target 1.4e-3 nats/token of
+            KL(π*_fp32 ‖ π*), against 5e-5 in float32 (docs/BENCHMARKS.md, "Precision").
 
     Returns:
         The scalar loss in float32 (float64 if any input is float64; bf16/fp16 inputs are
@@ -526,8 +604,8 @@ def fused_distill_loss(
     Memory: two `(chunk_size, V)` buffers (the student's logits; the target, overwritten by the
     logits' gradient), the divergence's intermediates for `softmax_chunk_size` rows, one
     `[V, H]` head gradient (compute dtype) and one `[N, H]` hidden gradient. 16-bit hidden
-    states and heads are multiplied in their own dtype, as the model's lm_head would, and the
-    logits upcast per chunk; mixed dtypes are converted to the compute dtype (a `[V, H]` copy).
+    states and heads stay 16-bit (the head is upcast a block of rows at a time for the float32
+    product, never whole); mixed dtypes are converted to the compute dtype (a `[V, H]` copy).
     Backward scales the stored gradients in place and hands them to autograd without a copy;
     a repeated backward (retain_graph) recomputes them; double backward is not supported.
     """
@@ -589,6 +667,7 @@ def fused_distill_loss(
         vocab,
         dtype,
         s_transform,
+        float32_logits,
     )
 
     frozen: list[tuple[float, torch.Tensor | _Linear]] = []
@@ -648,6 +727,7 @@ def fused_distill_loss(
                 vocab,
                 dtype,
                 r_transform,
+                float32_logits,
             )
             frozen.append((w, _floored(linear, role, delta_floor, temperature)))
         else:

@@ -79,6 +79,20 @@ class LogitHead:
             grad.mul_(self.scale)
         return grad
 
+    def float32_logits(self, hidden: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+        """Logits `[..., V]` in float32 from hidden states and a head of any dtype: a 16-bit
+        head's product is accumulated and kept in float32 (`linear_float32_`) instead of being
+        rounded to 16 bits as the model's own forward does. Not differentiable (references)."""
+        w = self.weight if vocab is None else self.weight[:vocab]
+        b = self.bias if vocab is None or self.bias is None else self.bias[:vocab]
+        flat = hidden.detach().reshape(-1, hidden.shape[-1])  # (n, H)
+        z = torch.empty(flat.shape[0], w.shape[0], dtype=torch.float32, device=flat.device)
+        linear_float32_(z, flat, w.detach())
+        if b is not None:
+            z.add_(b.detach().to(torch.float32))
+        self.transform_(z)
+        return z.view(*hidden.shape[:-1], w.shape[0])
+
     def apply(self, hidden: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
         """Logits `[..., V]` of hidden states `[..., H]` (rows beyond `vocab` dropped), computed
         in the head's dtype, as the model's forward does. Differentiable."""
@@ -92,9 +106,54 @@ class LogitHead:
         return z
 
 
+#: Head rows upcast at a time by `linear_float32_` (2^21 elements: 8 MiB in float32).
+UPCAST_BLOCK_ELEMENTS = 1 << 21
+
+
+def linear_float32_(
+    out: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+) -> torch.Tensor:
+    """`out = beta · out + alpha · hidden @ weight.T` in float32, for hidden `(n, H)` and weight
+    `(V, H)` of any float dtype; returns `out` `(n, V)` (float32 or float64).
+
+    With 16-bit inputs the product is accumulated and kept in float32 — the model's own lm_head
+    rounds it to 16 bits, which costs the Delta-KD target 1.4e-3 nats/token in bf16
+    (docs/BENCHMARKS.md). On CUDA, `torch.mm(..., out_dtype=float32)`. PyTorch's CPU matmul
+    has no 16-bit → float32 form, so there the head is upcast a block of rows at a time (no
+    float32 copy of the whole [V, H] head is kept) and multiplied in float32 — several times
+    slower than a bf16 matmul on CPUs with bf16 matrix units (`deltakd bench precision
+    --cost`). bf16 → float32 is exact, so this equals a float32 matmul of the rounded inputs."""
+    if weight.dtype == out.dtype:
+        h = hidden.to(out.dtype)  # (n, H)
+        return torch.addmm(out, h, weight.t(), beta=beta, alpha=alpha, out=out)
+    if out.is_cuda and out.dtype == torch.float32 and hidden.dtype == weight.dtype:
+        # cuBLAS accumulates 16-bit products in float32 anyway: ask for that output directly.
+        # (Not run on a GPU in this project yet; any refusal falls through to the upcast.)
+        try:
+            z = torch.mm(hidden, weight.t(), out_dtype=torch.float32)  # (n, V)
+        except (RuntimeError, NotImplementedError, TypeError):
+            pass
+        else:
+            if beta == 0.0:
+                return torch.mul(z, alpha, out=out) if alpha != 1.0 else out.copy_(z)
+            return out.mul_(beta).add_(z, alpha=alpha)
+    h = hidden.to(out.dtype)  # (n, H)
+    rows = max(1, UPCAST_BLOCK_ELEMENTS // max(weight.shape[1], 1))
+    for v0 in range(0, weight.shape[0], rows):
+        block = weight[v0 : v0 + rows].to(out.dtype)  # (rows, H)
+        dest = out[:, v0 : v0 + rows]
+        torch.addmm(dest, h, block.t(), beta=beta, alpha=alpha, out=dest)
+    return out
+
+
 def as_logit_head(head: torch.Tensor | LogitHead) -> LogitHead:
     """A `LogitHead` from a head description or a plain `[V, H]` weight (`h @ W.T`)."""
     return head if isinstance(head, LogitHead) else LogitHead(head)
 
 
-__all__ = ["LogitHead", "as_logit_head"]
+__all__ = ["LogitHead", "as_logit_head", "linear_float32_"]

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from deltakd.losses import closed_form
 from deltakd.losses.divergences import (
     check_divergence_args,
     compute_dtype,
@@ -55,6 +56,10 @@ def _combined_fn(
         )
         return per_position_divergence(student, target, divergence, tau, beta)
 
+    # Read by `_ChunkedLoss`: with frozen terms, a closed-form gradient (losses.closed_form).
+    # That form sums the weighted terms as they are, so a floored target keeps autograd.
+    if not any(flags):
+        fn.combined = (tuple(weights), divergence, tau, beta)  # type: ignore[attr-defined]
     return fn
 
 
@@ -126,13 +131,28 @@ class _ChunkedLoss(torch.autograd.Function):
         reader = _Rows(rows, lead)
         inputs = (student, *terms)
         needs = ctx.needs_input_grad[4:]
+        # Rows outside `rows` keep a zero gradient; when every row counts, all are written.
+        new = torch.empty if rows.numel() == lead.numel() else torch.zeros
         grads = [
-            torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need else None
+            new(x.shape, dtype=x.dtype, device=x.device) if need else None
             for x, need in zip(inputs, needs)
         ]
         flat_grads = [None if g is None else g.view(lead.numel(), *g.shape[len(lead) :])
                       for g in grads]  # fmt: skip
         total = torch.zeros((), dtype=compute_dtype(student), device=student.device)
+        combined = getattr(fn, "combined", None)
+        if (
+            combined is not None
+            and not any(needs[1:])
+            and closed_form.supports(combined[1], combined[2], False)
+        ):
+            scale = _closed_form_chunks(reader, rows, chunk_size, lead, fn, combined, inputs,
+                                        flat_grads[0], needs[0], total)  # fmt: skip
+            ctx.has_grad = [g is not None for g in grads]
+            ctx.save_for_backward(*[g for g in grads if g is not None])
+            # The buffer holds the gradient / scale: backward's rescale multiplies it back.
+            ctx.scale = torch.full((), 1.0 / scale, dtype=total.dtype, device=total.device)
+            return total
         for start in range(0, rows.numel(), chunk_size):
             idx = rows[start : start + chunk_size]
             with torch.enable_grad():
@@ -170,6 +190,66 @@ class _ChunkedLoss(torch.autograd.Function):
                     g.data.mul_(factor.to(g.dtype))
             ctx.scale = grad_output.clone()
         return (None, None, None, None, *grads)
+
+
+def _closed_form_chunks(
+    reader: _Rows,
+    rows: torch.Tensor,
+    chunk_size: int,
+    lead: torch.Size,
+    fn: ChunkFn,
+    combined: tuple,
+    inputs: Sequence[torch.Tensor],
+    grad: torch.Tensor | None,
+    need: bool,
+    total: torch.Tensor,
+) -> float:
+    """`_ChunkedLoss.forward` for a divergence against frozen terms: value and gradient in closed
+    form (`closed_form.SliceGrad`) on softmax slices of each chunk, written straight into the
+    student's gradient rows `grad` (N, V) when the rows are contiguous. Adds Σ loss to `total`
+    in place; returns the factor the stored gradient must be multiplied by."""
+    weights, divergence, tau, beta = combined
+    student, *terms = inputs
+    vocab = student.shape[-1]
+    dtype = compute_dtype(student, *terms)  # float64 if any input is
+    n = rows.numel()
+    chunk_size = min(chunk_size, max(n, 1))
+    srows = min(chunk_size, max(1, closed_form.DEFAULT_SOFTMAX_ELEMENTS // max(vocab, 1)))
+    sg = closed_form.SliceGrad(divergence, tau, beta, srows, vocab, dtype, student.device)
+    # Every row in order and (N, V) views of all inputs: chunks are views, nothing is copied.
+    flats = [_flat(x, lead) for x in inputs]
+    contiguous = n == lead.numel() and all(f is not None for f in flats)
+    out_buf = None if contiguous and need else torch.empty(chunk_size, vocab, dtype=dtype,
+                                                           device=student.device)  # fmt: skip
+    single = len(weights) == 1 and weights[0] == 1.0
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        if contiguous:
+            s_chunk = flats[0][start:stop]
+            t_chunks = [f[start:stop] for f in flats[1:]]
+        else:
+            s_chunk = reader.take(student, start, stop)
+            t_chunks = [reader.take(t, start, stop) for t in terms]
+        # (c, V): the term itself (read only) or the weighted sum, in the compute dtype
+        target = t_chunks[0] if single else sum(w * t.to(dtype) for w, t in zip(weights, t_chunks))
+        out = grad[start:stop] if contiguous and need else out_buf[: stop - start]
+        for a in range(0, stop - start, srows):
+            b = min(a + srows, stop - start)
+            res = sg(s_chunk[a:b], target[a:b], out[a:b])
+            if res is not None:
+                total += res[0].sum()
+                continue
+            # -inf targets or underflow: this slice through autograd, as before.
+            with torch.enable_grad():
+                leaf = s_chunk[a:b].detach().requires_grad_(need)
+                loss = fn(leaf, [t[a:b] for t in t_chunks]).sum()
+            if need:
+                (g,) = torch.autograd.grad(loss, leaf)
+                out[a:b].copy_(g / sg.factor)
+            total += loss.detach()
+        if need and not contiguous:
+            grad.index_copy_(0, rows[start:stop], out.to(grad.dtype))
+    return sg.factor
 
 
 def check_positive_int(name: str, value: object) -> None:

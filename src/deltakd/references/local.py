@@ -2,7 +2,8 @@
 
 Each frozen role is an `AutoModelForCausalLM` in eval mode with gradients off. `fetch` runs
 them on the batch and returns full logits ([B, T, V_model]; the trainer slices to the shared
-vocabulary). There is nothing to prefetch: the computation happens in `fetch`.
+vocabulary) — float32 also for a bf16 / fp16 model, whose last hidden states are multiplied by
+its lm_head with the product kept in float32 (`LogitHead.float32_logits`). There is nothing to prefetch: the computation happens in `fetch`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from deltakd.references.base import REFERENCE_ROLES, ReferenceBatch, ReferenceSo
 __all__ = ["LocalReferences", "parse_dtype"]
 
 log = logging.getLogger(__name__)
+
+
+def _is_16bit(model: torch.nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight.dtype in (torch.bfloat16, torch.float16)
 
 
 class LocalReferences(ReferenceSource):
@@ -68,13 +74,21 @@ class LocalReferences(ReferenceSource):
             model.requires_grad_(False)
         self.roles = tuple(self.models)
         self._heads: dict[str, LogitHead] = {}
-        if hidden_states:
-            for role, model in self.models.items():
-                try:
-                    self._heads[role] = logit_head(model, fix="It answers with logits instead.")
-                except UnsupportedHeadError as exc:
-                    # Logits from the model's own forward are always right, only larger.
+        # 16-bit models answering logits: their product is kept in float32 (rounded to 16 bits,
+        # as the model's own lm_head does, the Delta-KD target loses 1.4e-3 nats/token in bf16;
+        # docs/BENCHMARKS.md "Precision"), where deltakd can reproduce the output layer.
+        self._float32_heads: dict[str, LogitHead] = {}
+        for role, model in self.models.items():
+            if not hidden_states and not _is_16bit(model):
+                continue
+            try:
+                head = logit_head(model, fix="It answers with logits instead.")
+            except UnsupportedHeadError as exc:
+                # Logits from the model's own forward are always right, only larger.
+                if hidden_states:
                     log.warning("role %s: %s", role, exc)
+                continue
+            (self._heads if hidden_states else self._float32_heads)[role] = head
 
     @torch.no_grad()
     def fetch(self, key: int, batch: Mapping[str, torch.Tensor]) -> ReferenceBatch:
@@ -88,6 +102,11 @@ class LocalReferences(ReferenceSource):
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                 )
                 hidden[role] = out.last_hidden_state
+            elif role in self._float32_heads:
+                out = model.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                )
+                logits[role] = self._float32_heads[role].float32_logits(out.last_hidden_state)
             else:
                 out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 logits[role] = out.logits

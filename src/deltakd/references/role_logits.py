@@ -22,7 +22,7 @@ class RoleLogits:
     `logits(role)` returns `[B, T-1, V]` (next-token positions, shared vocabulary), computed
     from hidden states and the role's output layer (`heads[role]`, a `LogitHead`: bias, scale
     and soft cap as the model's forward; a plain [V, H] weight also works) when the source sent
-    hidden states. `target` is the source's ready `SparseTarget` (offline cache), trimmed the
+    hidden states — in float32, also for a 16-bit model (`LogitHead.float32_logits`). `target` is the source's ready `SparseTarget` (offline cache), trimmed the
     same way, or None.
     """
 
@@ -53,7 +53,9 @@ class RoleLogits:
         elif role in self.ref.hidden:
             head = as_logit_head(self.heads[role]).to(self.device)
             hidden = self.ref.hidden[role][:, :-1]  # (B, T-1, H)
-            out = head.apply(hidden.to(self.device), vocab=v)  # (B, T-1, V)
+            # The product kept in float32 even for a 16-bit model: rounding each role's logits
+            # to bf16 costs the Delta-KD target 1.4e-3 nats/token (docs/BENCHMARKS.md).
+            out = head.float32_logits(hidden.to(self.device), vocab=v)  # (B, T-1, V)
         else:
             raise DeltaKDError(
                 f"the reference source returned no output for role {role!r} (it sent "
