@@ -69,6 +69,15 @@ def test_quick_v2_build(tmp_path: Path) -> None:
     assert (out / "teacher_ft" / "model.safetensors").read_bytes() != (
         out / "teacher_ft2" / "model.safetensors"
     ).read_bytes()
+    # one finetuned teacher rebuilt alone (settings and replay from world.json) is the model
+    # build_world made
+    from deltakd.data.mini.build import build_role
+
+    ft2 = out / "teacher_ft2" / "model.safetensors"
+    before = ft2.read_bytes()
+    ft2.unlink()
+    build_role(out, "teacher_ft2")
+    assert ft2.read_bytes() == before
 
 
 def test_mini2_specs_resolve_to_the_v2_world() -> None:
