@@ -374,15 +374,10 @@ def _corpus_docs(config: Any, options: DiagnoseOptions) -> tuple[list[str], str]
     if not info_file.is_file():
         return None
     info = json.loads(info_file.read_text(encoding="utf-8"))
-    from deltakd.data.mini import build as mini_build
+    from deltakd.data.mini.build import heldout_corpus
 
-    heldout = getattr(mini_build, "heldout_corpus", None)
-    if heldout is not None:  # the world's own rule (v1 or v2 corpus, from its world.json)
-        docs = heldout(info, n_docs=options.corpus_docs)
-    else:
-        from deltakd.data.mini.corpus import make_corpus
-
-        docs = make_corpus(int(info["seed"]), n_docs=options.corpus_docs, stream="heldout")
+    # the world's own rule (v1 or v2 corpus, from its world.json), as world.json's figures
+    docs = heldout_corpus(info, n_docs=options.corpus_docs)
     return docs, f"{world.name} world held-out corpus ({len(docs)} docs)"
 
 
