@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def _is_16bit(model: torch.nn.Module) -> bool:
-    head = model.get_output_embeddings()
+    # A wrapper (the LoRA student's adapter-disabled base as student_raw) names its model.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     return head is not None and head.weight.dtype in (torch.bfloat16, torch.float16)
 
 
