@@ -53,6 +53,12 @@ GROUPS: dict[str, dict[str, dict[str, Any]]] = {
         "alpha_1.0": {"same_as": "delta_kd"},
         "alpha_1.5": _delta_kd(alpha=1.5),
     },
+    # Robust Delta-KD (issue 16): the raw models' log-probs floored at -8 before differencing,
+    # against plain Delta-KD trained in the same world at the same code.
+    "floor": {
+        "delta_kd": _delta_kd(),
+        "delta_kd_floor": _delta_kd(delta_floor=-8.0),
+    },
     "variants": {
         "delta": {"same_as": "delta_kd"},  # the catalogue's `delta` is Delta-KD itself
         **{v: _variant(v, clip=1.0) for v in VARIANTS if v != "delta"},
@@ -70,6 +76,26 @@ GROUPS: dict[str, dict[str, dict[str, Any]]] = {
 STEPS = 300
 
 
+def world_record(world_dir: Path) -> dict[str, Any]:
+    """What a run was trained in: the code's commit and the sha256 of every model of the world."""
+    import hashlib
+    import subprocess
+
+    def sh(*cmd: str) -> str:
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+
+    hashes = {
+        p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(world_dir.glob("*/model.safetensors"))
+    }
+    return {
+        "world_dir": str(world_dir),
+        "commit": sh("git", "rev-parse", "HEAD"),
+        "dirty": bool(sh("git", "status", "--porcelain", "--untracked-files=no")),
+        "model_sha256": hashes,
+    }
+
+
 def run_one(name: str, overrides: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
     """Train (or resume) one run and score it on both tasks; returns what scores.json holds."""
     from deltakd.demo import DemoSettings, evaluate_tasks, mini_run_config
@@ -80,6 +106,7 @@ def run_one(name: str, overrides: dict[str, Any], seed: int, out: Path) -> dict[
     start = time.perf_counter()
     config = mini_run_config(overrides, max_steps=STEPS, seed=seed, output_dir=run_dir)
     record: dict[str, Any] = {"name": name, "seed": seed, "overrides": overrides}
+    record.update(world_record(Path(config.student_raw).parent))
     try:
         result = train(config)
     except NonFiniteError as exc:  # a diverged run is a result, not a crash of the grid
@@ -171,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     index, count = (int(x) for x in args.shard.split("/"))
     seeds = [int(s) for s in args.seeds.split(",")]
     only = set(args.only.split(",")) if args.only else None
-    todo = [
-        (name, overrides, seed)
-        for group in groups
-        for name, overrides in GROUPS[group].items()
-        for seed in seeds
-        if "same_as" not in overrides and (only is None or name in only)
-    ][index::count]
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for group in groups:
+        for name, overrides in GROUPS[group].items():
+            if "same_as" in overrides or (only is not None and name not in only):
+                continue
+            for seed in seeds:
+                # a run listed in two groups (floor's delta_kd is table1's) is trained once
+                assert runs.setdefault((name, seed), overrides) == overrides, name
+    todo = [(name, overrides, seed) for (name, seed), overrides in runs.items()][index::count]
     for i, (name, overrides, seed) in enumerate(todo, 1):
         path = out / name / f"seed-{seed}" / "scores.json"
         if path.exists():
