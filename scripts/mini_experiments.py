@@ -5,8 +5,13 @@ Every run uses the demo's training and evaluation settings (`deltakd.demo`: the 
 tables compare like with like. Runs are resumable: a run with `scores.json` is skipped, and
 `deltakd.train.train` resumes or reuses a finished training run in place.
 
-    python scripts/mini_experiments.py --groups table1,alpha --seeds 0,1,2 --out runs/exp
-    python scripts/mini_experiments.py --groups table1,alpha --seeds 0,1,2 --out runs/exp --report
+    python scripts/mini_experiments.py --world v2 --groups table1,alpha --seeds 0,1,2
+    python scripts/mini_experiments.py --world v2 --groups table1,alpha --report
+
+`--world v1|v2` picks the shipped world (runs go under runs/exp-WORLD unless `--out`); each
+scores.json records the world, the code's commit and the sha256 of the world's models. MiniLLM
+starts from the same seed's `sft` run (as its authors do), so that run trains first; a shard
+whose MiniLLM run waits for the other shard's SFT polls until it is there.
 
 `--shard i/n` runs every n-th run (use two shards, one per core, with one torch thread each).
 """
@@ -34,15 +39,35 @@ def _variant(name: str, clip: float) -> dict[str, Any]:
             "max_grad_norm": clip}  # fmt: skip
 
 
+#: Stands for the world's own pretraining corpus in a run's `method_args.pt_dataset`.
+WORLD_CORPUS = "<world corpus>"
+CORPUS = {"v1": "mini:corpus", "v2": "mini2:corpus"}
+
 #: group -> run name -> config overrides on top of the demo's settings. `same_as` names a run
-#: of identical config trained under another name (reported, not trained twice).
+#: of identical config trained under another name (reported, not trained twice). Run keys that
+#: are not config fields: `student` (the world's student role, default student_raw) and
+#: `init_from` (start from this run's final model of the same seed, which must run first).
 GROUPS: dict[str, dict[str, dict[str, Any]]] = {
     "table1": {
         "sft": {"method": "sft", "lam": 1.0},
         "fkl": {"method": "kd", "divergence": "fkl", "lam": 0.0},
         "rkl": {"method": "kd", "divergence": "rkl", "lam": 0.0},
         "seqkd": {"method": "seqkd", "lam": 1.0, "method_args": {"batch_size": 64}},
-        "minillm": {"method": "minillm", "lam": 0.0},
+        # As its authors run it: from the same seed's SFT'd student (`init_from`), PPO over
+        # stored rollouts, whitened advantages, the world's pretraining corpus as LM term.
+        "minillm": {
+            "method": "minillm",
+            "lam": 0.0,
+            "init_from": "sft",
+            "method_args": {
+                "importance_clip": None,
+                "ppo_epochs": 4,
+                "cliprange": 0.2,
+                "advantage_norm": True,
+                "pt_dataset": WORLD_CORPUS,
+                "pt_weight": 1.0,
+            },
+        },
         "delta_kd": _delta_kd(),
     },
     "alpha": {
@@ -58,6 +83,15 @@ GROUPS: dict[str, dict[str, dict[str, Any]]] = {
     "floor": {
         "delta_kd": _delta_kd(),
         "delta_kd_floor": _delta_kd(delta_floor=-8.0),
+    },
+    # The α sweep with the student twice as large (world v2), with its own fkl and sft rows.
+    "alpha_2x": {
+        "sft_2x": {"method": "sft", "lam": 1.0, "student": "student_raw_2x"},
+        "fkl_2x": {"method": "kd", "divergence": "fkl", "lam": 0.0, "student": "student_raw_2x"},
+        **{
+            f"alpha_2x_{a}": _delta_kd(alpha=a, student="student_raw_2x")
+            for a in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+        },
     },
     "variants": {
         "delta": {"same_as": "delta_kd"},  # the catalogue's `delta` is Delta-KD itself
@@ -96,17 +130,41 @@ def world_record(world_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_one(name: str, overrides: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
+def resolve(
+    overrides: dict[str, Any], seed: int, out: Path, world: str
+) -> tuple[dict[str, Any], str]:
+    """The config overrides of one run (run keys resolved) and its student role."""
+    cfg = dict(overrides)
+    student = cfg.pop("student", "student_raw")
+    init_from = cfg.pop("init_from", None)
+    if init_from is not None:
+        final = out / init_from / f"seed-{seed}" / "final"
+        if not (out / init_from / f"seed-{seed}" / "scores.json").is_file():
+            raise RuntimeError(
+                f"{init_from} seed {seed} has not finished under {out}; run it first"
+            )
+        cfg["student_raw"] = str(final.resolve())
+    if cfg.get("method_args", {}).get("pt_dataset") == WORLD_CORPUS:
+        cfg["method_args"] = {**cfg["method_args"], "pt_dataset": CORPUS[world]}
+    return cfg, student
+
+
+def run_one(
+    name: str, overrides: dict[str, Any], seed: int, out: Path, world: str = "v1"
+) -> dict[str, Any]:
     """Train (or resume) one run and score it on both tasks; returns what scores.json holds."""
+    from deltakd.data.mini import mini_world_dir
     from deltakd.demo import DemoSettings, evaluate_tasks, mini_run_config
     from deltakd.errors import NonFiniteError
     from deltakd.train.api import train
 
     run_dir = out / name / f"seed-{seed}"
     start = time.perf_counter()
-    config = mini_run_config(overrides, max_steps=STEPS, seed=seed, output_dir=run_dir)
-    record: dict[str, Any] = {"name": name, "seed": seed, "overrides": overrides}
-    record.update(world_record(Path(config.student_raw).parent))
+    cfg, student = resolve(overrides, seed, out, world)
+    config = mini_run_config(cfg, max_steps=STEPS, seed=seed, output_dir=run_dir, world=world,
+                             student=student)  # fmt: skip
+    record: dict[str, Any] = {"name": name, "seed": seed, "overrides": overrides, "world": world}
+    record.update(world_record(mini_world_dir(world)), student=student, config_overrides=cfg)
     try:
         result = train(config)
     except NonFiniteError as exc:  # a diverged run is a result, not a crash of the grid
@@ -147,6 +205,19 @@ def report(groups: list[str], out: Path) -> str:
         )
 
     parts = []
+    recs_all = [json.loads(p.read_text()) for p in sorted(out.glob("*/seed-*/scores.json"))]
+    if recs_all:
+        commits = sorted({r.get("commit", "?")[:10] + ("+dirty" if r.get("dirty") else "")
+                          for r in recs_all})  # fmt: skip
+        hashes = {json.dumps(r.get("model_sha256", {}), sort_keys=True) for r in recs_all}
+        head = [f"World {recs_all[0].get('world', 'v1')} ({out}); code at {', '.join(commits)}."]
+        if len(hashes) == 1:
+            models = json.loads(hashes.pop())
+            head.append("Models (sha256 of model.safetensors, first 12 hex): "
+                        + ", ".join(f"{k} {v[:12]}" for k, v in models.items()) + ".")  # fmt: skip
+        else:
+            head.append(f"WARNING: runs under {out} used {len(hashes)} different sets of models.")
+        parts.append(" ".join(head))
     for group in groups:
         lines = [
             f"### {group}\n",
@@ -176,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", default="table1", help=f"comma list of {', '.join(GROUPS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
-    parser.add_argument("--out", default="runs/exp", help="where runs and tables go")
+    parser.add_argument("--world", choices=("v1", "v2"), default="v1", help="shipped mini world")
+    parser.add_argument("--out", default=None, help="where runs and tables go (runs/exp-WORLD)")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run, from the i-th")
     parser.add_argument("--only", default=None, help="comma list of run names to restrict to")
     parser.add_argument("--report", action="store_true", help="only print the tables")
@@ -185,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         parser.error(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
-    out = Path(args.out)
+    out = Path(args.out or f"runs/exp-{args.world}")
     if args.report:
         text = report(groups, out)
         print(text)
@@ -206,16 +278,31 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 # a run listed in two groups (floor's delta_kd is table1's) is trained once
                 assert runs.setdefault((name, seed), overrides) == overrides, name
-    todo = [(name, overrides, seed) for (name, seed), overrides in runs.items()][index::count]
-    for i, (name, overrides, seed) in enumerate(todo, 1):
-        path = out / name / f"seed-{seed}" / "scores.json"
-        if path.exists():
-            continue
-        print(f"[{i}/{len(todo)}] {name} seed {seed}", flush=True)
-        record = run_one(name, overrides, seed, out)
-        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        print(f"    done in {record['seconds']:.0f} s: "
-              f"{ {k: round(v, 3) for k, v in record.items() if k.endswith('rouge1')} }", flush=True)  # fmt: skip
+    all_runs = list(runs.items())
+    todo = all_runs[index::count]
+    pending = list(enumerate(todo, 1))
+    while pending:
+        waiting = []
+        for i, ((name, seed), overrides) in pending:
+            path = out / name / f"seed-{seed}" / "scores.json"
+            if path.exists():
+                continue
+            dep = overrides.get("init_from")
+            if dep and not (out / dep / f"seed-{seed}" / "scores.json").exists():
+                if (dep, seed) not in runs:
+                    print(f"skip {name} seed {seed}: run {dep} seed {seed} first", flush=True)
+                else:  # another shard (or a later place in this one) trains it
+                    waiting.append((i, ((name, seed), overrides)))
+                continue
+            print(f"[{i}/{len(todo)}] {name} seed {seed} ({args.world})", flush=True)
+            record = run_one(name, overrides, seed, out, args.world)
+            path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            print(f"    done in {record['seconds']:.0f} s: "
+                  f"{ {k: round(v, 3) for k, v in record.items() if k.endswith('rouge1')} }", flush=True)  # fmt: skip
+        if waiting and len(waiting) == len(pending):
+            print(f"waiting for {[w[1][0] for w in waiting]}' dependencies", flush=True)
+            time.sleep(30)
+        pending = waiting
     return 0
 
 
