@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[{i}/{len(todo)}] {name} seed {seed} ({args.world})", flush=True)
             record = run_one(name, overrides, seed, out, args.world)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
             print(f"    done in {record['seconds']:.0f} s: "
                   f"{ {k: round(v, 3) for k, v in record.items() if k.endswith('rouge1')} }", flush=True)  # fmt: skip
