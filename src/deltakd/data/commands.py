@@ -24,6 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
     build.add_argument(
+        "--world",
+        choices=("v1", "v2"),
+        default="v1",
+        help="v1: the original world (assets/mini); v2: base models pretrained on worked "
+        "examples too, a gentle replayed teacher SFT, 32-wide heads and a 2x student "
+        "(assets/mini_v2; default: v1)",
+    )
+    build.add_argument(
         "--scale",
         choices=("quick", "full"),
         default="full",
@@ -64,7 +72,7 @@ def _build(args: argparse.Namespace) -> int:
 
         out = build_role(args.out, args.only)
     else:
-        out = build_world(args.out, seed=args.seed, scale=args.scale)
+        out = build_world(args.out, seed=args.seed, scale=args.scale, world=args.world)
     info = json.loads((out / "world.json").read_text())
     print(f"mini world written to {out}")
     for name, n in info.get("parameters", {}).items():

@@ -22,19 +22,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 
 
 def resolve_model_path(path: str) -> str:
-    """`mini:<name>` -> the shipped mini world's `<name>` directory; anything else unchanged."""
-    if path.startswith("mini:"):
-        from deltakd.data.mini import mini_world_dir
+    """`mini:<name>` / `mini2:<name>` -> the shipped mini world v1's / v2's `<name>` directory;
+    anything else unchanged."""
+    from deltakd.data.mini import model_spec_dir
 
-        name = path.removeprefix("mini:")
-        resolved = mini_world_dir() / name
-        if not resolved.exists():
-            raise ConfigError(
-                f"model path {path!r}: the mini world has no {name!r}; use "
-                "mini:tokenizer, mini:teacher_ft, mini:teacher_ft2, mini:teacher_raw or "
-                "mini:student_raw."
-            )
-        return str(resolved)
+    world_dir = model_spec_dir(path)
+    if world_dir is not None:
+        return str(world_dir)
     local = Path(path).expanduser()
     # A Hub id is `name` or `namespace/name`: a missing path with more parts can only be local,
     # so say so now instead of after the Hub client's retries.

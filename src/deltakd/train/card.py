@@ -17,7 +17,7 @@ _ROLES = ("teacher_ft", "teacher_raw", "teacher_ft2", "student_raw")
 
 def _hub_like(name: str | None) -> str | None:
     """A Hub repo id (`org/name`) as the card's metadata wants; local paths and `mini:` are not."""
-    if not name or name.startswith(("mini:", "/", ".", "<")) or Path(name).exists():
+    if not name or name.startswith(("mini:", "mini2:", "/", ".", "<")) or Path(name).exists():
         return None
     return name if name.count("/") == 1 else None
 

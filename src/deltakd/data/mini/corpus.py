@@ -181,3 +181,58 @@ def make_corpus(seed: int = 0, n_docs: int = 6000, *, stream: str = "corpus") ->
         else:
             docs.append(_story_doc(world, rng))
     return docs
+
+
+# World v2's worked examples in plain text: the tasks' questions with their answers, written as
+# a web page or a textbook would, never in the chat format the finetuning teaches.
+_PLAIN_QA: tuple[str, ...] = ("Question: {p}\nAnswer: {r}", "Q: {p}\nA: {r}", "{p}\n{r}")
+_PLAIN_MATH: tuple[str, ...] = (
+    "Problem: {p}\nSolution:\n{r}",
+    "Exercise. {p}\n{r}",
+    "{p}\n{r}",
+)
+
+
+def make_corpus_v2(
+    seed: int = 0, n_docs: int = 9000, *, stream: str = "corpus", chat_share: float = 0.05
+) -> list[str]:
+    """World v2's pretraining corpus: v1's prose about the world (60 %), worked examples of
+    both tasks in plain text (35 % less `chat_share`) and a small share of the same kind of
+    examples in the chat format (`chat_share`), as a real base model has seen some chat.
+
+    The base models thus already know the facts and the tasks; finetuning mostly teaches the
+    chat turn, so it can stay a local shift of the base model, as in the paper's setting.
+    Worked examples never use a validation or test prompt of either task.
+    """
+    from deltakd.data.mini.tasks import MINI_TASKS, draw_pairs, load_task
+    from deltakd.data.mini.tokenizer import CHAT_TURN
+
+    rng = random.Random(f"deltakd-mini-v2:{seed}:{stream}")
+    n_prose = round(0.6 * n_docs)
+    n_chat = round(chat_share * n_docs)
+    n_plain = n_docs - n_prose - n_chat
+    docs: list[tuple[str, str]] = [("prose", d) for d in make_corpus(seed, n_prose, stream=stream)]
+    held = {
+        r["messages"][0]["content"]
+        for t in MINI_TASKS
+        for split in ("validation", "test")
+        for r in load_task(t, split, seed=seed)
+    }
+    # 1-2 examples per plain document, one per chat document: enough for either task alone
+    per_task = 2 * n_plain + n_chat
+    pairs = {
+        t: iter(draw_pairs(t, seed, per_task, stream=f"v2-{stream}", exclude=held))
+        for t in MINI_TASKS
+    }
+    for _ in range(n_plain):
+        task = rng.choice(MINI_TASKS)
+        forms = _PLAIN_QA if task == "instruct" else _PLAIN_MATH
+        form = rng.choice(forms)
+        chosen = (next(pairs[task]) for _ in range(rng.randint(1, 2)))
+        shown = [form.format(p=p, r=r) for p, r in chosen]
+        docs.append(("plain", "\n\n".join(shown)))
+    for _ in range(n_chat):
+        p, r = next(pairs[rng.choice(MINI_TASKS)])
+        docs.append(("chat", CHAT_TURN.format(p=p, r=r)))
+    rng.shuffle(docs)
+    return [d for _, d in docs]

@@ -27,6 +27,12 @@ class ModelShape:
 # ~0.92M vs ~0.16M parameters (5.6x): a real capacity gap that still trains in minutes on a CPU.
 TEACHER = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)
 STUDENT = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192)
+# World v2: every head 32 wide (vLLM's CPU backend runs head sizes 32, 64, 80, 96, 112, 128
+# only; v1's student has 16). Students at ~1/5.6 and ~1/2.9 of the teacher, as 1.5B and 3B
+# against 7B.
+TEACHER_V2 = TEACHER
+STUDENT_V2 = ModelShape(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=192)
+STUDENT_2X_V2 = ModelShape(hidden=96, layers=2, heads=3, kv_heads=1, intermediate=288)
 MAX_POSITIONS = 256
 BLOCK = 128  # tokens per packed pretraining sequence
 

@@ -484,3 +484,23 @@ def load_task(task: str, split: str, *, seed: int = 0, limit: int | None = None)
     if limit is not None:
         rows = rows[:limit]
     return copy.deepcopy(list(rows))
+
+
+def draw_pairs(
+    task: str, seed: int, n: int, *, stream: str, exclude: set[str] | None = None
+) -> list[tuple[str, str]]:
+    """`n` fresh (prompt, response) pairs of `task` from the generators behind its splits, on
+    their own random stream (world v2's pretraining corpus writes them out as plain text).
+
+    Prompts in `exclude` are never drawn; the same pair may come more than once, as text on
+    the web repeats. The splits themselves (`load_task`) do not depend on this."""
+    world = make_world(seed)
+    rng = random.Random(f"deltakd-mini:{seed}:{task}:{stream}")
+    gens, weights = zip(*(_INSTRUCT if task == "instruct" else _MATH))
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
+        prompt, response = rng.choices(gens, weights=weights)[0](world, rng)[:2]
+        if exclude and prompt in exclude:
+            continue
+        out.append((prompt, response))
+    return out

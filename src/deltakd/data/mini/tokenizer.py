@@ -26,6 +26,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+#: One user turn and its answer as CHAT_TEMPLATE renders them (a test checks they agree): the
+#: chat-formatted share of world v2's pretraining corpus, written without a tokenizer at hand.
+CHAT_TURN = "<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n{r}<|im_end|>\n"
+
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 1024):
     """Train a byte-level BPE on `texts`, wrap it as a `PreTrainedTokenizerFast`, save it.
