@@ -51,6 +51,10 @@ def test_groups_floor_and_alpha_2x(exp, tmp_path):
     assert {n for n in runs if n.startswith("alpha_2x_")} == {
         f"alpha_2x_{a}" for a in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
     }
+    # α = 0 is the fkl run of the same student (its target is z_teacher_ft exactly)
+    assert runs["alpha_2x_0.0"] == {"same_as": "fkl_2x"}
+    assert exp.GROUPS["alpha"]["alpha_0.0"] == {"same_as": "fkl"}
+    runs = {n: o for n, o in runs.items() if "same_as" not in o}
     for name, overrides in runs.items():
         cfg, student = exp.resolve(overrides, 0, tmp_path, "v2")
         assert student == "student_raw_2x" and "student" not in cfg, name
