@@ -226,12 +226,14 @@ def report(groups: list[str], out: Path) -> str:
             "| max grad norm | diverged |",
             "|---|---|---|---|---|---|---|",
         ]
+        own = False
         for name, overrides in GROUPS[group].items():
             source = overrides.get("same_as", name)
             found = sorted((out / source).glob("seed-*/scores.json"))
             recs = [json.loads(p.read_text()) for p in found]
             if not recs:
                 continue
+            own = own or source == name
             ok = [r for r in recs if not r["diverged"]]
             norms = [r["max_grad_norm"] for r in recs if r["max_grad_norm"] is not None]
             lines.append(
@@ -240,7 +242,7 @@ def report(groups: list[str], out: Path) -> str:
                 f"| {cell([r['math_exact_match'] for r in ok])} "
                 f"| {cell(norms, 1.0)} | {len(recs) - len(ok)} |"
             )
-        if len(lines) > 3:  # a group none of whose runs has finished is left out
+        if own:  # a group none of whose own runs has finished is left out
             parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 

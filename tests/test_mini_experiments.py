@@ -109,7 +109,8 @@ def test_report_names_world_commit_and_models(exp, tmp_path):
            "model_sha256": {"teacher_ft": "f" * 64}, "diverged": False, "max_grad_norm": 2.0,
            "instruct_rouge1": 0.5, "math_rouge1": 0.6, "math_exact_match": 0.1}  # fmt: skip
     (run / "scores.json").write_text(json.dumps(rec))
-    text = exp.report(["table1", "lamtau"], tmp_path)
+    text = exp.report(["table1", "lamtau", "alpha"], tmp_path)
     assert "### table1" in text and "### lamtau" not in text  # no finished run: no table
+    assert "### alpha" not in text  # its alpha_0.0 (= fkl) alone does not make a table
     assert "World v2" in text and "abcdef0123" in text and "teacher_ft ffffffffffff" in text
     assert "| fkl | 1 | 50.0 | 60.0 | 10.0 | 2.0 | 0 |" in text
