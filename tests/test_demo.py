@@ -33,3 +33,24 @@ def test_quick_demo_trains_evaluates_and_reports(tmp_path, capsys):
 def test_demo_refuses_unknown_methods(capsys):
     assert main(["demo", "--quick", "--methods", "sft,nope"]) == 2
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_mini_run_config_takes_the_world_and_the_student():
+    from pathlib import Path
+
+    import pytest
+
+    from deltakd.data.mini import mini_world_dir
+    from deltakd.demo import mini_run_config
+    from deltakd.errors import ConfigError
+
+    v1, v2 = mini_world_dir("v1"), mini_world_dir("v2")
+    default = mini_run_config({"method": "kd"}, max_steps=1, seed=0, output_dir="x")
+    assert Path(default.student_raw) == v1 / "student_raw"  # the demo stays in world v1
+    assert Path(default.teacher_ft) == v1 / "teacher_ft"
+    cfg = mini_run_config({"method": "delta_kd"}, max_steps=1, seed=0, output_dir="x",
+                          world="v2", student="student_raw_2x")  # fmt: skip
+    assert Path(cfg.student_raw) == v2 / "student_raw_2x"
+    assert (Path(cfg.teacher_ft), Path(cfg.teacher_raw)) == (v2 / "teacher_ft", v2 / "teacher_raw")
+    with pytest.raises(ConfigError, match="mini world v1 has no student 'student_raw_2x'"):
+        mini_run_config({}, max_steps=1, seed=0, output_dir="x", student="student_raw_2x")

@@ -153,18 +153,32 @@ def run_demo(
 
 
 def mini_run_config(
-    overrides: dict[str, Any], *, max_steps: int, seed: int, output_dir: str | Path
+    overrides: dict[str, Any],
+    *,
+    max_steps: int,
+    seed: int,
+    output_dir: str | Path,
+    world: str = "v1",
+    student: str = "student_raw",
 ) -> Any:
-    """The demo's training config on the shipped mini world, plus `overrides`."""
+    """The demo's training config on a shipped mini world (`world`: v1 or v2), plus `overrides`.
+
+    `student` is the world's role the student starts from and Delta-KD references as
+    student_raw (world v2 also ships `student_raw_2x`, twice as large)."""
     from deltakd.config import config_from_dict
     from deltakd.data.mini import mini_world_dir
+    from deltakd.errors import ConfigError
 
-    world = mini_world_dir()
-    roles = {r: str(world / r) for r in ("teacher_ft", "teacher_raw", "student_raw")}
+    world_dir = mini_world_dir(world)
+    if not (world_dir / student / "config.json").is_file():
+        roles = sorted(p.name for p in world_dir.iterdir() if p.name.startswith("student"))
+        raise ConfigError(f"mini world {world} has no student {student!r}; use one of {roles}")
+    roles = {r: str(world_dir / r) for r in ("teacher_ft", "teacher_raw")}
+    roles["student_raw"] = str(world_dir / student)
     if _needs_teacher_ft2(overrides):
         # Only then: a path the run never loads would still sit in its saved config and split
         # `deltakd report`'s groups from runs made without it.
-        roles["teacher_ft2"] = str(world / "teacher_ft2")
+        roles["teacher_ft2"] = str(world_dir / "teacher_ft2")
     return config_from_dict(
         {
             **_BASE,

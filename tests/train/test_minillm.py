@@ -444,3 +444,23 @@ def _with_logits(batch, logits, inputs=None):
     from dataclasses import replace
 
     return replace(batch, student_logits=logits, inputs=batch.inputs if inputs is None else inputs)
+
+
+def test_mini2_corpus_is_world_v2s_pretraining_corpus():
+    import json
+
+    from deltakd.data.mini import load_task, mini_world_dir
+    from deltakd.data.mini.corpus import make_corpus_v2
+    from deltakd.data.specs import check_text_spec, load_texts
+
+    check_text_spec("mini2:corpus")
+    info = json.loads((mini_world_dir("v2") / "world.json").read_text())
+    texts = load_texts("mini2:corpus")
+    # the documents world v2's raw models were pretrained on (its recorded build), not v1's
+    assert len(texts) == info["build"]["corpus_docs"] == 9000
+    assert texts[:20] == make_corpus_v2(0, n_docs=9000, chat_share=0.05)[:20]
+    assert texts[:20] != load_texts("mini:corpus", limit=20)
+    corpus = "\n".join(texts)
+    held = [r["messages"][0]["content"] for t in ("instruct", "math")
+            for r in load_task(t, "test", limit=50)]  # fmt: skip
+    assert not [p for p in held if p in corpus]  # no test prompt leaks into the pt term

@@ -412,7 +412,7 @@ def _openmath_row(row: Mapping[str, Any], n: int, source: str) -> dict[str, Any]
 # --- plain text (pretraining corpora) --------------------------------------------------------
 
 #: Plain-text specs for `load_texts` (MiniLLM's pretraining term, `method_args.pt_dataset`).
-TEXT_SPECS = '`mini:corpus`, a .txt file (one document per non-empty line) or a .jsonl file of {"text": ...} rows'
+TEXT_SPECS = '`mini:corpus` (world v1), `mini2:corpus` (world v2), a .txt file (one document per non-empty line) or a .jsonl file of {"text": ...} rows'
 
 
 def check_text_spec(spec: str) -> None:
@@ -420,7 +420,7 @@ def check_text_spec(spec: str) -> None:
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"text dataset spec {spec!r} is empty: use {TEXT_SPECS}.")
     spec = spec.strip()
-    if spec == "mini:corpus" or spec.endswith((".txt", ".jsonl")):
+    if spec in ("mini:corpus", "mini2:corpus") or spec.endswith((".txt", ".jsonl")):
         return
     raise DataError(f"text dataset spec {spec!r} is not recognised: use {TEXT_SPECS}.")
 
@@ -430,7 +430,9 @@ def load_texts(spec: str, *, limit: int | None = None, seed: int = 0) -> list[st
 
     `mini:corpus` is the mini world's pretraining corpus: the documents the shipped world's
     raw models were pretrained on (`deltakd.data.mini.corpus.make_corpus` at the world's
-    `seed` and full scale). `limit` keeps the first documents.
+    `seed` and full scale). `mini2:corpus` is world v2's (`make_corpus_v2` with the seed, size
+    and chat share its world.json records; it never holds a validation or test prompt).
+    `limit` keeps the first documents.
     """
     check_text_spec(spec)
     spec = spec.strip()
@@ -439,6 +441,15 @@ def load_texts(spec: str, *, limit: int | None = None, seed: int = 0) -> list[st
         from deltakd.data.mini.corpus import make_corpus
 
         texts = make_corpus(seed, n_docs=SCALES["full"].corpus_docs)
+    elif spec == "mini2:corpus":
+        from deltakd.data.mini import mini_world_dir
+        from deltakd.data.mini.corpus import make_corpus_v2
+
+        info = json.loads((mini_world_dir("v2") / "world.json").read_text(encoding="utf-8"))
+        build = info["build"]
+        texts = make_corpus_v2(
+            info["seed"], n_docs=build["corpus_docs"], chat_share=build["chat_share"]
+        )
     elif spec.endswith(".txt"):
         path = Path(spec)
         if not path.is_file():

@@ -159,8 +159,9 @@ class MiniLLMArgs(Section):
     pt_dataset: str | None = field(
         default=None,
         metadata=help_meta(
-            "plain-text corpus for the pretraining LM loss: `mini:corpus`, a .txt file (one "
-            'document per line) or a .jsonl of {"text": ...}; null = no pretraining term'
+            "plain-text corpus for the pretraining LM loss: `mini:corpus`, `mini2:corpus`, a "
+            '.txt file (one document per line) or a .jsonl of {"text": ...}; null = no '
+            "pretraining term"
         ),
     )
     pt_weight: float = field(
