@@ -195,7 +195,9 @@ def test_the_shipped_configs_are_changed_only_by_the_listed_overrides(tmp_path: 
     allowed = set(CPU_OVERRIDES) | {"max_steps", "output_dir", "method", "max_new_tokens",
                                     "on_policy_ratio", "references", "cache.dir", "limit",
                                     "servers.placement", "servers.output",
-                                    "servers.threads"}  # fmt: skip
+                                    "servers.threads",
+                                    # random weights never stop: seqkd keeps capped replies
+                                    "method_args.keep_truncated"}  # fmt: skip
     rows = plan(tmp_path, tmp_path / "runs", quick=False, nproc=2, steps=2)
     trains = [r for r in rows if r.train is not None]
     assert {r.name.split(" (")[0] for r in trains} == {
@@ -213,6 +215,8 @@ def test_the_shipped_configs_are_changed_only_by_the_listed_overrides(tmp_path: 
     assert servers.train[1]["servers.placement"] == "shared"
     assert servers.train[1]["servers.output"] == "hidden"
     assert servers.nproc == 2 and servers.servers == 3
+    (seqkd,) = [r for r in trains if r.name.startswith("seqkd")]
+    assert seqkd.train[1]["method_args.keep_truncated"] == "true"
 
 
 def test_launch_width_counts_the_shared_frozen_weights_once(tmp_path: Path, monkeypatch) -> None:

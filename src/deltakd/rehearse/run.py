@@ -228,7 +228,13 @@ def plan(root: Path, out: Path, *, quick: bool, nproc: int, steps: int,
         ("kd", {"method": "kd"}, "teacher"),
         # The teacher answers every training prompt before step 1: 16 rows (a figure: no
         # 64-prompt chunk of the 192 came out in 7 min on the shared 2-core machine).
-        ("seqkd", {"method": "seqkd", "limit": 16, **gen}, "teacher"),
+        # Random weights never emit the stop token, so every reply hits max_new_tokens, and
+        # seqkd drops capped replies by default (it refuses a run left with none).
+        (
+            "seqkd",
+            {"method": "seqkd", "limit": 16, "method_args.keep_truncated": "true", **gen},
+            "teacher",
+        ),
         ("on_policy", {"on_policy_ratio": 1.0, **gen}, "local"),
         # The shipped configs' fused_loss: true is set aside by minillm itself (one log line).
         ("minillm", {"method": "minillm", **gen}, "minillm"),
